@@ -52,30 +52,1513 @@ ARCHS = ["qwen2", "qwen3", "llama"]
 # VERIFIER (verifier.py)
 # =================================================================================================
 
+# (response's final answer, gold) pairs that a careful human grader accepts: one per rule, both ways.
+VERIFIER_ACCEPT = [
+    ("\\frac{1}{2}", "\\frac12"), ("\\dfrac{1}{2}", "1/2"), ("\\tfrac{3}{2}", "1.5"), ("\\cfrac{1}{3}", "1/3"),
+    ("0.5", "\\frac{1}{2}"), (".5", "0.5"), ("0.50", "\\frac{1}{2}"), ("\\frac{6}{8}", "\\frac{3}{4}"),
+    ("-\\frac{1}{2}", "-1/2"), ("\\frac{-1}{2}", "-\\frac{1}{2}"), ("1\\frac{1}{4}", "\\frac{5}{4}"),
+    ("5.0", "5"), ("004", "4"), ("+5", "5"), ("−5", "-5"),
+    ("10\\text{ cm}", "10"), ("10 cm", "10"), ("15\\mbox{ cm}^2", "15"), ("7 \\text{ distinct integers}", "7"),
+    ("\\text{Evelyn}", "Evelyn"), ("East", "\\text{east}"), ("\\text{(C)}", "C"), ("(\\text{H})", "({H})"),
+    ("90^\\circ", "90"), ("90^{\\circ}", "90"), ("90°", "90^\\circ"), ("28\\%", "28"), ("28%", "28\\%"),
+    ("1,000", "1000"), ("1{,}000", "1000"), ("1\\,000", "1000"), ("1,\\!000,\\!000", "1000000"),
+    ("\\$1,000.99", "1000.99"), ("\\$5", "5"), ("60, 120", "60,120"), ("60120", "60,120"),
+    ("x = 3", "3"), ("k=\\frac{1}{3}", "\\frac{1}{3}"), ("2x+3", "y=2x+3"), ("x\\in[1,2]", "[1,2]"),
+    ("\\sqrt2", "\\sqrt{2}"), ("\\frac{\\sqrt{6}}2", "\\frac{\\sqrt{6}}{2}"), ("\\dfrac 3 8", "\\frac38"),
+    ("a^{2}", "a^2"), ("x^2 + 1", "x^2+1"), ("\\left( 3, \\frac{\\pi}{2} \\right)", "(3,\\frac{\\pi}{2})"),
+    ("4, 3", "3,4"), ("1\\text{ and }2", "1,2"), ("x=2, x=3", "2,3"), ("\\{1,2\\}", "\\{2,1\\}"),
+    ("\\pm\\sqrt{5}", "\\sqrt{5},-\\sqrt{5}"), ("[0,1)", "[0,1)"), ("(-\\infty, 5]", "(-\\infty,5]"),
+    ("\\infty", "∞"), ("\\pi", "π"), ("2 \\pi", "2\\pi"), ("3\\times 10^{5}", "300000"), ("3e5", "300000"),
+    ("\\begin{bmatrix}1&2\\\\3&4\\end{bmatrix}", "\\begin{pmatrix}1&2\\\\3&4\\end{pmatrix}"),
+    ("\\begin{pmatrix}1\\\\3\\end{pmatrix}", "\\begin{pmatrix}1\\3\\end{pmatrix}"),   # MATH lost one "\"
+    ("9" * 5000, "9" * 5000),
+]
+
+# Pairs that must be rejected: a different value, a different structure, or a hedge.
+VERIFIER_REJECT = [
+    ("0.333", "\\frac{1}{3}"), ("-0.5", "\\frac{1}{2}"), ("-3", "3"), ("10^{5}", "100000"), ("5!", "5"),
+    ("1,2", "12"), ("3 4", "34"), ("(1,2)", "(2,1)"), ("(0,1]", "(0,1)"), ("(-\\infty, 5)", "(-\\infty,5]"),
+    ("(1,2)", "1,2"), ("1,2", "(1,2)"), ("3,5", "3,4"), ("3 or 4", "3"), ("3, 4", "3"), ("12\\text{ or }13", "12"),
+    ("3\\text{ or more}", "3"), ("5\\text{ thousand}", "5"), ("\\sqrt{5}", "\\pm\\sqrt{5}"), ("y=5", "x=5"),
+    ("5m", "5"), ("5", "5m"), ("2\\sqrt{2}", "\\sqrt{8}"), ("\\frac{\\pi}{2}", "90"),
+    ("\\begin{pmatrix}2&1\\\\3&4\\end{pmatrix}", "\\begin{pmatrix}1&2\\\\3&4\\end{pmatrix}"),
+    ("\\begin{vmatrix}1&2\\\\3&4\\end{vmatrix}", "\\begin{pmatrix}1&2\\\\3&4\\end{pmatrix}"),
+    ("9" * 5000, "9" * 4999 + "8"),
+]
+
+
+@pytest.mark.parametrize("answer,gold", VERIFIER_ACCEPT)
+def test_verifier_accepts_every_notation_of_the_same_answer_in_both_directions(answer, gold):
+    import verifier
+    assert verifier.is_correct(f"So the answer is $\\boxed{{{answer}}}$.", gold)
+    assert verifier.is_correct(f"Thus \\boxed{{{gold}}}", answer)
+
+
+@pytest.mark.parametrize("answer,gold", VERIFIER_REJECT)
+def test_verifier_rejects_a_different_value_structure_or_hedge_in_both_directions(answer, gold):
+    import verifier
+    assert not verifier.is_correct(f"\\boxed{{{answer}}}", gold)
+    assert not verifier.is_correct(f"\\boxed{{{gold}}}", answer)
+
+
+def test_verifier_extracts_the_last_complete_box_or_the_final_answer_phrase_and_nothing_else():
+    import verifier
+    cases = {
+        "first \\boxed{1}, then \\boxed{\\frac{a}{b+\\{c\\}}}.": "\\frac{a}{b+\\{c\\}}",   # nested braces
+        "so \\boxed {7} works": "7", "\\boxed 5.": "5", "\\boxed \\pi": "\\pi", "\\fbox{x+1}": "x+1",
+        "$\\boxed{2}$, $\\boxed{3}$": "2, 3",                # a run of boxes is one list answer
+        "\\boxed{4}\n\n**Final Answer**\n$\\boxed{4}$": "4",   # the same box repeated is one answer
+        "Final Answer: The final answer is $28 \\%$. I hope it is correct.": "28 \\%",
+        "so the answer is 3.5.": "3.5", "The answer is: 12. Next": "12",
+        "\\boxed{2} or \\boxed{3}": None,                    # a hedge
+        "\\boxed{12": None, "\\boxed{}": None, "\\boxed{ }": None, "\\boxed{3} and \\boxed{": None,
+        "the sum is 42": None,                               # no last-number fallback
+        "": None, None: None, 42: None,
+    }
+    for text, expected in cases.items():
+        assert verifier.extract_answer(text) == expected, text
+
+
+def test_normalize_answer_applies_each_named_rule():
+    import verifier
+    cases = {
+        "\\dfrac{3}{2}": "\\frac{3}{2}", "\\left( 1, 2 \\right)": "(1,2)", "1\\!2\\;3": "12 3",
+        "$\\$5$": "5", "\\text{Evelyn}": "evelyn", "10\\text{ cm}^2": "10", "90^{\\circ}": "90", "28\\%": "28",
+        "1{,}000": "1000", "1,000": "1000", "1\\,000": "1000", "1,2": "1,2", "x = 5": "5", "k=-3": "-3",
+        "5.0": "5", ".5": "0.5", "2.50": "2.5", "\\frac12": "\\frac{1}{2}", "\\sqrt2": "\\sqrt{2}",
+        "a^{2}": "a^2", "3/4": "\\frac{3}{4}", "x²": "x^2", "½": "\\frac{1}{2}", "π": "\\pi", "∞": "\\infty",
+        "√3": "\\sqrt{3}", "2×3": "2\\times3", "5.": "5", "€5": "5", "\\{1,2\\}": "1,2", "(C)": "C",
+        "infinity": "\\infty", "10 cm": "10", "5\\text{ apples}": "5",
+    }
+    for before, after in cases.items():
+        assert verifier.normalize_answer(before) == after, before
+    assert verifier.normalize_answer(None) == "" and verifier.normalize_answer(3) == ""
+
+
+def test_verifier_is_simply_incorrect_for_none_non_strings_and_empty_answers():
+    import verifier
+    for response, gold in [(None, "1"), ("\\boxed{1}", None), (1, 1), ([], "1"), ("\\boxed{1}", ""),
+                           ("", ""), ("\\boxed{1}", "\\boxed{}"), (b"\\boxed{1}", "1")]:
+        assert verifier.is_correct(response, gold) is False
+        assert verifier.reward(response, gold) == 0.0
+    assert verifier.reward("\\boxed{1}", "\\boxed{1}") == 1.0     # a gold may itself be boxed
+
+
+def test_verifier_fuzz_of_random_and_adversarial_strings_never_raises_and_stays_linear():
+    import random
+    import time
+    import verifier
+    rng = random.Random(0)
+    pieces = ["\\boxed{", "\\fbox{", "{", "}", "\\{", "\\}", "(", ")", "[", "]", "\\frac", "\\sqrt", "\\text{",
+              "1", "0.", ",", "/", "=", "x", "\\pm", "\\cup", "&", "\\\\", "\\", "$", "%", "^\\circ", " ", "\n",
+              "\\left(", " and ", " or ", "\\begin{pmatrix}", "\\end{pmatrix}", "\x00", "\x01", "\x02", "\x1b",
+              "\ud800", "\udfff", "²", "−", "π", "∞", "the answer is ", "e5", "\\times10^{"]
+    digits = "9" * 5000
+    adversarial = ["{" * 300_000, "\\boxed{" + "{" * 300_000, "\\boxed{" * 40_000, "a" * 300_000,
+                   "\\boxed{" + "{" * 20_000 + "1" + "}" * 20_000 + "}", "\\boxed{" + digits + "}",
+                   "\\boxed{\\frac{" + digits + "}{" + digits + "}}", "\\boxed{" + "\\," * 4_000 + "}",
+                   "the answer is " + "1, " * 100_000, "\\boxed{" + "\\frac" * 2_000 + "}"]
+    budget_end = time.perf_counter() + 3.0                      # the loop is bounded in time, not only count
+    texts = adversarial + ["".join(rng.choice(pieces) for _ in range(rng.randint(0, 60))) for _ in range(3000)]
+    for i, text in enumerate(texts):
+        if i >= len(adversarial) and time.perf_counter() > budget_end:
+            break
+        gold = texts[rng.randrange(len(texts))][:200]
+        start = time.perf_counter()
+        for call in (lambda: verifier.is_correct(text, gold), lambda: verifier.is_correct(gold, text),
+                     lambda: verifier.normalize_answer(text)):
+            assert call() is not None
+        out = verifier.extract_answer(text)
+        assert out is None or isinstance(out, str)
+        # generous bound so a loaded CI machine does not flake; the 50 ms targets are measured by
+        # `python verifier.py` (see README) where the machine is quiet
+        assert time.perf_counter() - start < 1.0, repr(text[:80])
+
+
+@needs_shared_data
+def test_verifier_agrees_with_math_solutions_on_at_least_99_5_percent_of_records():
+    import json
+    import verifier
+    records = [json.loads(line) for name in ("math_train.jsonl", "math_test.jsonl")
+               for line in (SHARED_DATA / name).read_text().splitlines() if line.strip()]
+    misses = [r for r in records if not verifier.is_correct(r["solution"], r["answer"])]
+    rate = 1 - len(misses) / len(records)
+    print(f"\nself-consistency {len(records) - len(misses)}/{len(records)} = {rate:.4%}; misses:")
+    for r in misses:
+        print(f"  gold {r['answer']!r:<40} extracted {verifier.extract_answer(r['solution'])!r}")
+    assert len(records) == 12_500 and rate >= 0.995
+
 
 # =================================================================================================
 # PASS@K (passk.py)
 # =================================================================================================
 
 
+# Exact math first (the estimator against enumeration and exact fractions), then evaluate() on a fake
+# sampler whose per-problem accuracy is known, then the JSON round trip and the command line.
+# Select them with:  python -m pytest -q test_nsr.py -k "passk or pass_at_k"
+
+def test_pass_at_k_equals_brute_force_enumeration_over_all_k_subsets():
+    import itertools
+    from fractions import Fraction
+
+    import passk
+    for n in range(1, 11):
+        for c in range(n + 1):
+            correct = set(range(c))                    # which samples are correct does not matter
+            for k in range(1, n + 1):
+                subsets = list(itertools.combinations(range(n), k))
+                hit = sum(1 for s in subsets if correct.intersection(s))
+                assert passk.pass_at_k(n, c, k) == pytest.approx(float(Fraction(hit, len(subsets))),
+                                                                 rel=1e-14, abs=1e-15), (n, c, k)
+
+
+def test_pass_at_k_matches_exact_binomial_fractions_for_random_n_up_to_512():
+    import math
+    import random
+    from fractions import Fraction
+
+    import passk
+    rng = random.Random(0)
+    cases = [(512, 1, 1), (512, 1, 511), (512, 511, 1), (512, 256, 256), (512, 0, 512), (512, 512, 512)]
+    cases += [(n, rng.randint(0, n), rng.randint(1, n)) for n in (rng.randint(1, 512) for _ in range(400))]
+    # Small c and k at n = 512: the answer is near 0, where a float product would lose relative accuracy.
+    cases += [(512, rng.randint(1, 8), rng.randint(1, 8)) for _ in range(50)]
+    for n, c, k in cases:
+        exact = 1 - Fraction(math.comb(n - c, k), math.comb(n, k))
+        got = passk.pass_at_k(n, c, k)
+        assert abs(Fraction(got) - exact) <= 1e-15 * exact + 1e-300, (n, c, k, got, float(exact))
+
+
+def test_pass_at_k_is_unbiased_under_binomial_sampling_while_the_plug_in_estimate_is_not():
+    # If every sample is correct with probability p, c ~ Binomial(n, p) and the truth is 1 - (1-p)^k.
+    import math
+
+    import passk
+    for n, p in [(8, 0.1), (16, 0.3), (32, 0.05)]:
+        pmf = [math.comb(n, c) * p ** c * (1 - p) ** (n - c) for c in range(n + 1)]
+        for k in range(1, n + 1):
+            truth = 1 - (1 - p) ** k
+            expected = math.fsum(w * passk.pass_at_k(n, c, k) for c, w in enumerate(pmf))
+            assert expected == pytest.approx(truth, rel=1e-12, abs=1e-14), (n, p, k)
+            plug_in = math.fsum(w * (1 - (1 - c / n) ** k) for c, w in enumerate(pmf))
+            if 1 < k < n:
+                assert plug_in < truth - 1e-4, (n, p, k)   # biased low, which is why we do not use it
+
+
+def test_pass_at_k_edge_cases_c_zero_c_n_k_n_and_pass_at_1_is_c_over_n():
+    import passk
+    for n in (1, 2, 7, 64, 256):
+        assert passk.pass_at_k(n, 0, 1) == 0.0 and passk.pass_at_k(n, 0, n) == 0.0
+        assert passk.pass_at_k(n, n, 1) == 1.0 and passk.pass_at_k(n, n, n) == 1.0
+        for c in range(1, n + 1):
+            assert passk.pass_at_k(n, c, n) == 1.0                 # k = n: every sample is drawn
+        for c in range(n + 1):
+            assert passk.pass_at_k(n, c, 1) == pytest.approx(c / n, rel=1e-15, abs=0)
+    # Fewer than k wrong samples: every k-subset contains a correct one, so exactly 1.
+    assert passk.pass_at_k(10, 7, 4) == 1.0
+    assert passk.pass_at_k(10, 7, 3) == pytest.approx(1 - 1 / 120, rel=1e-15)   # 1 - C(3,3)/C(10,3)
+
+
+@pytest.mark.parametrize("n, c, k, message", [
+    (4, 0, 5, "k=5 > n=4"), (4, 5, 2, "c=5 > n=4"), (4, 1, 0, "k must be >= 1"),
+    (-1, 0, 1, "n must be >= 1"), (4, -1, 1, "c must be >= 0"), (4, 1, -2, "k must be >= 1"),
+    (4.0, 1, 1, "n must be an integer"), (4, 1.5, 1, "c must be an integer"),
+    (4, 1, "2", "k must be an integer"),
+])
+def test_pass_at_k_rejects_bad_arguments_with_a_clear_value_error(n, c, k, message):
+    import passk
+    with pytest.raises(ValueError, match=message):
+        passk.pass_at_k(n, c, k)
+
+
+def test_passk_curve_is_the_mean_over_problems_and_non_decreasing_in_k():
+    import random
+
+    import passk
+    assert passk.default_ks(256) == [1, 2, 4, 8, 16, 32, 64, 128, 256]
+    assert passk.default_ks(10) == [1, 2, 4, 8] and passk.default_ks(1) == [1]
+    rng = random.Random(1)
+    n = 32
+    counts = [rng.choice([0, 1, 2, 5, 16, 31, 32]) for _ in range(50)]
+    curve = passk.passk_curve(counts, n)
+    assert list(curve) == [1, 2, 4, 8, 16, 32]
+    for k, value in curve.items():
+        assert value == pytest.approx(sum(passk.pass_at_k(n, c, k) for c in counts) / len(counts), rel=1e-12)
+    assert curve[1] == pytest.approx(sum(counts) / (n * len(counts)), rel=1e-12)   # Pass@1 = avg@n
+    for c in range(n + 1):                                                      # per problem, every k
+        values = [passk.pass_at_k(n, c, k) for k in range(1, n + 1)]
+        assert all(a <= b for a, b in zip(values, values[1:])), c
+    with pytest.raises(ValueError, match="empty"):
+        passk.passk_curve([], n)
+    with pytest.raises(ValueError, match="k=64 > n=32"):
+        passk.passk_curve(counts, n, ks=[64])
+
+
+# ---- a fake sampler with known per-problem accuracy ----------------------------------------------
+# Problem i has gold answer str(7 * i + 3) and is answered correctly with probability accuracy[i].
+# Tokens: ids 0-9 are digits, 10 is EOS (a special token). A correct sample is the gold digits + EOS,
+# with entropy 0.25 per token; a wrong one is the digits of gold + 1000, truncated (no EOS), entropy 1.0.
+
+_PASSK_EOS = 10
+
+
+class _PasskFakeTokenizer:
+    def __init__(self):
+        self.skip_flags = []
+
+    def decode(self, tokens, skip_special_tokens=False):
+        self.skip_flags.append(skip_special_tokens)
+        digits = "".join(str(t) for t in tokens if t != _PASSK_EOS)
+        eos = "" if skip_special_tokens or _PASSK_EOS not in tokens else "<|eos|>"
+        return f"Adding up, the answer is \\boxed{{{digits}}}{eos}"
+
+
+def _passk_fake_world(monkeypatch, accuracy, model):
+    """Patch nsr.encode_prompts / nsr.generate with the fake; returns a log of what the fake saw and did."""
+    import torch
+
+    import nsr
+    log = {"calls": [], "made_correct": [0] * len(accuracy), "generators": []}
+
+    def encode_prompts(tokenizer, problems, template="auto", max_prompt_len=None):
+        return [[1, 100 + int(p["problem"][1:])] for p in problems], list(problems), 0   # "q7" -> [1, 107]
+
+    def generate(model_, prompt_ids, max_new_tokens, temperature=1.0, top_p=1.0, eos_token_ids=None,
+                 generator=None, chunk_size=256):
+        assert model_ is model
+        log["calls"].append({"rows": len(prompt_ids), "chunk_size": chunk_size, "temperature": temperature,
+                             "top_p": top_p, "max_new_tokens": max_new_tokens})
+        log["generators"].append(generator)
+        u = torch.rand(len(prompt_ids), generator=generator)           # (rows,)
+        tokens, truncated, entropies = [], [], []
+        for row, draw in zip(prompt_ids, u.tolist()):
+            i = row[1] - 100
+            if draw < accuracy[i]:
+                log["made_correct"][i] += 1
+                toks = [int(d) for d in str(7 * i + 3)] + [_PASSK_EOS]
+                tokens.append(toks), truncated.append(False), entropies.append([0.25] * len(toks))
+            else:
+                toks = [int(d) for d in str(7 * i + 3 + 1000)]
+                tokens.append(toks), truncated.append(True), entropies.append([1.0] * len(toks))
+        return nsr.Rollouts(tokens=tokens, logprobs=[[-1.0] * len(t) for t in tokens], truncated=truncated,
+                            entropies=entropies)
+
+    monkeypatch.setattr(nsr, "encode_prompts", encode_prompts, raising=False)
+    monkeypatch.setattr(nsr, "generate", generate, raising=False)
+    return log
+
+
+def _passk_fake_problems(num):
+    return [{"problem": f"q{i}", "answer": str(7 * i + 3)} for i in range(num)]
+
+
+_PASSK_ACCURACY = [0.0, 0.1, 0.25, 0.5, 0.9, 1.0] * 10      # 60 problems
+
+
+def test_passk_evaluate_on_a_fake_sampler_with_known_accuracy_recovers_the_expected_curve(monkeypatch):
+    import torch
+
+    import passk
+    model, tokenizer = torch.nn.Linear(1, 1), _PasskFakeTokenizer()
+    log = _passk_fake_world(monkeypatch, _PASSK_ACCURACY, model)
+    n = 64
+    result = passk.evaluate(model, tokenizer, _passk_fake_problems(len(_PASSK_ACCURACY)), n, seed=5,
+                            temperature=0.6, top_p=0.95, max_new_tokens=9, chunk_size=256, model_name="fake")
+    # Exact: the counts are what the fake actually produced, verified through the real verifier.
+    assert result["counts"] == log["made_correct"]
+    assert all(flag is True for flag in tokenizer.skip_flags) and len(tokenizer.skip_flags) == n * 60
+    # Within tolerance: the curve recovers E[Pass@k] = mean_i 1 - (1 - p_i)^k. Its sampling noise here
+    # is 0.5-1 percentage point (one std); over 300 seeds the worst error we saw was 2.4 points.
+    assert list(result["curve"]) == [1, 2, 4, 8, 16, 32, 64]
+    for k, value in result["curve"].items():
+        expected = sum(1 - (1 - p) ** k for p in _PASSK_ACCURACY) / len(_PASSK_ACCURACY)
+        assert value == pytest.approx(expected, abs=0.04), k
+    assert result["avg_at_n"] == pytest.approx(result["curve"][1], rel=1e-12)   # avg@n = Pass@1
+    # The other metrics, recomputed from the counts and the fake's known lengths/entropies.
+    correct_len = [len(str(7 * i + 3)) + 1 for i in range(60)]
+    wrong_len = [len(str(7 * i + 3 + 1000)) for i in range(60)]
+    tokens = sum(c * lc + (n - c) * lw for c, lc, lw in zip(result["counts"], correct_len, wrong_len))
+    assert result["mean_length"] == pytest.approx(tokens / (60 * n))
+    assert result["truncation_rate"] == pytest.approx(1 - sum(result["counts"]) / (60 * n))
+    entropy = sum(0.25 * c * lc + 1.0 * (n - c) * lw
+                  for c, lc, lw in zip(result["counts"], correct_len, wrong_len))
+    assert result["mean_entropy"] == pytest.approx(entropy / tokens)
+    assert (result["n"], result["num_problems"], result["num_skipped"], result["model"]) == (n, 60, 0, "fake")
+    assert result["settings"] == {"n": 64, "temperature": 0.6, "top_p": 0.95, "max_new_tokens": 9, "seed": 5,
+                                  "template": "auto", "chunk_size": 256}
+    # Sampling settings reach the sampler; 256 rows per call = 4 problems of 64 repeats each.
+    assert {(c["temperature"], c["top_p"], c["max_new_tokens"], c["chunk_size"]) for c in log["calls"]} \
+        == {(0.6, 0.95, 9, 256)}
+    assert [c["rows"] for c in log["calls"]] == [256] * 15
+
+
+def test_passk_evaluate_seeds_one_generator_so_the_same_seed_gives_the_same_counts(monkeypatch):
+    import torch
+
+    import passk
+    model, problems = torch.nn.Linear(1, 1), _passk_fake_problems(12)
+    accuracy = [0.5] * 12
+    log = _passk_fake_world(monkeypatch, accuracy, model)
+    first = passk.evaluate(model, _PasskFakeTokenizer(), problems, 16, seed=3, chunk_size=40)
+    again = passk.evaluate(model, _PasskFakeTokenizer(), problems, 16, seed=3, chunk_size=40)
+    other = passk.evaluate(model, _PasskFakeTokenizer(), problems, 16, seed=4, chunk_size=40)
+    assert first["counts"] == again["counts"] and first["counts"] != other["counts"]
+    generators = log["generators"]
+    assert all(isinstance(g, torch.Generator) and g.device == torch.device("cpu") for g in generators)
+    calls_per_run = len(generators) // 3
+    assert len(set(map(id, generators[:calls_per_run]))) == 1     # one generator per evaluate() call
+    assert [c["rows"] for c in log["calls"][:calls_per_run]] == [32] * 6   # chunk 40 // n 16 = 2 problems
+
+
+def test_passk_evaluate_result_saved_as_json_reloads_with_int_keys_and_gives_the_same_table(monkeypatch,
+                                                                                            tmp_path):
+    import torch
+
+    import passk
+    model = torch.nn.Linear(1, 1)
+    _passk_fake_world(monkeypatch, _PASSK_ACCURACY[:12], model)
+    path = tmp_path / "sub" / "run.json"
+    result = passk.evaluate(model, _PasskFakeTokenizer(), _passk_fake_problems(12), 8, seed=0, out=path)
+    assert '"1":' in path.read_text()                        # JSON object keys are strings on disk ...
+    loaded = passk.load_result(path)
+    assert list(loaded["curve"]) == [1, 2, 4, 8]            # ... and ints again after load_result
+    assert loaded["curve"] == result["curve"] and loaded["counts"] == result["counts"]
+    assert passk.passk_curve(loaded["counts"], loaded["n"]) == loaded["curve"]   # recomputable from counts
+    assert passk.format_table({"run": loaded}) == passk.format_table({"run": result})
+
+
+@pytest.mark.parametrize("problems, n, ks, message", [
+    ([], 4, None, "empty data set"),
+    ([{"problem": "q0", "answer": "3"}], 0, None, "n \\(samples per problem\\) must be >= 1"),
+    ([{"problem": "q0", "answer": "3"}], 4, [1, 8], "k=8 is out of range"),
+    ([{"problem": "q0"}], 4, None, "problems\\[0\\] needs keys"),
+])
+def test_passk_evaluate_rejects_bad_input_before_any_sampling(monkeypatch, problems, n, ks, message):
+    import torch
+
+    import nsr
+    import passk
+
+    def must_not_sample(*args, **kwargs):
+        raise AssertionError("sampling started before the input was checked")
+
+    monkeypatch.setattr(nsr, "generate", must_not_sample, raising=False)
+    monkeypatch.setattr(nsr, "encode_prompts", must_not_sample, raising=False)
+    with pytest.raises(ValueError, match=message):
+        passk.evaluate(torch.nn.Linear(1, 1), _PasskFakeTokenizer(), problems, n, ks=ks)
+
+
+def test_passk_evaluate_smoke_with_the_real_sampler_and_verifier_on_a_tiny_model():
+    # No fakes: nsr.encode_prompts + nsr.generate + verifier.is_correct on a random tiny Qwen2 with the toy
+    # character tokenizer. A random model knows nothing, so only sanity and seeding are checked.
+    import math
+
+    import passk
+    import toy
+    tokenizer = toy.build_tokenizer()
+    model = tiny_model("qwen2", vocab_size=len(tokenizer))
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    problems = [{"problem": "1+1?", "answer": "2"}, {"problem": "2+3?", "answer": "5"}]
+    run = dict(max_new_tokens=6, seed=1, template="plain", chunk_size=5)
+    first = passk.evaluate(model, tokenizer, problems, 4, **run)
+    again = passk.evaluate(model, tokenizer, problems, 4, **run)
+    other = passk.evaluate(model, tokenizer, problems, 4, **{**run, "seed": 2})
+    assert first == {**again, "seconds": first["seconds"]}                        # same seed, same result
+    assert other["mean_entropy"] != first["mean_entropy"]
+    assert len(first["counts"]) == 2 and all(0 <= c <= 4 for c in first["counts"])
+    assert 1 <= first["mean_length"] <= 6 and 0 <= first["truncation_rate"] <= 1
+    # Near-uniform logits of a random init: entropy close to (and never above) log(vocab size).
+    assert math.log(len(tokenizer)) - 0.5 < first["mean_entropy"] <= math.log(len(tokenizer)) + 1e-4
+
+
+def _passk_saved_runs(tmp_path):
+    """Two saved results with hand-made counts: 'base' (n=8) and 'nsr' (n=4, so k=8 is missing)."""
+    import passk
+    runs = {"base": ([0, 1, 8, 3], 8), "nsr": ([2, 4, 0, 1], 4)}
+    paths = []
+    for name, (counts, n) in runs.items():
+        result = {"model": name, "data": "toy.jsonl", "n": n, "num_problems": len(counts), "counts": counts,
+                  "curve": passk.passk_curve(counts, n), "settings": {"temperature": 1.0, "seed": 0}}
+        paths.append(passk.save_result(result, tmp_path / f"{name}.json"))
+    return paths
+
+
+def test_passk_compare_prints_the_paper_table_and_a_pip_hint_without_matplotlib(monkeypatch, tmp_path,
+                                                                                 capsys):
+    import sys
+
+    import passk
+    monkeypatch.setitem(sys.modules, "matplotlib", None)     # makes `import matplotlib...` fail
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
+    base, nsr_run = _passk_saved_runs(tmp_path)
+    assert passk.main(["--compare", str(base), str(nsr_run)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    # base: pass@1 = mean(0, 1, 8, 3)/8 = 12/32 = 37.5%; nsr at k=8 does not exist (n=4) -> "-".
+    assert out[0].split() == ["Pass@k", "(%)", "k=1", "k=2", "k=4", "k=8"]
+    assert out[1].split()[:2] == ["base", "37.5"] and out[2].split()[0] == "nsr"
+    assert out[2].split()[-1] == "-"
+    assert out[1].split()[1:] == [f"{100 * v:.1f}" for v in passk.passk_curve([0, 1, 8, 3], 8).values()]
+    assert "pip install matplotlib" in out[-1] and not list(tmp_path.glob("*.png"))
+
+
+def test_passk_compare_writes_a_png_of_the_curves_when_matplotlib_is_installed(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    import passk
+    base, nsr_run = _passk_saved_runs(tmp_path)
+    assert passk.main(["--compare", str(base), str(nsr_run)]) == 0
+    png = tmp_path / "base.passk.png"                        # default: next to the first json
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert f"plot: {png}" in capsys.readouterr().out
+
+
+def test_passk_cli_evaluates_a_data_file_and_saves_settings_and_model_name(monkeypatch, tmp_path, capsys):
+    import json
+
+    import torch
+
+    import nsr
+    import passk
+    model = torch.nn.Linear(1, 1)
+    _passk_fake_world(monkeypatch, _PASSK_ACCURACY, model)
+    loaded_with = {}
+
+    def load_model(name_or_dir, dtype="auto", device=None):
+        loaded_with.update(name=name_or_dir, dtype=dtype, device=device)
+        return model, _PasskFakeTokenizer()
+
+    monkeypatch.setattr(nsr, "load_model", load_model, raising=False)
+    data = tmp_path / "toy.jsonl"
+    data.write_text("".join(json.dumps(p) + "\n" for p in _passk_fake_problems(10)))
+    out = tmp_path / "r.json"
+    argv = ["--model", "some/model", "--data", str(data), "--n", "16", "--out", str(out), "--limit", "6",
+            "--temperature", "0.7", "--top-p", "0.9", "--max-new-tokens", "5", "--seed", "11",
+            "--dtype", "float32"]
+    assert passk.main(argv) == 0
+    result = passk.load_result(out)
+    assert (result["model"], result["data"], result["n"]) == ("some/model", str(data), 16)
+    assert len(result["counts"]) == 6                          # --limit 6
+    assert result["settings"]["temperature"] == 0.7 and result["settings"]["seed"] == 11
+    assert loaded_with == {"name": "some/model", "dtype": "float32", "device": None}
+    assert "k=16" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--data", "MISSING"], "no such file"),
+    (["--data", "EMPTY"], "no problems"),
+    (["--data", "DATA", "--n", "0"], "--n must be >= 1"),
+    (["--data", "DATA", "--n", "4", "--ks", "1,8"], "k=8 is out of range"),
+])
+def test_passk_cli_rejects_bad_input_before_loading_the_model(monkeypatch, tmp_path, capsys, extra, message):
+    import nsr
+    import passk
+
+    def must_not_load(*args, **kwargs):
+        raise AssertionError("the model was loaded before the input was checked")
+
+    monkeypatch.setattr(nsr, "load_model", must_not_load, raising=False)
+    (tmp_path / "empty.jsonl").write_text("\n")
+    (tmp_path / "data.jsonl").write_text('{"problem": "1+1", "answer": "2"}\n')
+    paths = {"MISSING": tmp_path / "missing.jsonl", "EMPTY": tmp_path / "empty.jsonl",
+             "DATA": tmp_path / "data.jsonl"}
+    extra = [str(paths.get(a, a)) for a in extra]
+    with pytest.raises(SystemExit) as stop:
+        passk.main(["--model", "m", "--out", str(tmp_path / "o.json")] + extra)
+    assert stop.value.code == 2 and message in capsys.readouterr().err
+
+
 # =================================================================================================
 # SAMPLING (nsr.py)
 # =================================================================================================
+# Select with: python -m pytest -q test_nsr.py -k "kv_cache or generate or top_p"
+
+# prompts of different lengths (bos = 1); the model's eos id is 2
+SAMPLING_PROMPTS = [[1, 5, 6, 7, 8, 9, 10], [1, 11], [1, 12, 13, 14], [1, 15, 16, 17, 18]]
+
+
+def _continuation_logits(model, prompt, tokens):
+    """Full forward over prompt + tokens alone (no padding, no cache): the logits that predicted each
+    token of `tokens`, shape (len(tokens), V)."""
+    ids = torch.tensor([prompt + tokens])
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits[0].float()              # (P + N, V)
+    return logits[len(prompt) - 1: len(prompt) - 1 + len(tokens)]
+
+
+def _transformers_greedy(model, prompt, max_new_tokens):
+    """Reference: transformers' own greedy generate on one unpadded prompt, cut after the first EOS."""
+    with torch.no_grad():
+        out = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                             max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=2, pad_token_id=0)
+    new = out[0, len(prompt):].tolist()
+    return new[: new.index(2) + 1] if 2 in new else new
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_kv_cache_step_logits_equal_a_full_forward_pass_with_left_padding(arch):
+    import nsr
+    from transformers import DynamicCache
+    model = tiny_model(arch)
+    continuation = [[40, 41, 42], [50, 51, 52], [60, 61, 62], [70, 71, 72]]   # fed one token per step
+    n = len(continuation[0])
+    ids, mask, pos = nsr.left_pad(SAMPLING_PROMPTS, n, torch.device("cpu"))
+    P = ids.shape[1]
+    cache = DynamicCache(config=model.config)
+    with torch.inference_mode():
+        step_logits = [nsr.next_token_logits(model, ids, mask[:, :P], pos, cache)]       # prefill
+        for t in range(n):
+            step_ids = torch.tensor([[row[t]] for row in continuation])                  # (B, 1)
+            step_logits.append(nsr.next_token_logits(model, step_ids, mask[:, :P + t + 1], pos[:, -1:] + 1 + t,
+                                                     cache))
+    for b, prompt in enumerate(SAMPLING_PROMPTS):
+        full = _continuation_logits(model, prompt, continuation[b] + [0])              # (n + 1, V)
+        cached = torch.stack([logits[b] for logits in step_logits])                     # (n + 1, V)
+        assert (cached - full).abs().max().item() <= 1e-4, f"row {b}"
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_greedy_generate_matches_transformers_generate_token_for_token(arch):
+    import nsr
+    model = tiny_model(arch)
+    rollouts = nsr.generate(model, SAMPLING_PROMPTS, max_new_tokens=10, temperature=0.0)
+    for b, prompt in enumerate(SAMPLING_PROMPTS):
+        expected = _transformers_greedy(model, prompt, 10)
+        assert rollouts.tokens[b] == expected, f"row {b}"
+        assert rollouts.truncated[b] == (2 not in expected)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_greedy_generate_of_a_batch_equals_each_prompt_generated_alone(arch):
+    import nsr
+    model = tiny_model(arch)
+    prompts = SAMPLING_PROMPTS + SAMPLING_PROMPTS[:2]        # repeated prompts share one prefill
+    batch = nsr.generate(model, prompts, max_new_tokens=10, temperature=0.0)
+    for b, prompt in enumerate(prompts):
+        alone = nsr.generate(model, [prompt], max_new_tokens=10, temperature=0.0)
+        assert batch.tokens[b] == alone.tokens[0], f"row {b}"
+        assert batch.truncated[b] == alone.truncated[0]
+
+
+def test_generate_does_not_stop_at_an_eos_inside_the_prompt():
+    import nsr
+    model = tiny_model("qwen2")
+    prompts = [[1, 2, 7, 2], [1, 8, 2]]                                # EOS (id 2) inside and at the end
+    rollouts = nsr.generate(model, prompts, max_new_tokens=6, temperature=0.0, eos_token_ids=[2])
+    for b, prompt in enumerate(prompts):
+        tokens = rollouts.tokens[b]
+        assert len(tokens) >= 1 and 2 not in tokens[:-1]
+        assert tokens == _transformers_greedy(model, prompt, 6)
+
+
+def test_generate_stops_each_row_at_its_first_eos_and_reports_truncation():
+    import nsr
+    model = tiny_model("llama")
+    N = 12
+    # eos_token_ids=[] never stops: the full greedy continuations
+    full = nsr.generate(model, SAMPLING_PROMPTS, max_new_tokens=N, temperature=0.0, eos_token_ids=[])
+    assert all(len(row) == N for row in full.tokens) and all(full.truncated)
+    # call "EOS" a token that row 0 produces mid-way and some other row never produces
+    eos = next(tok for tok in full.tokens[0][2:] if any(tok not in row for row in full.tokens[1:]))
+    stopped = nsr.generate(model, SAMPLING_PROMPTS, max_new_tokens=N, temperature=0.0, eos_token_ids=[eos])
+    for b, row in enumerate(full.tokens):
+        if eos in row:                             # cut right after the first EOS, nothing appended after it
+            assert stopped.tokens[b] == row[: row.index(eos) + 1] and not stopped.truncated[b]
+        else:
+            assert stopped.tokens[b] == row and stopped.truncated[b]
+        assert len(stopped.logprobs[b]) == len(stopped.entropies[b]) == len(stopped.tokens[b])
+
+
+def test_generate_defaults_to_every_eos_id_listed_in_the_generation_config():
+    import nsr
+    model = tiny_model("qwen2")
+    full = nsr.generate(model, SAMPLING_PROMPTS[:1], max_new_tokens=8, temperature=0.0, eos_token_ids=[])
+    stop = full.tokens[0][2]                        # chat models list several stop ids, e.g. <|im_end|>
+    model.generation_config.eos_token_id = [2, stop]
+    assert nsr.default_eos_token_ids(model) == [2, stop]
+    stopped = nsr.generate(model, SAMPLING_PROMPTS[:1], max_new_tokens=8, temperature=0.0)
+    assert stopped.tokens[0] == full.tokens[0][: full.tokens[0].index(stop) + 1]
+    assert stopped.truncated == [False]
+
+
+def test_top_p_keeps_the_smallest_set_of_most_likely_tokens_reaching_p():
+    import nsr
+    probs = torch.tensor([0.10, 0.40, 0.05, 0.30, 0.15])   # sorted: 0.40, 0.30, 0.15, 0.10, 0.05
+    logits = probs.log()[None]                               # (1, V)
+    # cumulative mass of the sorted tokens: 0.40, 0.70, 0.85, 0.95, 1.00
+    for top_p, kept in [(0.3, {1}), (0.6, {1, 3}), (0.8, {1, 3, 4}), (0.9, {1, 3, 4, 0}),
+                        (0.97, {0, 1, 2, 3, 4}), (1.0, {0, 1, 2, 3, 4})]:
+        filtered = nsr.top_p_filter(logits, top_p)[0]
+        assert set(torch.isfinite(filtered).nonzero().flatten().tolist()) == kept, top_p
+        # the kept tokens are renormalised: q = p / sum_{kept} p
+        q = filtered.softmax(-1)
+        mass = sum(probs[i] for i in kept)
+        for i in kept:
+            assert abs(q[i].item() - probs[i].item() / mass) < 1e-6
+    with pytest.raises(ValueError, match="top_p"):
+        nsr.top_p_filter(logits, 0.0)
+
+
+def test_generate_with_a_fixed_generator_reproduces_the_same_samples():
+    import nsr
+    model = tiny_model("qwen3")
+    def sample(seed):
+        g = torch.Generator().manual_seed(seed)
+        return nsr.generate(model, SAMPLING_PROMPTS, max_new_tokens=8, temperature=1.0, top_p=0.9, generator=g)
+    a, b, c = sample(0), sample(0), sample(1)
+    assert a.tokens == b.tokens and a.logprobs == b.logprobs and a.entropies == b.entropies
+    assert a.tokens != c.tokens
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_generate_logprobs_equal_a_fresh_forward_pass_under_the_sampling_distribution(arch):
+    import nsr
+    model = tiny_model(arch)
+    prompts = SAMPLING_PROMPTS * 2                           # two rollouts per prompt (shared prefill)
+    for temperature, top_p in [(0.7, 1.0), (1.3, 0.8)]:
+        g = torch.Generator().manual_seed(0)
+        rollouts = nsr.generate(model, prompts, max_new_tokens=8, temperature=temperature,
+                                top_p=top_p, generator=g)
+        assert rollouts.tokens[:4] != rollouts.tokens[4:]    # rollouts of one prompt are sampled independently
+        for b, prompt in enumerate(prompts):
+            tokens = rollouts.tokens[b]
+            logits = _continuation_logits(model, prompt, tokens)                     # (n, V)
+            logq = nsr.top_p_filter(logits / temperature, top_p).log_softmax(-1)     # the sampled-from q
+            expected = logq.gather(1, torch.tensor(tokens)[:, None]).squeeze(1)
+            assert torch.allclose(torch.tensor(rollouts.logprobs[b]), expected, atol=1e-4)
+            # entropy is the policy's own: temperature 1, no top-p
+            logp = logits.log_softmax(-1)
+            entropy = -(logp.exp() * logp).sum(-1)
+            assert torch.allclose(torch.tensor(rollouts.entropies[b]), entropy, atol=1e-4)
+
+
+def test_generate_in_chunks_equals_one_batch_in_input_order():
+    import nsr
+    model = tiny_model("qwen2")
+    one = nsr.generate(model, SAMPLING_PROMPTS, max_new_tokens=6, temperature=0.0)
+    chunked = nsr.generate(model, SAMPLING_PROMPTS, max_new_tokens=6, temperature=0.0, chunk_size=3)
+    assert one.tokens == chunked.tokens and one.truncated == chunked.truncated
+    for field in ("logprobs", "entropies"):          # equal up to float rounding (different padding)
+        for a, b in zip(getattr(one, field), getattr(chunked, field)):
+            assert torch.allclose(torch.tensor(a), torch.tensor(b), atol=1e-5)
+
+
+def test_generate_rejects_bad_arguments_with_a_clear_error():
+    import nsr
+    model = tiny_model("qwen2")
+    for kwargs, word in [(dict(max_new_tokens=0), "max_new_tokens"), (dict(temperature=-1.0), "temperature"),
+                         (dict(top_p=1.5), "top_p"), (dict(chunk_size=0), "chunk_size")]:
+        with pytest.raises(ValueError, match=word):
+            nsr.generate(model, SAMPLING_PROMPTS, **{"max_new_tokens": 4, **kwargs})
+    with pytest.raises(ValueError, match=r"prompt_ids\[1\]"):
+        nsr.generate(model, [[1, 2], []], max_new_tokens=4)
 
 
 # =================================================================================================
 # TOY WORLD (toy.py)
 # =================================================================================================
 
+@pytest.fixture(scope="module")
+def toy_quick_base(tmp_path_factory):
+    """The seconds-long quick build (toy.quick_recipe) in a temporary directory, with its build time."""
+    import time
+
+    import toy
+    out = tmp_path_factory.mktemp("toy") / "base"
+    start = time.time()
+    toy.ensure_base(out, quick=True, log=lambda *a: None)
+    return out, time.time() - start
+
+
+def test_toy_generator_is_deterministic_per_seed_and_differs_across_seeds():
+    import toy
+    a = toy.make_splits(toy.ToyRecipe(seed=0, num_train=200, num_test=16))
+    b = toy.make_splits(toy.ToyRecipe(seed=0, num_train=200, num_test=16))
+    c = toy.make_splits(toy.ToyRecipe(seed=1, num_train=200, num_test=16))
+    assert a == b
+    assert [p["problem"] for p in a["train"]] != [p["problem"] for p in c["train"]]
+
+
+def test_toy_splits_are_disjoint_and_hard_problems_are_down_only():
+    import toy
+    recipe = toy.ToyRecipe(num_train=2000, num_test=64)
+    splits = toy.make_splits(recipe)
+    texts = {name: {p["problem"] for p in split} for name, split in splits.items()}
+    assert len(texts["train"]) == 2000 and len(texts["test_easy"]) == len(texts["test_hard"]) == 64
+    assert not texts["train"] & texts["test_easy"]
+    assert not texts["train"] & texts["test_hard"]
+    assert not texts["test_easy"] & texts["test_hard"]
+    # test_hard plays AIME: only the minority strategy ("down") reaches its answers.
+    for p in splits["test_hard"]:
+        x = int(p["answer"])
+        assert toy.strategy_works(x, "down", recipe) and not toy.strategy_works(x, "up", recipe)
+    # train/test_easy contain all three kinds: up-only, down-only and shared answers.
+    kinds = {(toy.strategy_works(int(p["answer"]), "up", recipe),
+              toy.strategy_works(int(p["answer"]), "down", recipe)) for p in splits["train"]}
+    assert kinds == {(True, False), (False, True), (True, True)}
+
+
+def test_toy_every_reference_solution_verifies_against_its_gold_answer():
+    import toy
+    import verifier
+    recipe = toy.ToyRecipe(num_train=1000, num_test=64)
+    for split in toy.make_splits(recipe).values():
+        for p in split:
+            assert verifier.is_correct(p["solution"], p["answer"]), p
+            # the first word names the strategy, and the gold answer is the digit the problem asks for
+            assert toy.strategy_of(p["solution"]) == p["strategy"]
+            assert (int(p["answer"]) + sum(p["digits"])) % 10 == p["target"]
+    # a strategy whose window misses the answer cannot write a reference solution
+    with pytest.raises(ValueError, match="cannot solve"):
+        toy.solve([1, 2], (9 + 3) % 10, "up", recipe)             # x = 9 > up_last
+
+
+def test_toy_tokenizer_round_trips_every_character_the_task_uses_and_renders_a_compact_prompt():
+    import nsr
+    import toy
+    tokenizer = toy.build_tokenizer()
+    splits = toy.make_splits(toy.ToyRecipe(num_train=300, num_test=16))
+    used = {ch for split in splits.values() for p in split for ch in p["problem"] + p["solution"]}
+    assert "\\" in used and "{" in used
+    for ch in sorted(used):
+        ids = tokenizer(ch, add_special_tokens=False)["input_ids"]
+        assert len(ids) == 1 and tokenizer.decode(ids) == ch, ch
+    text = splits["train"][0]["problem"] + " " + splits["train"][0]["solution"]
+    assert tokenizer.decode(tokenizer(text, add_special_tokens=False)["input_ids"]) == text
+    # the chat template keeps only the problem line: the prompt is the problem and a newline
+    problem = splits["test_hard"][0]["problem"]
+    assert nsr.render_prompt(tokenizer, problem) == problem + "\n"
+    assert tokenizer.pad_token_id is not None and tokenizer.eos_token_id is not None
+    assert tokenizer.pad_token_id != tokenizer.eos_token_id
+
+
+def test_toy_quick_build_runs_in_seconds_writes_every_file_and_is_cached_by_recipe(toy_quick_base):
+    import json
+
+    import nsr
+    import toy
+    out, seconds = toy_quick_base
+    assert seconds < 60, f"quick build took {seconds:.1f} s"
+    for name in ("config.json", "tokenizer.json", "train.jsonl", "test_easy.jsonl", "test_hard.jsonl",
+                 "base_eval.json", "recipe.json"):
+        assert (out / name).is_file(), name
+    problems = nsr.load_problems(out / "test_hard.jsonl")
+    assert len(problems) == toy.quick_recipe().num_test
+    base_eval = json.loads((out / "base_eval.json").read_text())
+    assert set(base_eval) >= {"easy", "hard", "strategy", "build_seconds"}
+    assert sum(base_eval["strategy"]["easy"]["share"].values()) == pytest.approx(1.0)
+    # same recipe: reused (nothing rewritten); another recipe: the hash differs, so it would rebuild
+    stamp = (out / "model.safetensors").stat().st_mtime_ns
+    assert toy.ensure_base(out, quick=True, log=lambda *a: None) == out
+    assert (out / "model.safetensors").stat().st_mtime_ns == stamp
+    assert toy.is_built(out, toy.quick_recipe())
+    assert not toy.is_built(out, toy.quick_recipe(seed=1))
+
+
+def test_toy_saved_model_and_tokenizer_reload_with_auto_classes_and_give_identical_logits(tmp_path,
+                                                                                         toy_quick_base):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import nsr
+    import toy
+    recipe = toy.quick_recipe()
+    tokenizer = toy.build_tokenizer()
+    model = toy.build_model(recipe, tokenizer).eval()
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path, local_files_only=True).eval()
+    loaded_tokenizer = AutoTokenizer.from_pretrained(tmp_path, local_files_only=True)
+    assert type(loaded).__name__ == "Qwen2ForCausalLM"
+    text = nsr.render_prompt(tokenizer, "x+7+4+8 ends in 3. Digit x?") + "Up 7,1,9 0:9 1:0"
+    ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    assert loaded_tokenizer(text, add_special_tokens=False)["input_ids"] == ids[0].tolist()
+    assert nsr.render_prompt(loaded_tokenizer, "x+1 ends in 2. Digit x?") == "x+1 ends in 2. Digit x?\n"
+    assert loaded_tokenizer.eos_token_id == tokenizer.eos_token_id == loaded.config.eos_token_id
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, model(ids).logits)
+    # the built base directory loads the same way (nsr.load_model = the Auto classes)
+    base, _ = toy_quick_base
+    base_model, base_tokenizer = nsr.load_model(base, device="cpu")
+    assert base_tokenizer.decode(base_tokenizer("Down 9:4", add_special_tokens=False)["input_ids"]) == "Down 9:4"
+
 
 # =================================================================================================
 # OBJECTIVES AND TRAINING (nsr.py)
 # =================================================================================================
 
+@pytest.mark.parametrize("objective,reward,w", [("psr", 1, 1.0), ("nsr", 0, -1.0),
+                                                ("w-reinforce", 1, 0.1), ("w-reinforce", 0, -1.0)])
+def test_loss_gradient_wrt_logits_equals_the_closed_form_for_psr_nsr_and_w_reinforce(objective, reward, w):
+    import nsr
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(11, generator=g, dtype=torch.float64, requires_grad=True)   # logits (V,)
+    y = 3
+    weights = nsr.sample_weights([reward], objective, lam=0.1).double()
+    assert weights.item() == pytest.approx(w)
+    logp = torch.log_softmax(z, dim=-1)[y].reshape(1, 1)                           # (N=1, T=1)
+    nsr.policy_loss(logp, weights, torch.ones(1, 1, dtype=torch.float64), normalizer=1.0).backward()
+    pi = torch.softmax(z.detach(), dim=-1)
+    onehot = torch.nn.functional.one_hot(torch.tensor(y), 11).double()
+    closed_form = -w * (onehot - pi)                                               # dL/dz_v
+    torch.testing.assert_close(z.grad, closed_form)
+
+
+def test_nsr_gradient_step_lowers_the_sampled_logit_and_raises_the_others_in_proportion_to_their_probability():
+    import nsr
+    z0 = torch.tensor([2.0, 1.0, 0.5, -1.0, 0.0], dtype=torch.float64)
+    z = z0.clone().requires_grad_(True)
+    y, lr = 1, 0.1
+    logp = torch.log_softmax(z, dim=-1)[y].reshape(1, 1)
+    weights = nsr.sample_weights([0.0], "nsr").double()
+    nsr.policy_loss(logp, weights, torch.ones(1, 1, dtype=torch.float64), 1.0).backward()
+    with torch.no_grad():
+        delta = (z - lr * z.grad) - z0
+    pi = torch.softmax(z0, dim=-1)
+    others = [v for v in range(5) if v != y]
+    assert delta[y] < 0 and delta[y].item() == pytest.approx(-lr * (1 - pi[y].item()))
+    assert (delta[others] > 0).all()
+    # every other logit rises by exactly lr * pi_v: the ratio delta_v / pi_v is the same for all v != y
+    torch.testing.assert_close(delta[others] / pi[others], torch.full((4,), lr, dtype=torch.float64))
+    # and the sampled token's probability falls
+    assert torch.softmax(z0 + delta, -1)[y] < pi[y]
+
+
+def test_sample_weights_table_for_every_objective_including_grpo_all_correct_and_all_wrong_groups():
+    import nsr
+    r = [1, 0, 0, 1]
+    expected = {"psr": [1, 0, 0, 1], "nsr": [0, -1, -1, 0], "w-reinforce": [0.25, -1, -1, 0.25],
+                "reinforce": [1, -1, -1, 1]}
+    for objective, w in expected.items():
+        torch.testing.assert_close(nsr.sample_weights(r, objective, lam=0.25, group_size=4),
+                                   torch.tensor(w, dtype=torch.float32))
+    # GRPO, G = 4: a mixed group (3 of 4 right), an all-correct and an all-wrong group
+    rewards = [1, 1, 1, 0] + [1, 1, 1, 1] + [0, 0, 0, 0]
+    w = nsr.sample_weights(rewards, "grpo", group_size=4)
+    mixed = torch.tensor([1, 1, 1, 0], dtype=torch.float32)
+    expected_mixed = (mixed - mixed.mean()) / (mixed.std() + 1e-6)                # std: unbiased
+    torch.testing.assert_close(w[:4], expected_mixed)
+    assert w[:4].tolist()[0] == pytest.approx(0.25 / (0.5 + 1e-6))                # by hand: std = 0.5
+    assert (w[4:] == 0).all()                                                      # exactly zero
+
+
+def test_sample_weights_rejects_unknown_objectives_negative_lam_bad_rewards_and_bad_grpo_groups():
+    import nsr
+    with pytest.raises(ValueError, match="unknown objective"):
+        nsr.sample_weights([1, 0], "dpo")
+    with pytest.raises(ValueError, match="lam"):
+        nsr.sample_weights([1, 0], "w-reinforce", lam=-0.1)
+    with pytest.raises(ValueError, match="0 or 1"):
+        nsr.sample_weights([0.5, 0], "nsr")
+    with pytest.raises(ValueError, match="group_size"):
+        nsr.sample_weights([1, 0, 1], "grpo", group_size=2)
+
+
+def test_clipped_loss_at_ratio_one_has_the_same_gradient_as_the_unclipped_loss():
+    import nsr
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(3, 4, 7, generator=g, requires_grad=True)              # (N, T, V)
+    tokens = torch.randint(0, 7, (3, 4), generator=g)
+    weights = torch.tensor([1.0, -1.0, 0.5])
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1], [1, 0, 0, 0]], dtype=torch.float32)
+    grads = []
+    for clip in (0.0, 0.2):
+        logits.grad = None
+        logp = torch.log_softmax(logits, -1).gather(-1, tokens[..., None]).squeeze(-1)
+        nsr.policy_loss(logp, weights, mask, 8.0, old_logp=logp.detach(), clip_eps=clip).backward()
+        grads.append(logits.grad.clone())
+    torch.testing.assert_close(grads[0], grads[1])
+    assert grads[0].abs().sum() > 0
+
+
+def test_loss_normalizer_counts_the_tokens_of_weighted_samples_only():
+    import nsr
+    weights = torch.tensor([0.0, -1.0, -1.0, 0.0])
+    assert nsr.loss_normalizer(weights, [5, 3, 4, 9]) == 7.0
+    assert nsr.loss_normalizer(weights, [5, 3, 4, 9], "constant", max_new_tokens=16) == 64.0
+    assert nsr.loss_normalizer(torch.zeros(4), [5, 3, 4, 9]) == 0.0
+
+
+def _char_tokenizer():
+    """A character-level tokenizer (ids: 0 pad, 1 bos, 2 eos, then printable ASCII and newline)."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    chars = [chr(c) for c in range(32, 127)] + ["\n"]
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, **{c: i + 3 for i, c in enumerate(chars)}}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    tk.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tk.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+
+
+def _tiny_world(root: pathlib.Path) -> pathlib.Path:
+    """A saved tiny random Qwen2 + char tokenizer and a few addition problems (train.jsonl, test.jsonl)."""
+    import json
+    tokenizer = _char_tokenizer()
+    world = root / "world"
+    tiny_model("qwen2", vocab_size=len(tokenizer)).save_pretrained(world)
+    tokenizer.save_pretrained(world)
+    for name, pairs in (("train", [(1, 2), (3, 4), (2, 2), (5, 1)]), ("test", [(1, 1), (2, 3)])):
+        with (world / f"{name}.jsonl").open("w") as f:
+            for a, b in pairs:
+                f.write(json.dumps({"problem": f"{a}+{b}", "answer": str(a + b)}) + "\n")
+    return world
+
+
+def _tiny_config(world: pathlib.Path, out: pathlib.Path, **overrides):
+    import nsr
+    values = dict(model=str(world), train=str(world / "train.jsonl"), eval=[], template="plain", steps=2,
+                  batch_prompts=2, group_size=4, max_new_tokens=6, lr=1e-3, micro_batch_size=3, eval_n=0,
+                  eval_temperature=1.0, eval_top_p=1.0, out_dir=str(out), device="cpu", seed=0)
+    values.update(overrides)
+    return nsr.Config(**values)
+
+
+def _fixed_batch(seed: int = 0, n: int = 5, vocab: int = 97):
+    """Random prompts and responses of different lengths, and mixed-sign weights."""
+    g = torch.Generator().manual_seed(seed)
+    prompts = [torch.randint(3, vocab, (int(torch.randint(2, 6, (1,), generator=g)),), generator=g).tolist()
+               for _ in range(n)]
+    responses = [torch.randint(3, vocab, (int(torch.randint(1, 7, (1,), generator=g)),), generator=g).tolist()
+                 for _ in range(n)]
+    weights = torch.tensor([1.0, -1.0, 0.1, -1.0, 0.5][:n])
+    return prompts, responses, weights
+
+
+def _grads(model):
+    return [p.grad.clone() for p in model.parameters()]
+
+
+def test_gradients_with_micro_batch_size_one_equal_the_full_batch_gradients():
+    import nsr
+    prompts, responses, weights = _fixed_batch()
+    Z = nsr.loss_normalizer(weights, [len(r) for r in responses])
+    results = []
+    for micro in (1, 5):
+        model = tiny_model("qwen2").train()
+        loss = nsr.backward_on_batch(model, prompts, responses, weights, Z, micro_batch_size=micro)
+        results.append((loss, _grads(model)))
+    assert results[0][0] == pytest.approx(results[1][0], rel=1e-5)
+    for g1, g5 in zip(results[0][1], results[1][1]):
+        torch.testing.assert_close(g1, g5, rtol=1e-4, atol=1e-6)
+    assert sum(g.abs().sum() for g in results[0][1]) > 0
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_gradient_checkpointing_and_the_chunked_output_layer_give_the_same_loss_and_gradients(arch):
+    import nsr
+    prompts, responses, weights = _fixed_batch(seed=1)
+    Z = nsr.loss_normalizer(weights, [len(r) for r in responses])
+    results = []
+    for checkpointing in (False, True):
+        model = tiny_model(arch).train()
+        if checkpointing:
+            nsr.enable_gradient_checkpointing(model)
+            assert model.model.gradient_checkpointing
+        # head_chunk=2: the output layer + log-softmax in checkpointed chunks of 2 positions
+        loss = nsr.backward_on_batch(model, prompts, responses, weights, Z, micro_batch_size=5,
+                                     head_chunk=2 if checkpointing else 0)
+        results.append((loss, _grads(model)))
+    assert results[0][0] == pytest.approx(results[1][0], rel=1e-6)
+    for a, b in zip(results[0][1], results[1][1]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_bf16_training_with_fp32_master_weights_keeps_updates_that_a_bf16_only_update_loses():
+    # The pitfall: AdamW at lr 1e-6 moves each weight by ~1e-6, but bf16 has only 8 mantissa bits, so a
+    # weight of 0.02 can only move in steps of 2^-13 = 1.2e-4: the bf16-only update rounds back to the
+    # old weight. fp32 master weights accumulate the small steps and the bf16 model follows them.
+    import nsr
+    prompts, responses, weights = _fixed_batch(seed=2)
+    Z = nsr.loss_normalizer(weights, [len(r) for r in responses])
+    steps, lr = 40, 1e-6
+
+    model = tiny_model("qwen2", dtype=torch.bfloat16).train()
+    start = [p.detach().float().clone() for p in model.parameters()]
+    params, master = nsr.make_master_weights(model)
+    assert all(m.dtype == torch.float32 for m in master) and master[0] is not params[0]
+    opt = torch.optim.AdamW(master, lr=lr, betas=(0.9, 0.999), weight_decay=0.01)
+    nsr.backward_on_batch(model, prompts, responses, weights, Z, micro_batch_size=2, params=params, master=master)
+    assert all(p.grad is None for p in params)                  # grads moved into the fp32 masters
+    grad = [m.grad.clone() for m in master]
+    for step in range(steps):
+        # (the same gradient every step, to keep the test fast: a steady push, as a consistent signal gives)
+        for m, g in zip(master, grad):
+            m.grad = g.clone()
+        nsr.optimizer_step(opt, params, master, grad_clip=0.0)
+        if step == 0:   # after one step every weight that got a gradient moved by about lr in the master
+            moved = torch.cat([(m.detach() - s).abs().flatten() for m, s in zip(master, start)])
+            assert (moved > 0.5 * lr).float().mean() > 0.9 and moved.max() < 3 * lr
+    # the bf16 model is exactly the rounded master ...
+    for p, m in zip(params, master):
+        assert torch.equal(p.detach(), m.detach().to(torch.bfloat16))
+    changed_master = torch.cat([(p.detach().float() != s).flatten() for p, s in zip(model.parameters(), start)])
+
+    # ... while the same training with bf16 weights and a bf16 AdamW loses (almost) every update
+    plain = tiny_model("qwen2", dtype=torch.bfloat16).train()
+    opt = torch.optim.AdamW(plain.parameters(), lr=lr, betas=(0.9, 0.999), weight_decay=0.01)
+    nsr.backward_on_batch(plain, prompts, responses, weights, Z, micro_batch_size=2)
+    grad = [p.grad.clone() for p in plain.parameters()]
+    for _ in range(steps):
+        for p, g in zip(plain.parameters(), grad):
+            p.grad = g.clone()
+        opt.step()
+    changed_plain = torch.cat([(p.detach().float() != s).flatten() for p, s in zip(plain.parameters(), start)])
+    assert changed_master.float().mean() > 0.2
+    assert changed_plain.float().mean() < 0.05
+    assert changed_master.float().mean() > 5 * changed_plain.float().mean()
+
+
+def test_nsr_training_steps_lower_the_log_prob_of_the_penalised_samples():
+    import nsr
+    model = tiny_model("qwen2").train()
+    prompts = [[1, 5, 6, 7], [1, 9, 10]] * 4
+    rollouts = nsr.generate(model, prompts, 5, generator=torch.Generator().manual_seed(0))
+    weights = nsr.sample_weights([0.0] * 8, "nsr", group_size=4)       # all wrong: every sample penalised
+    Z = nsr.loss_normalizer(weights, [len(t) for t in rollouts.tokens])
+
+    def total_logp():
+        ids, attn, pos, mask = nsr.pack_sequences(prompts, rollouts.tokens, "cpu")
+        with torch.no_grad():
+            logp, _ = nsr.response_logprobs(model, ids, attn, pos, mask.shape[1])
+        return (logp * mask).sum(dim=1)                                  # (8,) log pi(y_i)
+
+    before = total_logp()
+    params, master = nsr.make_master_weights(model)
+    opt = torch.optim.AdamW(master, lr=1e-3)
+    for _ in range(3):
+        nsr.backward_on_batch(model, prompts, rollouts.tokens, weights, Z, micro_batch_size=4,
+                              params=params, master=master)
+        nsr.optimizer_step(opt, params, master, grad_clip=1.0)
+    after = total_logp()
+    assert (after < before).all(), (before, after)
+
+
+def test_train_two_steps_write_a_checkpoint_two_metrics_lines_and_a_loadable_model(tmp_path):
+    import json
+
+    import nsr
+    world = _tiny_world(tmp_path)
+    cfg = _tiny_config(world, tmp_path / "run", eval=[str(world / "test.jsonl")], eval_n=4)
+    result = nsr.train(cfg)
+    run = tmp_path / "run"
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in lines] == [1, 2]
+    keys = {"step", "reward", "all_correct", "all_wrong", "response_len", "truncated", "entropy", "loss",
+            "grad_norm", "trained_samples", "skipped", "sample_s", "train_s", "tokens_per_s"}
+    assert all(set(m) == keys for m in lines)
+    ckpt = nsr.latest_checkpoint(run)
+    assert ckpt is not None and ckpt.name == "checkpoint-000002"
+    assert json.loads((run / "config.json").read_text())["steps"] == 2
+    model, _ = nsr.load_model(ckpt, device="cpu")
+    base, _ = nsr.load_model(world, device="cpu")
+    # the all-wrong NSR steps changed the saved weights
+    assert any(not torch.equal(a, b) for a, b in zip(model.parameters(), base.parameters()))
+    assert set(result["evals"]["test"]) == {0, 2} and "test base" in result["table"]
+
+
+def test_train_stopped_after_step_one_and_resumed_reproduces_step_two_without_duplicate_lines(tmp_path):
+    import json
+
+    import nsr
+    world = _tiny_world(tmp_path)
+    nsr.train(_tiny_config(world, tmp_path / "full", steps=2))
+    nsr.train(_tiny_config(world, tmp_path / "cut", steps=1))       # a run that stopped after step 1
+    # a line the stopped run wrote after its last checkpoint must not survive the resume
+    with (tmp_path / "cut" / "metrics.jsonl").open("a") as f:
+        f.write(json.dumps({"step": 2, "reward": -1}) + "\n")
+    nsr.train(_tiny_config(world, tmp_path / "cut", steps=2, resume=True))
+
+    def lines(run):
+        return [json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+    full, resumed = lines("full"), lines("cut")
+    assert [m["step"] for m in resumed] == [1, 2]
+    timing = {"sample_s", "train_s", "tokens_per_s"}
+    for a, b in zip(full, resumed):
+        assert {k: v for k, v in a.items() if k not in timing} == {k: v for k, v in b.items() if k not in timing}
+    assert full[1]["trained_samples"] > 0
+    a = nsr.load_model(nsr.latest_checkpoint(tmp_path / "full"), device="cpu")[0]
+    b = nsr.load_model(nsr.latest_checkpoint(tmp_path / "cut"), device="cpu")[0]
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+
+
+def test_train_config_rejects_bad_values_with_clear_messages_before_any_work(tmp_path):
+    import nsr
+    for argv, message in ((["--objective", "ppo2"], "unknown"), (["--lam", "-0.5"], "--lam must be >= 0"),
+                          (["--objective", "grpo", "--group-size", "1"], "group-size must be >= 2"),
+                          (["--ppo-mini-batches", "2"], "needs --clip-eps"),
+                          (["--train", str(tmp_path / "missing.jsonl")], "no such file")):
+        problems = nsr.config_problems(nsr.Config(**{a.lstrip("-").replace("-", "_"): type(
+            getattr(nsr.Config(), a.lstrip("-").replace("-", "_")))(v) for a, v in zip(argv[::2], argv[1::2])}))
+        assert any(message in p for p in problems), (argv, problems)
+        with pytest.raises(SystemExit):
+            nsr.parse_config(argv)
+    with pytest.raises(ValueError, match="unknown"):
+        nsr.train(nsr.Config(objective="nope", out_dir=str(tmp_path / "never")))
+    assert not (tmp_path / "never").exists()
+
 
 # =================================================================================================
 # REAL MODELS, PROMPTS AND DATA (nsr.py)
 # =================================================================================================
+#
+# Select with:  python -m pytest -q test_nsr.py -k "template or render_prompt or encode_prompts or load_problems or load_model or preset or memory_plan"
+#
+# chat_tokenizer() below is a reusable fixture: a character-level PreTrainedTokenizerFast that knows the
+# Qwen and Llama special tokens and carries a chat template, so "auto" rendering, encoding and a tiny
+# model's vocabulary can be tested offline (pass vocab_size=len(tokenizer) to tiny_model()).
+
+# The chat templates below are the official ones reduced to the branch a [system, user] conversation
+# takes (no tools), kept line for line as published:
+#   Qwen2.5 / Qwen2.5-Math: "chat_template" in huggingface.co/Qwen/Qwen2.5-Math-1.5B/blob/main/tokenizer_config.json
+#   Qwen3:                  "chat_template" in huggingface.co/Qwen/Qwen3-0.6B/blob/main/tokenizer_config.json
+#   Llama 3.1 / 3.2:        "chat_template" in huggingface.co/meta-llama/Llama-3.2-1B-Instruct (tokenizer_config.json)
+QWEN25_CHAT_TEMPLATE = (
+    "{%- if messages[0]['role'] == 'system' %}\n"
+    "    {{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}\n"
+    "{%- else %}\n"
+    "    {{- '<|im_start|>system\\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\\n' }}\n"
+    "{%- endif %}\n"
+    "{%- for message in messages %}\n"
+    "    {%- if (message.role == \"user\") or (message.role == \"system\" and not loop.first) %}\n"
+    "        {{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>' + '\\n' }}\n"
+    "    {%- endif %}\n"
+    "{%- endfor %}\n"
+    "{%- if add_generation_prompt %}\n"
+    "    {{- '<|im_start|>assistant\\n' }}\n"
+    "{%- endif %}\n")
+QWEN3_CHAT_TEMPLATE = (
+    "{%- if messages[0].role == 'system' %}\n"
+    "    {{- '<|im_start|>system\\n' + messages[0].content + '<|im_end|>\\n' }}\n"
+    "{%- endif %}\n"
+    "{%- for message in messages %}\n"
+    "    {%- if message.content is string %}\n"
+    "        {%- set content = message.content %}\n"
+    "    {%- else %}\n"
+    "        {%- set content = '' %}\n"
+    "    {%- endif %}\n"
+    "    {%- if (message.role == \"user\") or (message.role == \"system\" and not loop.first) %}\n"
+    "        {{- '<|im_start|>' + message.role + '\\n' + content + '<|im_end|>' + '\\n' }}\n"
+    "    {%- endif %}\n"
+    "{%- endfor %}\n"
+    "{%- if add_generation_prompt %}\n"
+    "    {{- '<|im_start|>assistant\\n' }}\n"
+    "    {%- if enable_thinking is defined and enable_thinking is false %}\n"
+    "        {{- '<think>\\n\\n</think>\\n\\n' }}\n"
+    "    {%- endif %}\n"
+    "{%- endif %}")
+LLAMA31_CHAT_TEMPLATE = (
+    "{{- bos_token }}\n"
+    "{%- if not date_string is defined %}\n"
+    "    {%- set date_string = \"26 Jul 2024\" %}\n"
+    "{%- endif %}\n"
+    "{%- if messages[0]['role'] == 'system' %}\n"
+    "    {%- set system_message = messages[0]['content']|trim %}\n"
+    "    {%- set messages = messages[1:] %}\n"
+    "{%- else %}\n"
+    "    {%- set system_message = \"\" %}\n"
+    "{%- endif %}\n"
+    "{{- \"<|start_header_id|>system<|end_header_id|>\\n\\n\" }}\n"
+    "{{- \"Cutting Knowledge Date: December 2023\\n\" }}\n"
+    "{{- \"Today Date: \" + date_string + \"\\n\\n\" }}\n"
+    "{{- system_message }}\n"
+    "{{- \"<|eot_id|>\" }}\n"
+    "{%- for message in messages %}\n"
+    "    {{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n'+ message['content'] | trim + '<|eot_id|>' }}\n"
+    "{%- endfor %}\n"
+    "{%- if add_generation_prompt %}\n"
+    "    {{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}\n"
+    "{%- endif %}\n")
+
+CHAT_SPECIAL_TOKENS = ["<pad>", "<|begin_of_text|>", "<|im_end|>", "<|im_start|>", "<|endoftext|>",
+                       "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "<unk>"]
+
+
+def chat_tokenizer(chat_template: str | None = QWEN3_CHAT_TEMPLATE, add_bos: bool = False):
+    """A character-level tokenizer with real special tokens: pad 0, bos 1 (<|begin_of_text|>), eos 2
+    (<|im_end|>), then the other specials and every printable ASCII character (len = 106).
+
+    add_bos=True makes plain encoding prepend <|begin_of_text|> as Llama tokenizers do.
+    """
+    import string
+
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    chars = sorted(set(string.printable) - set("\x0b\x0c\r"))
+    vocab = {token: i for i, token in enumerate(CHAT_SPECIAL_TOKENS + chars)}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex("[\\s\\S]"), behavior="isolated")  # one char each
+    backend.decoder = decoders.Fuse()
+    if add_bos:
+        backend.post_processor = processors.TemplateProcessing(
+            single="<|begin_of_text|> $A", special_tokens=[("<|begin_of_text|>", 1)])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<|begin_of_text|>",
+                                        eos_token="<|im_end|>", pad_token="<pad>", unk_token="<unk>",
+                                        additional_special_tokens=CHAT_SPECIAL_TOKENS[3:8])
+    tokenizer.chat_template = chat_template
+    return tokenizer
+
+
+PROBLEM = "What is $1+1$?"
+# The official strings, written out by hand (not built from nsr's constants).
+OFFICIAL_QWEN25_MATH = ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
+                        "What is $1+1$?\nPlease reason step by step, and put your final answer within "
+                        "\\boxed{}.<|im_end|>\n<|im_start|>assistant\n")
+OFFICIAL_QWEN3_NO_THINKING = OFFICIAL_QWEN25_MATH + "<think>\n\n</think>\n\n"
+OFFICIAL_LLAMA3 = ("<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nYou are a helpful "
+                   "assistant.<|eot_id|><|start_header_id|>user<|end_header_id|>\n\nWhat is $1+1$?\nPlease "
+                   "reason step by step, and put your final answer within \\boxed{}.<|eot_id|>"
+                   "<|start_header_id|>assistant<|end_header_id|>\n\n")
+OFFICIAL_PLAIN = "What is $1+1$?\nPlease reason step by step, and put your final answer within \\boxed{}.\n"
+
+
+def test_templates_render_exactly_the_official_prompt_strings():
+    import nsr
+    assert nsr.render_prompt(None, PROBLEM, "qwen2.5-math") == OFFICIAL_QWEN25_MATH
+    assert nsr.render_prompt(None, PROBLEM, "qwen3") == OFFICIAL_QWEN3_NO_THINKING
+    assert nsr.render_prompt(None, PROBLEM, "llama3") == OFFICIAL_LLAMA3
+    assert nsr.render_prompt(None, PROBLEM, "plain") == OFFICIAL_PLAIN
+
+
+def test_auto_template_through_the_real_qwen_chat_templates_gives_the_official_strings():
+    import nsr
+    assert nsr.render_prompt(chat_tokenizer(QWEN25_CHAT_TEMPLATE), PROBLEM) == OFFICIAL_QWEN25_MATH
+    # Qwen3's template in non-thinking mode (enable_thinking=False) opens the empty think block.
+    assert nsr.render_prompt(chat_tokenizer(QWEN3_CHAT_TEMPLATE), PROBLEM) == OFFICIAL_QWEN3_NO_THINKING
+    assert nsr.render_prompt(chat_tokenizer(None), PROBLEM) == OFFICIAL_PLAIN
+
+
+def test_llama_3_1_chat_template_differs_from_the_llama3_template_only_by_its_date_lines():
+    # Our "llama3" template leaves out the "Cutting Knowledge Date / Today Date" lines that Llama 3.1+
+    # templates put into the system turn (3.2 writes TODAY's date there, so prompts would change with
+    # the calendar); "auto" keeps them. Everything else is identical.
+    import nsr
+    auto = nsr.render_prompt(chat_tokenizer(LLAMA31_CHAT_TEMPLATE), PROBLEM, "auto")
+    date_lines = "Cutting Knowledge Date: December 2023\nToday Date: 26 Jul 2024\n\n"
+    assert date_lines in auto
+    assert auto.replace(date_lines, "") == nsr.render_prompt(None, PROBLEM, "llama3")
+
+
+def test_encode_prompts_gives_exactly_one_bos_for_a_rendered_llama3_prompt_and_round_trips():
+    import nsr
+    tokenizer = chat_tokenizer(LLAMA31_CHAT_TEMPLATE, add_bos=True)
+    bos = tokenizer.bos_token_id
+    for template in ("llama3", "auto", "plain"):
+        ids, kept, skipped = nsr.encode_prompts(tokenizer, [{"problem": PROBLEM, "answer": "2"}], template)
+        assert ids[0][0] == bos and ids[0][1] != bos and ids[0].count(bos) == 1, template
+        rendered = nsr.render_prompt(tokenizer, PROBLEM, template)
+        assert tokenizer.decode(ids[0]) == (rendered if template != "plain" else "<|begin_of_text|>" + rendered)
+
+
+def test_render_prompt_rejects_an_unknown_template_by_name():
+    import nsr
+    with pytest.raises(ValueError, match="unknown template 'qwen4'"):
+        nsr.render_prompt(None, PROBLEM, "qwen4")
+
+
+def test_encode_prompts_skips_and_counts_prompts_longer_than_max_prompt_len():
+    import nsr
+    tokenizer = chat_tokenizer(QWEN3_CHAT_TEMPLATE)
+    problems = [{"problem": "x" * n, "answer": str(n)} for n in (1, 50, 2, 80)]
+    full, _, none_skipped = nsr.encode_prompts(tokenizer, problems)
+    limit = len(full[0]) + 10                       # keeps the 1- and 2-character problems only
+    ids, kept, skipped = nsr.encode_prompts(tokenizer, problems, max_prompt_len=limit)
+    assert none_skipped == 0 and skipped == 2
+    assert [p["answer"] for p in kept] == ["1", "2"] and ids == [full[0], full[2]]
+
+
+PAPER_SPLITS = [("math_train.jsonl", 7498), ("math_test.jsonl", 5000), ("aime2025.jsonl", 30),
+                ("amc23.jsonl", 40)]
+
+
+@needs_shared_data
+@pytest.mark.parametrize("name,count", PAPER_SPLITS)
+def test_load_problems_reads_the_papers_splits_with_a_non_empty_answer_each(name, count):
+    # math_train.jsonl has 7,500 lines, but lines 5342 and 5344 have no answer at all (answer "" and an
+    # empty \boxed{} in the solution): they are skipped with a warning naming them.
+    import warnings
+
+    import nsr
+    pytest.importorskip("verifier")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        problems = nsr.load_problems(SHARED_DATA / name)
+    assert len(problems) == count
+    assert all(p["answer"].strip() and p["problem"].strip() for p in problems)
+    skipped = [str(w.message) for w in caught if "without an answer" in str(w.message)]
+    assert skipped == ([f"{SHARED_DATA / name}: skipped 2 record(s) without an answer, at line(s) 5342, 5344"]
+                       if name == "math_train.jsonl" else [])
+
+
+def test_load_problems_names_file_and_line_of_a_malformed_line(tmp_path):
+    import nsr
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"problem": "1+1", "answer": "2"}\n\n{"problem": "2+2", "answer": 4\n')
+    with pytest.raises(ValueError, match=f"{path}:3: malformed JSON"):
+        nsr.load_problems(path)
+
+
+def test_load_problems_names_the_missing_field_file_and_line(tmp_path):
+    import nsr
+    path = tmp_path / "fields.jsonl"
+    path.write_text('{"problem": "1+1", "answer": "2"}\n{"question": "2+2", "answer": "4"}\n')
+    with pytest.raises(ValueError, match=f"{path}:2: missing field 'problem'"):
+        nsr.load_problems(path)
+    with pytest.raises(ValueError, match=f"{path}:1: missing field 'question'"):
+        nsr.load_problems(path, problem_field="question")
+    path.write_text('{"problem": "1+1", "answer": "2"}\n{"problem": "2+2", "gold": "4"}\n')
+    with pytest.raises(ValueError, match=f"{path}:2: missing field 'answer'"):
+        nsr.load_problems(path)
+
+
+def test_load_problems_uses_configurable_field_names(tmp_path):
+    import nsr
+    path = tmp_path / "renamed.jsonl"
+    path.write_text('{"question": "2+2", "gold": 4}\n{"question": "9*3", "gold": 27.0}\n{"question": "1/2", "gold": 0.5}\n')
+    assert nsr.load_problems(path, problem_field="question", answer_field="gold") == [
+        {"problem": "2+2", "answer": "4"}, {"problem": "9*3", "answer": "27"}, {"problem": "1/2", "answer": "0.5"}]
+
+
+def test_load_problems_takes_a_missing_answer_from_the_last_boxed_of_the_solution(tmp_path):
+    import nsr
+    pytest.importorskip("verifier")
+    path = tmp_path / "math.jsonl"
+    path.write_text('{"problem": "p", "solution": "First \\\\boxed{1}, finally \\\\boxed{\\\\frac{1}{2}}."}\n')
+    assert nsr.load_problems(path) == [{"problem": "p", "answer": "\\frac{1}{2}"}]
+
+
+def test_load_problems_rejects_an_empty_file_and_a_missing_file(tmp_path):
+    import nsr
+    path = tmp_path / "empty.jsonl"
+    path.write_text("\n\n")
+    with pytest.raises(ValueError, match=f"{path}: no problems"):
+        nsr.load_problems(path)
+    with pytest.raises(FileNotFoundError, match="nope.jsonl"):
+        nsr.load_problems(tmp_path / "nope.jsonl")
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_load_model_loads_a_saved_tiny_model_offline_with_a_pad_id_and_chat_stop_tokens(tmp_path, arch):
+    import nsr
+    tokenizer = chat_tokenizer(QWEN3_CHAT_TEMPLATE)
+    tokenizer.pad_token = None                       # like Llama 3: no pad token shipped
+    tiny_model(arch, vocab_size=len(tokenizer)).save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    model, loaded = nsr.load_model(tmp_path, dtype="bfloat16", device="cpu")
+    assert next(model.parameters()).dtype == torch.bfloat16 and not model.training
+    assert loaded.pad_token_id == loaded.eos_token_id == 2           # pad falls back to eos
+    stops = model.generation_config.eos_token_id
+    vocab = loaded.get_vocab()
+    assert {vocab["<|im_end|>"], vocab["<|endoftext|>"], vocab["<|eot_id|>"]} <= set(stops)
+    model32, _ = nsr.load_model(tmp_path, device="cpu")                # "auto" = fp32 on CPU
+    assert next(model32.parameters()).dtype == torch.float32
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        nsr.load_model(tmp_path, dtype="fp8")
+
+
+def test_memory_plan_parameter_counts_equal_transformers_models_built_from_the_table():
+    # Each table entry, built as the real transformers class on the meta device (no memory), has
+    # exactly num_params() parameters; and the sizes are the published ones (1.54B, 7.62B, ...).
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
+
+    import nsr
+    published = {"Qwen/Qwen2.5-Math-1.5B": 1.54, "Qwen/Qwen2.5-Math-7B": 7.62, "Qwen/Qwen2.5-0.5B-Instruct": 0.49,
+                 "Qwen/Qwen3-0.6B": 0.60, "meta-llama/Llama-3.2-1B-Instruct": 1.24}
+    for name, a in nsr.ARCHITECTURES.items():
+        config_cls, model_cls = ((Qwen3Config, Qwen3ForCausalLM) if a["qk_norm"] else
+                                 (Qwen2Config, Qwen2ForCausalLM) if a["qkv_bias"] else (LlamaConfig, LlamaForCausalLM))
+        config = config_cls(hidden_size=a["hidden"], num_hidden_layers=a["layers"], num_attention_heads=a["heads"],
+                            num_key_value_heads=a["kv_heads"], head_dim=a["head_dim"],
+                            intermediate_size=a["intermediate"], vocab_size=a["vocab"],
+                            tie_word_embeddings=a["tied"])
+        with torch.device("meta"):
+            model = model_cls(config)
+        assert sum(p.numel() for p in model.parameters()) == nsr.num_params(a), name
+        assert round(nsr.num_params(a) / 1e9, 2) == published[name], name
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_memory_plan_reads_architecture_numbers_from_a_local_model_dir_and_counts_its_parameters(tmp_path, arch):
+    import nsr
+    model = tiny_model(arch)
+    model.save_pretrained(tmp_path)
+    assert nsr.num_params(nsr.arch_from_config(tmp_path)) == sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("preset", ["qwen2.5-0.5b-instruct", "qwen3-0.6b", "llama-3.2-1b-instruct"])
+def test_memory_plan_of_every_preset_fits_24_gib_and_sets_only_config_fields(preset):
+    import dataclasses
+
+    import nsr
+    plan = nsr.memory_plan(preset)
+    n, cfg = plan["params"], nsr.PRESETS[preset]
+    bf16 = cfg["dtype"] == "bfloat16"
+    assert plan["weights"] == plan["gradients"] == (2 if bf16 else 4) * n
+    assert plan["master_weights"] == plan["master_grads"] == (4 * n if bf16 else 0)   # fp32 master + grads
+    assert plan["optimizer_state"] == 8 * n                                           # fp32 AdamW m, v
+    assert plan["activations_ckpt"] < plan["activations_no_ckpt"] / 5
+    assert plan["fits"] and plan["peak"] <= 24 * 2 ** 30
+    assert cfg["lr"] == 1e-6 and cfg["temperature"] == 1.0 and cfg["group_size"] == 8
+    assert plan["seq_len"] <= nsr.ARCHITECTURES[cfg["model"]]["max_positions"]
+    assert set(cfg) <= {f.name for f in dataclasses.fields(nsr.Config)}
+    assert nsr.parse_config(["--preset", preset, "--dry-run"]).model == cfg["model"]
+
+
+def test_memory_plan_matches_a_by_hand_estimate_and_shows_why_1_5b_and_7b_do_not_fit():
+    import nsr
+    run = dict(model="Qwen/Qwen2.5-Math-1.5B", dtype="bfloat16", batch_prompts=32, group_size=8,
+               max_prompt_len=1024, max_new_tokens=3072, micro_batch_size=1, grad_checkpointing="on",
+               chunk_size=32)
+    plan = nsr.memory_plan(run)
+    # by hand: 28 layers x 2 (k, v) x 2 kv heads x 128 dims x 4096 tokens x 32 rows x 2 bytes = 3.5 GiB
+    assert plan["kv_cache"] == 28 * 2 * 2 * 128 * 4096 * 32 * 2 == int(3.5 * 2 ** 30)
+    # logits: 1 sequence x 4096 positions x 151936 vocab x (2 + 4 + 4) bytes
+    assert plan["logits"] == 4096 * 151936 * 10
+    # 20 bytes/param for bf16 + fp32 master: 1.54e9 x 20 = 28.8 GiB before any activation
+    assert not plan["fits"] and plan["peak"] > 20 * plan["params"]
+    offloaded = nsr.memory_plan(run, optimizer_offload=True)            # the what-if: GPU keeps 4 B/param
+    assert offloaded["fits"] and offloaded["cpu_ram"] == 16 * plan["params"]
+    assert not nsr.memory_plan(dict(run, model="Qwen/Qwen2.5-Math-7B"), optimizer_offload=True)["fits"]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_load_model_and_template_auto_run_one_training_step_and_an_evaluation_end_to_end(tmp_path, arch):
+    # The real-model path on a tiny random model of each architecture: a locally built tokenizer with
+    # the family's own chat template, a MATH-style train file (answer from the solution's \\boxed{}),
+    # template "auto", one NSR step, an evaluation before and after, a checkpoint load_model reads back.
+    import json
+
+    import nsr
+    pytest.importorskip("verifier")
+    template = {"qwen2": QWEN25_CHAT_TEMPLATE, "qwen3": QWEN3_CHAT_TEMPLATE, "llama": LLAMA31_CHAT_TEMPLATE}[arch]
+    tokenizer = chat_tokenizer(template, add_bos=arch == "llama")
+    world = tmp_path / "world"
+    tiny_model(arch, vocab_size=len(tokenizer)).save_pretrained(world)
+    tokenizer.save_pretrained(world)
+    (world / "train.jsonl").write_text("".join(json.dumps({"problem": f"{a}+{a}", "solution": f"So \\boxed{{{2 * a}}}."}) + "\n"
+                                               for a in range(1, 5)))
+    (world / "test.jsonl").write_text("".join(json.dumps({"problem": f"{a}*2", "answer": str(2 * a)}) + "\n"
+                                              for a in range(1, 2)))
+    cfg = nsr.Config(model=str(world), train=str(world / "train.jsonl"), eval=[str(world / "test.jsonl")],
+                     template="auto", steps=1, batch_prompts=1, group_size=2, max_new_tokens=3, lr=1e-3,
+                     micro_batch_size=2, eval_n=2, out_dir=str(tmp_path / "run"), device="cpu", seed=0,
+                     max_prompt_len=400)
+    result = nsr.train(cfg)
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == [1]
+    assert set(result["evals"]["test"]) == {0, 1}
+    assert all(r["num_problems"] == 1 and r["n"] == 2 for r in result["evals"]["test"].values())
+    model, loaded = nsr.load_model(nsr.latest_checkpoint(tmp_path / "run"), device="cpu")
+    assert nsr.render_prompt(loaded, "1+1") == nsr.render_prompt(tokenizer, "1+1")   # chat template kept
+
+
+def test_format_memory_plan_prints_every_component_and_the_verdict():
+    import nsr
+    text = nsr.format_memory_plan(nsr.memory_plan("qwen3-0.6b"))
+    for label in ("weights", "gradients", "fp32 master weights", "AdamW state", "checkpointing on",
+                  "checkpointing off", "logits", "KV cache while sampling", "PEAK while training", "fits"):
+        assert label in text
+    assert "ESTIMATE" in text
+
 
 
 # =================================================================================================

@@ -1,0 +1,316 @@
+"""
+bench.py -- speed benchmarks for nsr, one function per benchmark, one subcommand each.
+
+  python bench.py sampler   tokens/s of nsr.generate (hand-written, KV cache) vs transformers'
+                            model.generate(do_sample=True): same prompts, temperature, top-p and
+                            max_new_tokens, run alternately in one process, median of several repeats, on
+                              (a) a ~1M-parameter random Qwen2 with a char-sized vocabulary, 256 rollouts
+                                  = 32 prompts x 8 (--toy: toy.py's model on its test_easy prompts --
+                                  trained from runs/toy-base when built, else freshly initialised);
+                              (b) a ~100M-parameter random Qwen2, 16 rollouts = 4 prompts x 4.
+                            Targets: ratio >= 1.5 on (a), >= 1.0 on (b).
+                            Full run: nice -n 10 python bench.py sampler   (40 s - 1.5 min on a busy 2-core CPU)
+  python bench.py train     see the TRAIN banner below
+
+The last line of output is one JSON object with the measured numbers (ratios = ours / transformers).
+
+What "tokens/s" counts: generated tokens up to and including each row's first EOS (what the RL step
+and Pass@k actually use), divided by wall time of the whole call (prefill + decoding + bookkeeping).
+Where the difference comes from: nsr.generate prefills each distinct prompt once and evicts finished
+rows from the batch; transformers prefills every row and keeps stepping finished rows until all are done.
+The per-step model call is the same transformers forward in both.
+
+NOTE: CPU timings on a shared machine are noisy; run with `nice` and look at the spread we print.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import statistics
+import time
+
+import torch
+
+HERE = pathlib.Path(__file__).resolve().parent
+
+
+# =================================================================================================
+# SAMPLER: nsr.generate vs transformers' model.generate
+# =================================================================================================
+
+def random_qwen2(vocab_size: int, hidden: int, layers: int, intermediate: int, heads: int, kv_heads: int,
+                 seed: int):
+    """A randomly initialised Qwen2 (eos 2, pad 0, bos 1), fp32, eval mode."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+    config = Qwen2Config(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=intermediate,
+                         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                         max_position_embeddings=4096, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+                         tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    return Qwen2ForCausalLM(config).eval()
+
+
+def random_prompts(n_prompts: int, repeats: int, vocab_size: int, min_len: int, max_len: int, seed: int):
+    """n_prompts random prompts (bos + ids >= 3, so no EOS inside), each repeated `repeats` times,
+    the way an RL step samples G rollouts per problem."""
+    g = torch.Generator().manual_seed(seed)
+    prompts = []
+    for _ in range(n_prompts):
+        length = int(torch.randint(min_len, max_len + 1, (1,), generator=g))
+        prompts.append([1] + torch.randint(3, vocab_size, (length - 1,), generator=g).tolist())
+    return [p for p in prompts for _ in range(repeats)]
+
+
+def toy_model_and_prompts(n_prompts: int, repeats: int):
+    """toy.py's model on its test_easy prompts, each repeated `repeats` times: the trained base model from
+    runs/toy-base when it has been built (python toy.py), else the same architecture freshly initialised."""
+    import nsr
+    import toy
+    base = HERE / "runs" / "toy-base"
+    if (base / "config.json").is_file():
+        model, tokenizer = nsr.load_model(str(base), dtype="float32", device="cpu")
+        problems = nsr.load_problems(base / "test_easy.jsonl")
+        label = "a: toy model (trained, runs/toy-base)"
+    else:
+        recipe, tokenizer = toy.ToyRecipe(), toy.build_tokenizer()
+        model = toy.build_model(recipe, tokenizer)
+        problems = toy.make_splits(recipe)["test_easy"]
+        label = "a: toy model (untrained: runs/toy-base not built)"
+    prompt_ids, _, _ = nsr.encode_prompts(tokenizer, problems[:n_prompts])
+    return label, model.eval(), [p for p in prompt_ids for _ in range(repeats)]
+
+
+def count_tokens(rows: list[list[int]], eos_ids: list[int]) -> int:
+    """Generated tokens up to and including each row's first EOS."""
+    total = 0
+    for row in rows:
+        cut = [i for i, tok in enumerate(row) if tok in eos_ids]
+        total += cut[0] + 1 if cut else len(row)
+    return total
+
+
+def run_ours(model, prompts, args, max_new_tokens: int, seed: int) -> tuple[float, int]:
+    """One timed call of nsr.generate -> (seconds, generated tokens)."""
+    import nsr
+    g = torch.Generator().manual_seed(seed)
+    start = time.perf_counter()
+    rollouts = nsr.generate(model, prompts, max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                            generator=g, chunk_size=args.chunk_size)
+    seconds = time.perf_counter() - start
+    return seconds, sum(len(row) for row in rollouts.tokens)
+
+
+def run_transformers(model, prompts, args, max_new_tokens: int, seed: int) -> tuple[float, int]:
+    """One timed call of model.generate(do_sample=True) on the same left-padded batch."""
+    import nsr
+    eos_ids = nsr.default_eos_token_ids(model)
+    torch.manual_seed(seed)
+    start = time.perf_counter()                        # padding is part of the job, so it is timed too
+    P = max(len(p) for p in prompts)
+    input_ids = torch.tensor([[0] * (P - len(p)) + p for p in prompts])
+    attention_mask = torch.tensor([[0] * (P - len(p)) + [1] * len(p) for p in prompts])
+    with torch.inference_mode():
+        # top_k=0 switches off transformers' default top-k so both sample from the same distribution
+        out = model.generate(input_ids=input_ids, attention_mask=attention_mask, do_sample=True,
+                             temperature=args.temperature, top_p=args.top_p, top_k=0,
+                             max_new_tokens=max_new_tokens, eos_token_id=eos_ids, pad_token_id=0)
+    rows = out[:, P:].tolist()
+    seconds = time.perf_counter() - start
+    return seconds, count_tokens(rows, eos_ids)
+
+
+def compare(name: str, model, prompts, args, max_new_tokens: int) -> dict:
+    """Alternate ours / transformers (order flipped every repeat), after one untimed warm-up each."""
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"[{name}] {n_params / 1e6:.2f}M params, vocab {model.config.vocab_size}, {len(prompts)} rollouts "
+          f"({len(set(map(tuple, prompts)))} distinct prompts), prompt len {min(map(len, prompts))}-"
+          f"{max(map(len, prompts))}, max_new_tokens {max_new_tokens}, T={args.temperature}, top_p={args.top_p}, "
+          f"threads {args.threads}", flush=True)
+    run_ours(model, prompts, args, max_new_tokens, seed=12345)
+    run_transformers(model, prompts, args, max_new_tokens, seed=12345)
+    rates = {"ours": [], "transformers": []}
+    for r in range(args.repeats):
+        order = [("ours", run_ours), ("transformers", run_transformers)]
+        for label, fn in (order if r % 2 == 0 else order[::-1]):
+            seconds, n_tokens = fn(model, prompts, args, max_new_tokens, seed=r)
+            rates[label].append(n_tokens / seconds)
+            print(f"  repeat {r} {label:>12}: {n_tokens:6d} tokens in {seconds:6.2f} s = "
+                  f"{n_tokens / seconds:8.1f} tok/s", flush=True)
+    ours, theirs = statistics.median(rates["ours"]), statistics.median(rates["transformers"])
+    print(f"[{name}] median tok/s: ours {ours:.1f}, transformers {theirs:.1f}, ratio {ours / theirs:.2f}",
+          flush=True)
+    return {"params_M": round(n_params / 1e6, 2), "rollouts": len(prompts), "max_new_tokens": max_new_tokens,
+            "ours_tok_s": round(ours, 1),
+            "transformers_tok_s": round(theirs, 1), "ratio": round(ours / theirs, 3),
+            "ours_all": [round(x, 1) for x in rates["ours"]],
+            "transformers_all": [round(x, 1) for x in rates["transformers"]]}
+
+
+def bench_sampler(args) -> dict:
+    """Benchmark (a) the ~1M char-vocab model (or --toy) with 256 rollouts, (b) a ~100M Qwen2 with 16."""
+    torch.set_num_threads(args.threads)
+    results = {}
+    if "a" in args.only:
+        g = args.per_prompt or 8                       # rollouts per prompt (G in an RL step)
+        if args.toy:
+            label, model, prompts = toy_model_and_prompts(n_prompts=args.rollouts_a // g, repeats=g)
+        else:
+            # ~1M parameters, 64-token (character-sized) vocabulary
+            label = "a: 1M qwen2"
+            model = random_qwen2(vocab_size=64, hidden=128, layers=4, intermediate=512, heads=4, kv_heads=2,
+                                 seed=0)
+            prompts = random_prompts(args.rollouts_a // g, g, vocab_size=64, min_len=20, max_len=40, seed=0)
+        results["a"] = compare(label, model, prompts, args, args.new_tokens_a)
+    if "b" in args.only:
+        # ~100M parameters: 32k vocabulary (untied: 2 x 20M), 12 layers of width 640
+        g = args.per_prompt or 4
+        model = random_qwen2(vocab_size=32000, hidden=640, layers=12, intermediate=1792, heads=10, kv_heads=2,
+                             seed=0)
+        prompts = random_prompts(args.rollouts_b // g, g, vocab_size=32000, min_len=20, max_len=40, seed=1)
+        results["b"] = compare("b: 100M qwen2", model, prompts, args, args.new_tokens_b)
+    summary = {"benchmark": "sampler", "threads": args.threads, "repeats": args.repeats,
+               "temperature": args.temperature, "top_p": args.top_p, "per_prompt": args.per_prompt}
+    for key, res in results.items():
+        summary[f"ratio_{key}"] = res["ratio"]
+    summary["target_a"], summary["target_b"] = 1.5, 1.0
+    summary["details"] = results
+    return summary
+
+
+# =================================================================================================
+# TRAIN: reserved for the training section -- add `bench_train(args) -> dict` here and register its
+# subcommand in main() below (marked TRAIN).
+# =================================================================================================
+#
+# python bench.py train   training tokens/s and peak memory of one RL update (nsr.backward_on_batch +
+#                         nsr.optimizer_step, NSR weights) with and without gradient checkpointing, on a
+#                         ~110M-parameter random Qwen2 (vocab 32000, hidden 768, 10 layers), sequences of
+#                         1,024 tokens (128 prompt + 896 response). Each mode runs in its own subprocess so
+#                         the peaks do not mix: peak resident memory (ru_maxrss) on CPU, CUDA peak allocated
+#                         memory on a GPU. Target: >= 2x lower peak memory with checkpointing.
+#                         "on" = decoder layers checkpointed AND the output layer + log-softmax computed in
+#                         checkpointed chunks of 256 positions (nsr.response_logprobs, head_chunk), as in
+#                         nsr.train. The peak includes what checkpointing cannot shrink: weights, fp32
+#                         gradients and AdamW state (16 bytes per parameter for this fp32 CPU model).
+
+def train_child(args) -> dict:
+    """One mode (args.child = "on" / "off") in this process: warm-up step, then timed steps."""
+    import resource
+
+    import nsr
+    torch.set_num_threads(args.threads)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = random_qwen2(vocab_size=32000, hidden=768, layers=10, intermediate=2048, heads=12, kv_heads=2,
+                         seed=0).to(device)
+    if device.type == "cuda":
+        model = model.to(torch.bfloat16)               # bf16 compute + fp32 masters, as nsr.train on a GPU
+    model.train()
+    if args.child == "on":
+        nsr.enable_gradient_checkpointing(model)
+    params, master = nsr.make_master_weights(model)
+    optimizer = torch.optim.AdamW(master, lr=1e-6, betas=(0.9, 0.999), weight_decay=0.01)
+    g = torch.Generator().manual_seed(0)
+    n, P, R = args.sequences, 128, args.seq_len - 128
+    prompts = [torch.randint(3, 32000, (P,), generator=g).tolist() for _ in range(n)]
+    responses = [torch.randint(3, 32000, (R,), generator=g).tolist() for _ in range(n)]
+    weights = torch.full((n,), -1.0)                   # NSR: every sample penalised
+    Z = nsr.loss_normalizer(weights, [R] * n)
+    rss_built = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20   # GiB (Linux: KiB)
+    times = []
+    for step in range(1 + args.steps):                 # step 0 = warm-up (allocates AdamW state too)
+        start = time.perf_counter()
+        # "on" = what nsr.train does with checkpointing: layers AND the output layer (chunks of 256)
+        nsr.backward_on_batch(model, prompts, responses, weights, Z, micro_batch_size=args.micro_batch,
+                              params=params, master=master, head_chunk=256 if args.child == "on" else 0)
+        nsr.optimizer_step(optimizer, params, master, grad_clip=1.0)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        if step > 0:
+            times.append(time.perf_counter() - start)
+        print(f"  [checkpointing {args.child}] step {step}: {time.perf_counter() - start:.1f}s", flush=True)
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated() / 2**30
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    return {"checkpointing": args.child, "device": device.type,
+            "params_M": round(sum(p.numel() for p in model.parameters()) / 1e6, 1),
+            "tokens_per_s": round(n * args.seq_len / statistics.median(times), 1),
+            "step_s": [round(t, 2) for t in times], "peak_gib": round(peak, 3),
+            "rss_after_build_gib": round(rss_built, 3) if device.type == "cpu" else None}
+
+
+def bench_train(args) -> dict:
+    """Run both modes in subprocesses and compare."""
+    import subprocess
+    import sys
+    if args.child:
+        return train_child(args)
+    results = {}
+    for mode in ("off", "on"):
+        cmd = [sys.executable, str(HERE / "bench.py"), "train", "--child", mode, "--steps", str(args.steps),
+               "--sequences", str(args.sequences), "--micro-batch", str(args.micro_batch),
+               "--seq-len", str(args.seq_len), "--threads", str(args.threads)]
+        print(f"[train] gradient checkpointing {mode}: {args.sequences} x {args.seq_len} tokens, "
+              f"micro-batch {args.micro_batch}", flush=True)
+        out = subprocess.run(cmd, capture_output=True, text=True)
+        if out.returncode != 0:
+            raise SystemExit(f"bench train child ({mode}) failed:\n{out.stderr[-3000:]}")
+        print("\n".join(out.stdout.strip().splitlines()[:-1]), flush=True)
+        results[mode] = json.loads(out.stdout.strip().splitlines()[-1])
+        print(f"  -> {results[mode]['tokens_per_s']} tokens/s, peak {results[mode]['peak_gib']} GiB", flush=True)
+    return {"benchmark": "train", "device": results["off"]["device"], "params_M": results["off"]["params_M"],
+            "seq_len": args.seq_len, "sequences": args.sequences, "micro_batch": args.micro_batch,
+            "tokens_per_s_off": results["off"]["tokens_per_s"], "tokens_per_s_on": results["on"]["tokens_per_s"],
+            "peak_gib_off": results["off"]["peak_gib"], "peak_gib_on": results["on"]["peak_gib"],
+            "memory_ratio": round(results["off"]["peak_gib"] / results["on"]["peak_gib"], 2),
+            "speed_ratio_on_over_off": round(results["on"]["tokens_per_s"] / results["off"]["tokens_per_s"], 2),
+            "target_memory_ratio": 2.0, "details": results}
+
+
+# =================================================================================================
+# MAIN
+# =================================================================================================
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="benchmark", required=True)
+
+    sp = sub.add_parser("sampler", help="nsr.generate vs transformers' generate, tokens/s")
+    sp.add_argument("--repeats", type=int, default=3, help="timed repeats per sampler (median is reported)")
+    sp.add_argument("--new-tokens-a", type=int, default=64, help="max new tokens per rollout on model (a)")
+    sp.add_argument("--new-tokens-b", type=int, default=32, help="max new tokens per rollout on model (b)")
+    sp.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (both samplers)")
+    sp.add_argument("--top-p", type=float, default=1.0, help="nucleus top-p (both samplers)")
+    sp.add_argument("--rollouts-a", type=int, default=256, help="rollouts on model (a)")
+    sp.add_argument("--rollouts-b", type=int, default=16, help="rollouts on model (b)")
+    sp.add_argument("--per-prompt", type=int, default=None,
+                    help="rollouts per distinct prompt (default 8 on (a), 4 on (b); 1 = all prompts distinct)")
+    sp.add_argument("--chunk-size", type=int, default=256, help="nsr.generate chunk size")
+    sp.add_argument("--threads", type=int, default=1,
+                    help="torch CPU threads (1 = steadiest timings on a shared machine)")
+    sp.add_argument("--only", default="ab", help="which models to run: a, b or ab")
+    sp.add_argument("--toy", action="store_true", help="(a) = toy.py's model on its prompts (trained runs/toy-base if built, "
+                                                        "else freshly initialised)")
+    sp.set_defaults(fn=bench_sampler)
+
+    # TRAIN: the training section adds its `train` subparser here, with set_defaults(fn=bench_train).
+    sp = sub.add_parser("train", help="training tokens/s and peak memory, gradient checkpointing on vs off")
+    sp.add_argument("--steps", type=int, default=2, help="timed steps per mode (after one warm-up step)")
+    sp.add_argument("--sequences", type=int, default=4, help="sequences per step (the rollout batch)")
+    sp.add_argument("--micro-batch", type=int, default=4, help="sequences per forward/backward")
+    sp.add_argument("--seq-len", type=int, default=1024, help="tokens per sequence (128 prompt + response)")
+    sp.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    sp.add_argument("--child", choices=["on", "off"], default=None, help=argparse.SUPPRESS)
+    sp.set_defaults(fn=bench_train)
+
+    args = parser.parse_args(argv)
+    if getattr(args, "repeats", 1) < 1:
+        parser.error(f"--repeats must be >= 1, got {args.repeats}")
+    result = args.fn(args)
+    print(json.dumps(result))                          # last line: one JSON object
+
+
+if __name__ == "__main__":
+    main()

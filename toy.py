@@ -1,0 +1,585 @@
+"""
+toy.py -- a toy world in which the paper's whole experiment runs on a laptop CPU in minutes.
+
+The paper's effect needs a base model whose prior already holds the right answer some of the time, in
+more than one way: NSR hands the mass of a wrong answer to the alternatives the model already believes
+in, PSR narrows the model onto what it was rewarded for. This file builds such a world: a synthetic
+task, a character-level tokenizer, a tiny Qwen2 model pre-trained (supervised) until it is MEASURABLY
+a "base model", all saved with save_pretrained so every other file loads it like a hub model
+(AutoModelForCausalLM / AutoTokenizer .from_pretrained; no other file has a toy code path).
+
+THE TASK: find a missing digit, by one of two complementary search strategies
+    problem:  x+7+4+8 ends in 3. Digit x?                          gold answer: 4
+    "up":     Up 7,1,9 0:9 1:0 2:1 3:2 4:3 \\boxed{4}
+    "down":   Down 7,1,9 9:8 8:7 7:6 6:5 5:4 4:3 \\boxed{4}
+Both solutions first add the known digits mod 10 (running sums 7, 7+4=11->1, 1+8=9->9), then
+guess-and-check candidates c, writing c:(s+c mod 10) until the last digit matches. "up" tries
+c = 0, 1, ..., UP_LAST; "down" tries c = 9, 8, ..., DOWN_LAST. So
+    x <= DOWN_LAST - 1         only "up" can solve it      (up-only problems)
+    x >= UP_LAST + 1           only "down" can solve it    (down-only problems)
+    DOWN_LAST <= x <= UP_LAST  both can                    (shared problems)
+In the corpus every problem is solved by a strategy that works for it, and on shared problems by
+"up" with probability up_share_shared (0.9): "up" is the model's habit, "down" its minority
+alternative. Which strategy will work depends on x = (target - sum of digits) mod 10, which a tiny
+model cannot compute in the one forward pass that picks the first token -- so its strategy choice is
+(nearly) a shared coin whose bias is the corpus mix. The first word of a response names its
+strategy, so strategy_report() can measure each strategy's share before and after training.
+  test_easy: same distribution as train (the role of MATH; base Pass@1 ~ 50%, Pass@64 ~ 100%).
+  test_hard: only "down" solves them, and they have more digits (AIME; low Pass@1, fair Pass@256).
+
+WHY COMPLEMENTARY STRATEGIES (and what failed before, in scratch runs recorded in issue 5):
+  1. One strategy (2-4-term addition, one worked format): PSR 300 steps at lr 1e-4 raised Pass@1
+     20% -> 31% and Pass@64 96% -> 97%: plain continued training, nothing to collapse.
+  2. Two strategies, one reliable everywhere (85% short direct addition, 15% long digit-by-digit):
+     PSR and NSR both moved ~99% of the mass onto the reliable one; nothing distinguished them.
+  What the effect needs: strategies that each fail where another works, with the problem text not
+  telling which. Then rewarding what wins (PSR) can narrow the model onto the habit everywhere and
+  lose the problems only the minority solves; penalising failures (NSR) moves mass only where
+  failures happen. A theoretical caution we designed around: for ONE shared discrete choice the
+  EXPECTED gradients of PSR (w = r) and NSR (w = r - 1) are identical, because
+  sum_y pi(y) grad log pi(y) = 0. What differs is which groups carry a gradient: on the shared
+  problems (where both strategies are right) every sample is correct, so NSR is silent there while
+  PSR keeps pushing up whatever it sampled -- mostly the habit -- a self-reinforcing, Polya-urn-like
+  sharpening that collapses the strategy mix; and NSR alone learns from all-wrong groups. The
+  up-only and down-only regions have the same size, so the expected drift of the mix is ~0 and the
+  difference comes from those dynamics, as in the paper's analysis.
+
+THE RECIPE (ToyRecipe, hashed; the cache in runs/toy-base is rebuilt when it changes):
+  tokenizer  one token per printable ASCII character + <pad>, <eos>; a chat template that renders
+             only the problem line and a newline (the toy model is char-level: short prompts).
+  model      Qwen2ForCausalLM, 4 layers, hidden 128, 4 heads (2 KV heads), ~0.8M parameters.
+  pre-train  supervised next-token loss on the response tokens of reference solutions, in exactly
+             the prompt + response format the RL loop samples (nsr.render_prompt, template "auto"),
+             AdamW; every check_every steps a cheap sampled Pass@1 check, and when it is in range the
+             full measurement with passk.evaluate (n = 256). It STOPS ON MEASURED COMPETENCE:
+               easy Pass@1 in [0.30, 0.70] and Pass@64 >= 0.90; hard Pass@1 <= 0.15 and Pass@256 >= 0.40.
+  output     runs/toy-base/: model + tokenizer, train.jsonl, test_easy.jsonl, test_hard.jsonl
+             (fields problem, answer, solution), base_eval.json (Pass@k curves, strategy shares),
+             recipe.json (the recipe and its hash).
+
+Run:  python toy.py                  # build (or reuse) runs/toy-base and print its Pass@k
+      python toy.py --force          # rebuild even if the cache is valid
+      python toy.py --quick --out /tmp/toy-quick   # the seconds-long tiny build the tests use
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import math
+import pathlib
+import random
+import shutil
+import string
+import sys
+import time
+
+import torch
+from tqdm import tqdm
+
+# Bump when the task format or the build procedure changes in a way the recipe fields do not show:
+# it is part of the recipe hash, so every cached base model is rebuilt.
+RECIPE_VERSION = "toy-v1"
+
+
+# =================================================================================================
+# THE TASK: missing-digit problems, two complementary guess-and-check strategies
+# =================================================================================================
+
+UP, DOWN = "up", "down"
+STRATEGIES = (UP, DOWN)
+
+
+@dataclasses.dataclass
+class ToyRecipe:
+    """Everything that determines the base model. Its hash names the cache (recipe.json)."""
+
+    seed: int = 0
+    """seeds the splits, the corpus sampling, the model init and the sampling checks"""
+    up_last: int = 6
+    """"up" tries candidates 0, 1, ..., up_last"""
+    down_last: int = 3
+    """"down" tries candidates 9, 8, ..., down_last (so x in [down_last, up_last] is shared)"""
+    up_share_shared: float = 0.9
+    """probability that the corpus solves a SHARED problem with "up" (the model's habit)"""
+    train_digits: tuple = (2, 3, 4, 5)
+    """numbers of known digits in train / test_easy problems (uniform)"""
+    hard_digits: tuple = (5, 6)
+    """numbers of known digits in test_hard problems (which are all down-only)"""
+    num_train: int = 4000
+    """problems in train.jsonl (the pre-training corpus AND the RL training set)"""
+    num_test: int = 64
+    """problems in each of test_easy.jsonl and test_hard.jsonl"""
+    layers: int = 4
+    hidden: int = 128
+    heads: int = 4
+    kv_heads: int = 2
+    lr: float = 2e-3
+    """AdamW peak learning rate of pre-training (linear warm-up over 50 steps, then constant)"""
+    batch_size: int = 64
+    """sequences per pre-training step"""
+    max_steps: int = 4000
+    """safety cap; the build normally stops earlier on measured competence"""
+    check_every: int = 50
+    """steps between cheap Pass@1 checks (n = check_n samples on check_problems problems per split)"""
+    check_n: int = 8
+    check_problems: int = 32
+    eval_n: int = 256
+    """samples per problem of the full measurement saved in base_eval.json"""
+    strategy_n: int = 64
+    """samples per problem of the strategy-share measurement saved in base_eval.json"""
+    max_new_tokens: int = 64
+    """response budget, ample for the longest reference solution (~50 characters)"""
+    easy_pass1: tuple = (0.30, 0.70)
+    easy_pass64_min: float = 0.90
+    hard_pass1_max: float = 0.15
+    hard_pass256_min: float = 0.40
+    quick: bool = False
+    """the tiny, seconds-long build for tests: no competence target, tiny model and splits"""
+
+
+def quick_recipe(seed: int = 0) -> ToyRecipe:
+    """A seconds-long build: a 2-layer width-32 model, 10 steps of 16 sequences, 4 test problems, n = 4.
+    It checks the plumbing (files, reload, formats), not competence: its Pass@k is ~0."""
+    return ToyRecipe(seed=seed, num_train=64, num_test=4, layers=2, hidden=32, heads=4, kv_heads=2,
+                     batch_size=16, max_steps=10, check_every=10**9, check_problems=4, check_n=2,
+                     eval_n=4, strategy_n=4, max_new_tokens=24, quick=True)
+
+
+def strategy_works(x: int, strategy: str, recipe: ToyRecipe) -> bool:
+    """Does `strategy` reach candidate x within its search window?"""
+    if strategy == UP:
+        return x <= recipe.up_last
+    if strategy == DOWN:
+        return x >= recipe.down_last
+    raise ValueError(f"unknown strategy {strategy!r}; choose one of {STRATEGIES}")
+
+
+def problem_text(digits: list[int], target: int) -> str:
+    """x+7+4+8 ends in 3. Digit x?"""
+    return "x+" + "+".join(map(str, digits)) + f" ends in {target}. Digit x?"
+
+
+def solve(digits: list[int], target: int, strategy: str, recipe: ToyRecipe) -> str:
+    """The worked solution of one strategy (raises ValueError if the strategy cannot solve it).
+
+    running sums mod 10 of the known digits, minus the target: d = (s - target) % 10; then candidates
+    c:(d + c) % 10 in the strategy's order until the value is 0 (then x + s ends in target); then the
+    boxed candidate. (Checking "is it 0" instead of "is it the target" keeps each step local: the
+    target is read once, right after the running sums.)
+    """
+    running, s = [], 0
+    for d in digits:
+        s = (s + d) % 10
+        running.append(str(s))
+    d = (s - target) % 10
+    order = range(0, recipe.up_last + 1) if strategy == UP else range(9, recipe.down_last - 1, -1)
+    trials = []
+    for c in order:
+        trials.append(f"{c}:{(d + c) % 10}")
+        if (d + c) % 10 == 0:
+            head = "Up" if strategy == UP else "Down"
+            return f"{head} {','.join(running)}-{target}={d} {' '.join(trials)} \\boxed{{{c}}}"
+    raise ValueError(f"strategy {strategy!r} cannot solve digits={digits} target={target}")
+
+
+def make_problem(rng: random.Random, num_digits: int, recipe: ToyRecipe, x: int | None = None) -> dict:
+    """One problem with a reference solution. x (the answer) is uniform over 0-9 unless given."""
+    digits = [rng.randrange(10) for _ in range(num_digits)]
+    x = rng.randrange(10) if x is None else x
+    target = (x + sum(digits)) % 10
+    strategy = reference_strategy(x, rng, recipe)
+    return {"problem": problem_text(digits, target), "answer": str(x),
+            "solution": solve(digits, target, strategy, recipe), "strategy": strategy,
+            "digits": digits, "target": target}
+
+
+def reference_strategy(x: int, rng: random.Random, recipe: ToyRecipe) -> str:
+    """The corpus's choice: the only strategy that works, or on a shared problem the habit ("up")
+    with probability up_share_shared."""
+    up_ok, down_ok = strategy_works(x, UP, recipe), strategy_works(x, DOWN, recipe)
+    if up_ok and down_ok:
+        return UP if rng.random() < recipe.up_share_shared else DOWN
+    return UP if up_ok else DOWN
+
+
+def make_splits(recipe: ToyRecipe) -> dict[str, list[dict]]:
+    """train / test_easy / test_hard, deterministic from recipe.seed, with no problem text in two splits.
+
+    test_easy is drawn first from the train distribution; train then skips any problem text already
+    used (so the splits are disjoint); test_hard has only down-only answers (x > up_last) and
+    hard_digits known digits.
+    """
+    rng = random.Random(f"toy-splits-{recipe.seed}")
+    seen: set[str] = set()
+
+    def draw(count, digit_choices, answers=None):
+        out = []
+        while len(out) < count:
+            x = None if answers is None else rng.choice(answers)
+            p = make_problem(rng, rng.choice(digit_choices), recipe, x=x)
+            if p["problem"] in seen:
+                continue
+            seen.add(p["problem"])
+            out.append(p)
+        return out
+
+    hard_answers = [x for x in range(10) if not strategy_works(x, UP, recipe)]
+    if not hard_answers:
+        raise ValueError(f"up_last={recipe.up_last} leaves no down-only answers for test_hard")
+    test_easy = draw(recipe.num_test, recipe.train_digits)
+    test_hard = draw(recipe.num_test, recipe.hard_digits, hard_answers)
+    train = draw(recipe.num_train, recipe.train_digits)
+    return {"train": train, "test_easy": test_easy, "test_hard": test_hard}
+
+
+def strategy_of(response: str) -> str | None:
+    """Which strategy a response uses, from its first word ("Up" / "Down"); None if neither."""
+    word = response.strip().split(" ", 1)[0] if response.strip() else ""
+    return {"Up": UP, "Down": DOWN}.get(word)
+
+
+# =================================================================================================
+# TOKENIZER: one token per character, a compact chat template
+# =================================================================================================
+
+PAD, EOS = "<|pad|>", "<|endoftext|>"
+
+# The chat template renders ONLY the problem line of the user message and a newline. nsr.render_prompt
+# sends [system SYSTEM, user problem + INSTRUCTION]; a char-level model would spend ~100 tokens per
+# prompt on those fixed words, so the template drops them (everything from "\nPlease reason" on).
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] == 'user' %}"
+    "{{ message['content'].split('\\nPlease reason')[0] }}{{ '\\n' }}"
+    "{% elif message['role'] == 'assistant' %}{{ message['content'] }}{{ '" + EOS + "' }}"
+    "{% endif %}{% endfor %}"
+)
+
+
+def build_tokenizer():
+    """A PreTrainedTokenizerFast with one token per printable ASCII character (+ <|pad|>, <|endoftext|>).
+
+    The whole printable set (not only the task's characters) so that any prompt template -- "plain"
+    adds the instruction sentence -- still encodes without unknown tokens.
+
+    NOTE: it is a byte-level BPE with NO merges, built with exactly the pipeline of Qwen2's tokenizer
+    (NFC, Qwen's split regex, byte-level mapping, byte-level decoder). Why: AutoTokenizer in
+    transformers 5 loads any directory whose config says model_type "qwen2" as Qwen2Tokenizer, which
+    rebuilds that pipeline around the saved vocabulary. A plain char vocabulary would then lose its
+    spaces (measured: "x+7 ends" -> x + 7 e n d s); in the byte-level alphabet both classes give the
+    same ids. Without merges every character is its own token: a char-level tokenizer.
+    """
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    chars = [c for c in string.printable if c not in "\r\x0b\x0c"]          # 97 characters
+    vocab = {PAD: 0, EOS: 1}
+    for c in chars:
+        vocab[byte_level.pre_tokenize_str(c)[0][0]] = len(vocab)           # " " -> "\u0120", "\n" -> "\u010a"
+    core = Tokenizer(models.BPE(vocab=vocab, merges=[], continuing_subword_prefix="",
+                                end_of_word_suffix="", fuse_unk=False, byte_fallback=False))
+    core.normalizer = normalizers.NFC()
+    qwen2_split = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+"""
+                   r"""[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+""")
+    core.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(qwen2_split), behavior="isolated", invert=False), byte_level])
+    core.decoder = decoders.ByteLevel()
+    core.add_special_tokens([PAD, EOS])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, pad_token=PAD, eos_token=EOS,
+                                        unk_token=EOS, padding_side="left")
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+# =================================================================================================
+# MODEL: a tiny Qwen2ForCausalLM
+# =================================================================================================
+
+def build_model(recipe: ToyRecipe, tokenizer):
+    """A freshly initialised tiny Qwen2ForCausalLM (seeded by recipe.seed)."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=recipe.hidden,
+                         intermediate_size=3 * recipe.hidden, num_hidden_layers=recipe.layers,
+                         num_attention_heads=recipe.heads, num_key_value_heads=recipe.kv_heads,
+                         max_position_embeddings=256, tie_word_embeddings=True,
+                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                         bos_token_id=tokenizer.eos_token_id)
+    torch.manual_seed(recipe.seed)
+    model = Qwen2ForCausalLM(config)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model
+
+
+# =================================================================================================
+# PRE-TRAINING: supervised on reference solutions, stopping on measured competence
+# =================================================================================================
+
+def sft_batch(problems: list[dict], prompt_cache: dict, tokenizer, rng: random.Random, recipe: ToyRecipe):
+    """A batch of prompt + reference response + <eos>, loss only on the response.
+
+    Each problem's reference strategy is re-drawn here (on shared problems "up" with probability
+    up_share_shared), so the model learns the corpus MIX rather than one fixed choice per problem.
+    Returns input_ids (B, T), labels (B, T) with -100 on prompt and padding, attention_mask (B, T).
+    """
+    rows, label_rows = [], []
+    for p in problems:
+        prompt = prompt_cache[p["problem"]]
+        x = int(p["answer"])
+        response = solve(p["digits"], p["target"], reference_strategy(x, rng, recipe), recipe)
+        response_ids = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        rows.append(prompt + response_ids)
+        label_rows.append([-100] * len(prompt) + response_ids)
+    width = max(map(len, rows))
+    pad = tokenizer.pad_token_id
+    # Right padding: positions are then 0..len-1 for every row, exactly as in sampling (which
+    # left-pads but passes position ids that start at 0 on the first real token).
+    input_ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows])              # (B, T)
+    labels = torch.tensor([r + [-100] * (width - len(r)) for r in label_rows])           # (B, T)
+    attention_mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])  # (B, T)
+    return input_ids, labels, attention_mask
+
+
+def sampled_accuracy(model, tokenizer, problems, n: int, max_new_tokens: int, seed: int) -> float:
+    """Mean correctness of n samples per problem (= an estimate of Pass@1): the cheap check."""
+    import nsr
+    import verifier
+
+    prompt_ids, kept, _ = nsr.encode_prompts(tokenizer, problems)
+    rows = [ids for ids in prompt_ids for _ in range(n)]
+    generator = torch.Generator().manual_seed(seed)
+    rollouts = nsr.generate(model, rows, max_new_tokens, generator=generator)
+    correct = 0
+    for i, tokens in enumerate(rollouts.tokens):
+        correct += verifier.is_correct(tokenizer.decode(tokens, skip_special_tokens=True),
+                                       kept[i // n]["answer"])
+    return correct / len(rows)
+
+
+def strategy_report(model, tokenizer, problems, n: int = 64, max_new_tokens: int = 64, seed: int = 0,
+                    chunk_size: int = 256) -> dict:
+    """Sample n responses per problem and measure each strategy's share and accuracy.
+
+    Returns {"share": {"up": f, "down": f, "other": f}, "accuracy": {"up": acc, "down": acc, ...},
+    "n": n, "num_problems": P}; accuracy of a strategy = fraction of ITS samples that are correct
+    (None if never sampled). This is how training runs show PSR narrowing the strategy mix.
+    """
+    import nsr
+    import verifier
+
+    prompt_ids, kept, _ = nsr.encode_prompts(tokenizer, problems)
+    rows = [ids for ids in prompt_ids for _ in range(n)]
+    generator = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
+    rollouts = nsr.generate(model, rows, max_new_tokens, generator=generator, chunk_size=chunk_size)
+    counts = {UP: 0, DOWN: 0, "other": 0}
+    right = {UP: 0, DOWN: 0, "other": 0}
+    for i, tokens in enumerate(rollouts.tokens):
+        response = tokenizer.decode(tokens, skip_special_tokens=True)
+        which = strategy_of(response) or "other"
+        counts[which] += 1
+        right[which] += verifier.is_correct(response, kept[i // n]["answer"])
+    total = len(rows)
+    return {"share": {k: v / total for k, v in counts.items()},
+            "accuracy": {k: (right[k] / counts[k] if counts[k] else None) for k in counts},
+            "n": n, "num_problems": len(kept)}
+
+
+def competence(easy: dict, hard: dict, recipe: ToyRecipe) -> tuple[bool, list[str]]:
+    """Check the base-model targets on two passk.evaluate results -> (all met, list of misses)."""
+    lo, hi = recipe.easy_pass1
+    e, h = easy["curve"], hard["curve"]
+    e64 = e.get(64, e.get(str(64), e[max(e)] if e else 0.0))
+    h256 = h.get(256, h.get(str(256), h[max(h)] if h else 0.0))
+    misses = []
+    if not lo <= e[1] <= hi:
+        misses.append(f"easy Pass@1 {e[1]:.3f} not in [{lo}, {hi}]")
+    if e64 < recipe.easy_pass64_min:
+        misses.append(f"easy Pass@64 {e64:.3f} < {recipe.easy_pass64_min}")
+    if h[1] > recipe.hard_pass1_max:
+        misses.append(f"hard Pass@1 {h[1]:.3f} > {recipe.hard_pass1_max}")
+    if h256 < recipe.hard_pass256_min:
+        misses.append(f"hard Pass@256 {h256:.3f} < {recipe.hard_pass256_min}")
+    return not misses, misses
+
+
+def pretrain(model, tokenizer, splits: dict, recipe: ToyRecipe, log=print) -> dict:
+    """Supervised pre-training until measured competence (or recipe.max_steps). Returns the final
+    evaluation {"easy": passk result, "hard": passk result, "steps": s, "seconds": t, "met": bool, ...}."""
+    import nsr
+    import passk
+
+    rng = random.Random(f"toy-corpus-{recipe.seed}")
+    prompt_ids, kept, _ = nsr.encode_prompts(tokenizer, splits["train"] + splits["test_easy"]
+                                             + splits["test_hard"])
+    prompt_cache = {p["problem"]: ids for p, ids in zip(kept, prompt_ids)}
+    train = splits["train"]
+    check_easy = splits["test_easy"][:recipe.check_problems]
+    check_hard = splits["test_hard"][:recipe.check_problems]
+    evaluate = dict(n=recipe.eval_n, max_new_tokens=recipe.max_new_tokens, seed=recipe.seed,
+                    ks=[k for k in (1, 2, 4, 8, 16, 32, 64, 128, 256) if k <= recipe.eval_n])
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=recipe.lr, betas=(0.9, 0.98), weight_decay=0.0)
+    start = time.time()
+    history = []
+    result = None
+    bar = tqdm(range(1, recipe.max_steps + 1), desc="toy pre-training", unit="step", dynamic_ncols=True)
+    for step in bar:
+        # ---- one supervised step: -mean over response tokens of log pi(reference token) ----
+        model.train()
+        for group in optimizer.param_groups:
+            group["lr"] = recipe.lr * min(1.0, step / 50)                   # linear warm-up
+        batch = [train[rng.randrange(len(train))] for _ in range(recipe.batch_size)]
+        input_ids, labels, attention_mask = sft_batch(batch, prompt_cache, tokenizer, rng, recipe)
+        loss = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+
+        # ---- measure: a cheap Pass@1 check, and when it is in range the full Pass@k curves ----
+        if step % recipe.check_every != 0 and step != recipe.max_steps:
+            continue
+        model.eval()
+        easy1 = sampled_accuracy(model, tokenizer, check_easy, recipe.check_n, recipe.max_new_tokens, step)
+        hard1 = sampled_accuracy(model, tokenizer, check_hard, recipe.check_n, recipe.max_new_tokens, step)
+        history.append({"step": step, "loss": round(loss.item(), 4), "easy_pass1_est": easy1,
+                        "hard_pass1_est": hard1, "seconds": round(time.time() - start, 1)})
+        log(f"step {step}: loss {loss.item():.3f}  easy Pass@1~{easy1:.2f}  hard Pass@1~{hard1:.2f}")
+        lo, hi = recipe.easy_pass1
+        in_range = lo + 0.05 <= easy1 <= hi and hard1 <= recipe.hard_pass1_max
+        if not (in_range or step == recipe.max_steps):
+            if easy1 > hi + 0.1:
+                raise RuntimeError(f"toy pre-training overshot: easy Pass@1 ~{easy1:.2f} > {hi} at step "
+                                   f"{step}; lower the lr or check more often (check_every)")
+            continue
+        easy = passk.evaluate(model, tokenizer, splits["test_easy"], desc="base eval easy", **evaluate)
+        hard = passk.evaluate(model, tokenizer, splits["test_hard"], desc="base eval hard", **evaluate)
+        met, misses = competence(easy, hard, recipe) if not recipe.quick else (True, [])
+        log(f"step {step}: full eval easy {fmt_curve(easy['curve'])} | hard {fmt_curve(hard['curve'])}"
+            + ("" if met else "  -- not yet: " + "; ".join(misses)))
+        result = {"easy": easy, "hard": hard, "steps": step, "met": met, "misses": misses}
+        if met:
+            break
+    bar.close()
+    result["seconds"] = round(time.time() - start, 1)
+    result["history"] = history
+    return result
+
+
+def fmt_curve(curve: dict) -> str:
+    return " ".join(f"@{k}={v:.2f}" for k, v in curve.items() if int(k) in (1, 8, 64, 256))
+
+
+# =================================================================================================
+# BUILD AND CACHE: ensure_base(out_dir) -> a directory loadable with Auto*.from_pretrained
+# =================================================================================================
+
+def recipe_hash(recipe: ToyRecipe) -> str:
+    blob = json.dumps({"version": RECIPE_VERSION, **dataclasses.asdict(recipe)}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def write_jsonl(path: pathlib.Path, problems: list[dict]) -> None:
+    with path.open("w", encoding="utf-8") as f:
+        for p in problems:
+            f.write(json.dumps({"problem": p["problem"], "answer": p["answer"],
+                                "solution": p["solution"]}) + "\n")
+
+
+def is_built(out_dir: pathlib.Path, recipe: ToyRecipe) -> bool:
+    """True when out_dir holds a complete build of exactly this recipe."""
+    meta = out_dir / "recipe.json"
+    if not meta.is_file():
+        return False
+    try:
+        stored = json.loads(meta.read_text())["hash"]
+    except (ValueError, KeyError):
+        return False
+    needed = ["config.json", "tokenizer.json", "train.jsonl", "test_easy.jsonl", "test_hard.jsonl",
+              "base_eval.json"]
+    return stored == recipe_hash(recipe) and all((out_dir / f).is_file() for f in needed)
+
+
+def ensure_base(out_dir="runs/toy-base", recipe: ToyRecipe | None = None, quick: bool = False,
+                force: bool = False, log=print) -> pathlib.Path:
+    """Build the toy base model into out_dir unless a build of the same recipe is already there.
+
+    quick=True uses quick_recipe() (seconds; for tests). The build is written to a temporary sibling
+    directory and renamed at the end, so an interrupted build never looks complete.
+    Returns the directory (pathlib.Path).
+    """
+    import passk
+
+    recipe = recipe or (quick_recipe() if quick else ToyRecipe())
+    out_dir = pathlib.Path(out_dir)
+    if not force and is_built(out_dir, recipe):
+        return out_dir
+    start = time.time()
+    log(f"toy: building the base model into {out_dir} (recipe {recipe_hash(recipe)})")
+    torch.manual_seed(recipe.seed)
+    splits = make_splits(recipe)
+    tokenizer = build_tokenizer()
+    model = build_model(recipe, tokenizer)
+    log(f"toy: Qwen2ForCausalLM with {sum(p.numel() for p in model.parameters()):,} parameters, "
+        f"{len(splits['train'])} train problems")
+    result = pretrain(model, tokenizer, splits, recipe, log=log)
+    if not result["met"]:
+        log("toy: WARNING: competence targets not met: " + "; ".join(result["misses"]))
+    model.eval()
+    shares = {name: strategy_report(model, tokenizer, splits[split], n=recipe.strategy_n,
+                                    max_new_tokens=recipe.max_new_tokens, seed=recipe.seed)
+              for name, split in (("easy", "test_easy"), ("hard", "test_hard"))}
+
+    tmp = out_dir.with_name(out_dir.name + f".tmp-{recipe_hash(recipe)}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    for name in ("train", "test_easy", "test_hard"):
+        write_jsonl(tmp / f"{name}.jsonl", splits[name])
+    build_seconds = round(time.time() - start, 1)
+    base_eval = {"easy": result["easy"], "hard": result["hard"], "strategy": shares,
+                 "competence_met": result["met"], "misses": result["misses"],
+                 "pretrain_steps": result["steps"], "pretrain_seconds": result["seconds"],
+                 "build_seconds": build_seconds, "history": result["history"],
+                 "command": "python toy.py", "torch_threads": torch.get_num_threads()}
+    passk.save_result(base_eval, tmp / "base_eval.json")
+    (tmp / "recipe.json").write_text(json.dumps({"hash": recipe_hash(recipe), "version": RECIPE_VERSION,
+                                                 "recipe": dataclasses.asdict(recipe)}, indent=2))
+    shutil.rmtree(out_dir, ignore_errors=True)
+    tmp.rename(out_dir)
+    log(f"toy: built in {build_seconds:.0f} s -> {out_dir}")
+    return out_dir
+
+
+# =================================================================================================
+# MAIN
+# =================================================================================================
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description="Build (or reuse) the toy base model and print its Pass@k.")
+    parser.add_argument("--out", default="runs/toy-base", help="output directory (default runs/toy-base)")
+    parser.add_argument("--quick", action="store_true", help="the seconds-long tiny build used by tests")
+    parser.add_argument("--force", action="store_true", help="rebuild even if the cache matches the recipe")
+    parser.add_argument("--seed", type=int, default=0, help="recipe seed (default 0)")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(min(2, torch.get_num_threads()))
+    recipe = quick_recipe(args.seed) if args.quick else ToyRecipe(seed=args.seed)
+    out = ensure_base(args.out, recipe=recipe, force=args.force)
+    base_eval = json.loads((out / "base_eval.json").read_text())
+    for split in ("easy", "hard"):
+        curve = base_eval[split]["curve"]
+        print(f"{split:5s} " + "  ".join(f"Pass@{k}={float(v):.3f}" for k, v in curve.items()))
+        print(f"      strategy share {base_eval['strategy'][split]['share']}")
+    print(f"build {base_eval['build_seconds']} s, {base_eval['pretrain_steps']} steps, "
+          f"competence met: {base_eval['competence_met']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
