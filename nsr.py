@@ -669,9 +669,9 @@ def demo_gradient(lr: float = 1.0, lam: float = 0.1) -> str:
 class Config:
     """Every knob of a run. `python nsr.py --help` lists them with these comments."""
     # ---- model and data ("" = the toy world of toy.py) ----
-    model: str = ""               # HF hub name or local dir of the policy; "" = the toy base model (toy.ensure_base())
+    model: str = ""               # HF hub name or local dir of the policy; "" = the toy base (toy.ensure_base)
     train: str = ""               # JSONL file of training problems; "" = the toy world's train.jsonl
-    eval: list = field(default_factory=list)  # JSONL eval set, repeat the flag for several; [] = the toy test splits if the toy is used
+    eval: list = field(default_factory=list)  # JSONL eval set, repeatable; [] with the toy = its test splits
     template: str = "auto"        # prompt template: auto, plain, qwen2.5-math, qwen3, llama3
     problem_field: str = "problem"  # JSONL field holding the problem text
     answer_field: str = "answer"  # JSONL field holding the gold answer
@@ -705,8 +705,9 @@ class Config:
     dtype: str = "auto"           # auto (bf16 on CUDA, fp32 on CPU), float32 or bfloat16
     grad_checkpointing: str = "auto"  # on, off, or auto = on for models above checkpointing_min_params
     checkpointing_min_params: int = 100_000_000  # the size above which auto turns checkpointing on
-    head_chunk: int = 256         # with checkpointing: output layer + log-softmax in checkpointed chunks of this many positions; 0 = off
+    head_chunk: int = 128         # with checkpointing: output layer + log-softmax in chunks of this many positions
     device: str = "auto"          # auto (cuda if available), cpu, cuda, cuda:1, ...
+    threads: int = 0              # torch CPU threads (torch.set_num_threads); 0 = leave torch's default
     seed: int = 0                 # seeds sampling, data order and evaluation
     # ---- evaluation (passk.evaluate) ----
     eval_n: int = 64              # samples per eval problem (Pass@k for k <= eval_n); 0 = no evaluation
@@ -724,9 +725,10 @@ class Config:
 
 # The main job (`python nsr.py`, no --model): values sized for the toy world on 2 CPU cores.
 # Applied under --preset and explicit flags. A real model without a preset uses the Config defaults.
-TOY_DEFAULTS = dict(out_dir="runs/nsr-toy", steps=40, batch_prompts=16, group_size=8, max_new_tokens=24,
-                    lr=1e-4, micro_batch_size=64, eval_n=64, eval_temperature=1.0, eval_top_p=1.0,
-                    eval_limit=0)
+# threads=1: the toy model is so small that a second CPU thread only adds synchronisation; on a busy
+# 2-core machine 2 threads made sampling 10-40x slower than 1 (OpenMP threads waiting for each other).
+TOY_DEFAULTS = dict(out_dir="runs/nsr-toy", steps=40, batch_prompts=16, group_size=8, max_new_tokens=64,
+                    lr=1e-4, micro_batch_size=64, eval_n=64, eval_temperature=1.0, eval_top_p=1.0, threads=1)
 
 
 def _field_help() -> dict[str, str]:
@@ -762,13 +764,14 @@ def parse_config(argv=None) -> Config:
             parser.add_argument(flag, type=kind, help=f"{h} (default: {f.default})")
     given = vars(parser.parse_args(argv))
 
-    values = {} if given.get("model") else dict(TOY_DEFAULTS)
+    preset = {}
     if given.get("preset"):
         presets = globals().get("PRESETS", {})   # defined in the PRESETS section below
         if given["preset"] not in presets:
             parser.error(f"unknown --preset {given['preset']!r}; choose one of {', '.join(presets) or '(none)'}")
-        values.update(presets[given["preset"]])
-    values.update(given)
+        preset = presets[given["preset"]]
+    toy_world = not (given.get("model") or preset.get("model"))
+    values = {**(TOY_DEFAULTS if toy_world else {}), **preset, **given}
     cfg = Config(**values)
     problems = config_problems(cfg)
     if problems:
@@ -791,7 +794,7 @@ def config_problems(cfg: Config) -> list[str]:
             bad.append(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
     for name in ("max_prompt_len", "eval_n", "eval_every", "eval_limit", "eval_max_new_tokens", "save_every",
                  "grad_clip", "weight_decay", "entropy_coef", "kl_coef", "clip_eps", "checkpointing_min_params",
-                 "head_chunk"):
+                 "head_chunk", "threads"):
         if getattr(cfg, name) < 0:
             bad.append(f"--{name.replace('_', '-')} must be >= 0, got {getattr(cfg, name)}")
     if not cfg.lr > 0:
@@ -1145,14 +1148,25 @@ def train(cfg: Config) -> dict:
     ckpt = latest_checkpoint(run_dir) if cfg.resume else None
     if cfg.resume and ckpt is None:
         raise FileNotFoundError(f"--resume: no checkpoint in {run_dir} (expected {run_dir}/latest)")
+    if cfg.resume and (run_dir / "config.json").is_file():
+        saved = json.loads((run_dir / "config.json").read_text())
+        may_differ = {"resume", "steps", "save_every", "eval_every", "eval_n", "eval_limit", "max_nonfinite"}
+        changed = [k for k, v in dataclasses.asdict(cfg).items() if k not in may_differ and saved.get(k) != v]
+        if changed:
+            print(f"WARNING: resuming with different settings than the stopped run: {', '.join(changed)} "
+                  f"(the result will not equal an uninterrupted run)")
     if not cfg.resume and run_dir.exists():
         # a fresh run owns its directory: old logs would otherwise interleave with the new ones
-        for old in ["metrics.jsonl", "eval.jsonl", "latest", "eval", *run_dir.glob("checkpoint-*")]:
-            target = run_dir / old
-            shutil.rmtree(target, ignore_errors=True) if target.is_dir() else target.unlink(missing_ok=True)
+        print(f"fresh run: clearing old logs and checkpoints in {run_dir} (use --resume to continue it)")
+        for name in ("metrics.jsonl", "eval.jsonl", "latest"):
+            (run_dir / name).unlink(missing_ok=True)
+        for old in [run_dir / "eval", *run_dir.glob("checkpoint-*"), *run_dir.glob(".tmp-checkpoint-*")]:
+            shutil.rmtree(old, ignore_errors=True)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1) + "\n")
 
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto"
                           else cfg.device)
     model, tokenizer = load_model(ckpt or cfg.model, dtype=cfg.dtype, device=device)
@@ -1227,20 +1241,21 @@ def train(cfg: Config) -> dict:
         batch = prompt_batch(step, len(kept), B, cfg.seed)
         prompts = [prompt_ids[i] for i in batch for _ in range(G)]           # (B*G,) token lists
         golds = [kept[i]["answer"] for i in batch for _ in range(G)]
+        diverged = (f"step {step + 1}: the policy produced non-finite logits while sampling. The model has "
+                    f"diverged; the likely cause is a too-high learning rate (lr={cfg.lr}): NSR alone at a high "
+                    f"lr keeps pushing the sampled tokens' logits down without bound. Lower --lr or use "
+                    f"w-reinforce; the last good checkpoint (if any) is in {run_dir}.")
         try:
             rollouts = generate(model, prompts, cfg.max_new_tokens, temperature=cfg.temperature,
                                 top_p=cfg.top_p, generator=generator, chunk_size=cfg.chunk_size)
-            finite = all(math.isfinite(v) for row in rollouts.logprobs for v in row)
-        except RuntimeError as e:       # torch.multinomial on NaN/inf probabilities raises deep inside
-            finite, cause = False, e
-        else:
-            cause = None
-        if not finite:
-            raise RuntimeError(
-                f"step {step + 1}: the policy produced non-finite logits while sampling ({cause or 'NaN log-probs'}). "
-                f"The model has diverged; the likely cause is a too-high learning rate (lr={cfg.lr}) -- NSR alone "
-                f"at a high lr keeps pushing sampled tokens' logits down without bound. Lower --lr or use "
-                f"w-reinforce; the last good checkpoint (if any) is in {run_dir}.") from cause
+        except RuntimeError as e:
+            # torch.multinomial on NaN/inf probabilities raises deep inside the sampler; anything else
+            # (out of memory, ...) is not divergence and is re-raised as it is
+            if "probability tensor" in str(e) or not all_finite(model):
+                raise RuntimeError(diverged) from e
+            raise
+        if not all(math.isfinite(v) for row in rollouts.logprobs for v in row):
+            raise RuntimeError(diverged)
         sample_s = time.time() - t0
 
         # ---- verify: r = 1 if the final answer matches the gold answer, else 0 ----
@@ -1571,7 +1586,7 @@ def main(argv=None) -> None:
         print(demo_gradient())
         return
     if cfg.dry_run:
-        print(memory_plan(cfg))   # PRESETS AND MEMORY PLAN section
+        print(format_memory_plan(memory_plan(cfg)))   # PRESETS AND MEMORY PLAN section
         return
     result = train(cfg)
     if result["table"]:

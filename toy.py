@@ -8,24 +8,30 @@ task, a character-level tokenizer, a tiny Qwen2 model pre-trained (supervised) u
 a "base model", all saved with save_pretrained so every other file loads it like a hub model
 (AutoModelForCausalLM / AutoTokenizer .from_pretrained; no other file has a toy code path).
 
-THE TASK: find a missing digit, by one of two complementary search strategies
-    problem:  x+7+4+8 ends in 3. Digit x?                          gold answer: 4
-    "up":     Up 7,1,9 0:9 1:0 2:1 3:2 4:3 \\boxed{4}
-    "down":   Down 7,1,9 9:8 8:7 7:6 6:5 5:4 4:3 \\boxed{4}
-Both solutions first add the known digits mod 10 (running sums 7, 7+4=11->1, 1+8=9->9), then
-guess-and-check candidates c, writing c:(s+c mod 10) until the last digit matches. "up" tries
-c = 0, 1, ..., UP_LAST; "down" tries c = 9, 8, ..., DOWN_LAST. So
-    x <= DOWN_LAST - 1         only "up" can solve it      (up-only problems)
-    x >= UP_LAST + 1           only "down" can solve it    (down-only problems)
-    DOWN_LAST <= x <= UP_LAST  both can                    (shared problems)
-In the corpus every problem is solved by a strategy that works for it, and on shared problems by
-"up" with probability up_share_shared (0.9): "up" is the model's habit, "down" its minority
-alternative. Which strategy will work depends on x = (target - sum of digits) mod 10, which a tiny
-model cannot compute in the one forward pass that picks the first token -- so its strategy choice is
-(nearly) a shared coin whose bias is the corpus mix. The first word of a response names its
-strategy, so strategy_report() can measure each strategy's share before and after training.
-  test_easy: same distribution as train (the role of MATH; base Pass@1 ~ 50%, Pass@64 ~ 100%).
-  test_hard: only "down" solves them, and they have more digits (AIME; low Pass@1, fair Pass@256).
+THE TASK: find a missing digit, by one of two complementary guess-and-check strategies
+    problem:  x+9+7+6 ends in 6. Digit x?                          gold answer: 4
+    "up":     Up 9,6,2-6=6 0:6 1:7 2:8 3:9 4:0 \\boxed{4}
+    "down":   Down 9,6,2-6=6 9:5 8:4 7:3 6:2 5:1 4:0 \\boxed{4}
+Both solutions add the known digits mod 10 (running sums 9, 9+7=16->6, 6+6=12->2), subtract the
+target (2-6 -> d = 6), then guess-and-check candidates c, writing c:(d+c mod 10) until it is 0
+(then x + the digits ends in the target). "up" tries c = 0, 1, ..., up_last (8); "down" tries
+c = 9, 8, ..., down_last (1). So with x uniform over 0-9:
+    x = 0   only "up" solves it      (up-only, 10% of train)
+    x = 9   only "down" solves it    (down-only, 10% of train)
+    x = 1-8 both can                 (shared, 80% of train)
+In the corpus every problem is solved by a strategy that works for it, and a shared problem by "up"
+with probability up_share_shared = 0.95: "up" is the model's habit, "down" its minority alternative
+(measured share in the base model: up 84%, down 15%). Which strategy will work depends on
+x = (target - sum of the digits) mod 10, which a tiny model cannot compute in the one forward pass
+that picks the first token (measured: the base model picks "down" 15% of the time on test_easy and
+16% on the down-only test_hard) -- so its strategy choice is a nearly shared coin. And "up" does not
+extrapolate past its window: on test_hard its accuracy is 0.03%. The first word of a response names
+its strategy, so strategy_report() measures each strategy's share before and after training.
+  test_easy: the train distribution (the role of MATH): base Pass@1 35%, Pass@64 99.9%.
+  test_hard: x = 9, only "down" solves it (the role of AIME): base Pass@1 13%, Pass@256 100%.
+The fixed number of known digits (3) keeps every step of the solution at a fixed offset from the
+prompt digits it reads, which a 155k-parameter model learns in ~1,000 steps. (With 2-5 digits the
+running sums stayed wrong after 800 steps: the model must then find "the i-th digit" by content.)
 
 WHY COMPLEMENTARY STRATEGIES (and what failed before, in scratch runs recorded in issue 5):
   1. One strategy (2-4-term addition, one worked format): PSR 300 steps at lr 1e-4 raised Pass@1
@@ -38,20 +44,32 @@ WHY COMPLEMENTARY STRATEGIES (and what failed before, in scratch runs recorded i
   failures happen. A theoretical caution we designed around: for ONE shared discrete choice the
   EXPECTED gradients of PSR (w = r) and NSR (w = r - 1) are identical, because
   sum_y pi(y) grad log pi(y) = 0. What differs is which groups carry a gradient: on the shared
-  problems (where both strategies are right) every sample is correct, so NSR is silent there while
-  PSR keeps pushing up whatever it sampled -- mostly the habit -- a self-reinforcing, Polya-urn-like
-  sharpening that collapses the strategy mix; and NSR alone learns from all-wrong groups. The
-  up-only and down-only regions have the same size, so the expected drift of the mix is ~0 and the
-  difference comes from those dynamics, as in the paper's analysis.
+  problems (where both strategies are right) a well-executed group is all correct, so NSR is silent
+  there while PSR keeps pushing up whatever it sampled -- mostly the habit -- a self-reinforcing,
+  Polya-urn-like sharpening that collapses the strategy mix; and NSR alone learns from all-wrong
+  groups (the down-only problems, where the habit fails). The up-only and down-only regions have the
+  same size, so the expected drift of the mix is ~0 and the difference comes from those dynamics.
+  MEASURED (scratch RL from an earlier base of this task -- 900 steps, easy Pass@1 55%, Down 9% --
+  B = 16 prompts x G = 8, AdamW, 100 steps at lr 1e-4, n = 256 at temperature 1): PSR,
+  NSR and W-REINFORCE all narrowed the mix (Down 9% -> 2.5-3%) and all lost hard Pass@64
+  (99% -> 83%) while raising easy Pass@1 (55% -> 76-79%): the expected drift is NOT ~0, because the
+  minority strategy is also executed worse (Down was right 38% of the time vs Up 57%: it was practised
+  on 1/10 of the corpus), and that drift is the same for every objective. At lr 5e-4 PSR narrowed
+  (Down 2%) while NSR kept the mix (Down 8%), but NSR's accuracy collapsed (60% -> 7% by step 60).
+  So this world shows "RL on the habit loses the minority-only problems", not yet PSR != NSR.
 
 THE RECIPE (ToyRecipe, hashed; the cache in runs/toy-base is rebuilt when it changes):
-  tokenizer  one token per printable ASCII character + <pad>, <eos>; a chat template that renders
-             only the problem line and a newline (the toy model is char-level: short prompts).
-  model      Qwen2ForCausalLM, 4 layers, hidden 128, 4 heads (2 KV heads), ~0.8M parameters.
+  tokenizer  one token per printable ASCII character + <|pad|>, <|endoftext|> (= EOS): a byte-level
+             BPE without merges, in Qwen2's own pipeline so AutoTokenizer reloads it exactly; a chat
+             template that renders only the problem line and a newline (char-level: short prompts).
+  model      Qwen2ForCausalLM, 3 layers, hidden 64, 4 heads (2 KV heads), tied embeddings: 154,624
+             parameters.
   pre-train  supervised next-token loss on the response tokens of reference solutions, in exactly
              the prompt + response format the RL loop samples (nsr.render_prompt, template "auto"),
-             AdamW; every check_every steps a cheap sampled Pass@1 check, and when it is in range the
-             full measurement with passk.evaluate (n = 256). It STOPS ON MEASURED COMPETENCE:
+             AdamW (lr 2e-3, batch 32, one thread); every 100 steps (25 once it starts rising) a cheap
+             sampled Pass@1 check (n = 8 on 32 problems per split); when that is in range, the full
+             measurement with
+             passk.evaluate (n = 256, temperature 1). It STOPS ON MEASURED COMPETENCE:
                easy Pass@1 in [0.30, 0.70] and Pass@64 >= 0.90; hard Pass@1 <= 0.15 and Pass@256 >= 0.40.
   output     runs/toy-base/: model + tokenizer, train.jsonl, test_easy.jsonl, test_hard.jsonl
              (fields problem, answer, solution), base_eval.json (Pass@k curves, strategy shares),
@@ -68,7 +86,6 @@ import argparse
 import dataclasses
 import hashlib
 import json
-import math
 import pathlib
 import random
 import shutil
@@ -81,7 +98,7 @@ from tqdm import tqdm
 
 # Bump when the task format or the build procedure changes in a way the recipe fields do not show:
 # it is part of the recipe hash, so every cached base model is rebuilt.
-RECIPE_VERSION = "toy-v1"
+RECIPE_VERSION = "toy-v3"
 
 
 # =================================================================================================
@@ -98,31 +115,36 @@ class ToyRecipe:
 
     seed: int = 0
     """seeds the splits, the corpus sampling, the model init and the sampling checks"""
-    up_last: int = 6
+    up_last: int = 5
     """"up" tries candidates 0, 1, ..., up_last"""
-    down_last: int = 3
-    """"down" tries candidates 9, 8, ..., down_last (so x in [down_last, up_last] is shared)"""
-    up_share_shared: float = 0.9
+    down_last: int = 4
+    """"down" tries candidates 9, 8, ..., down_last (so x in [down_last, up_last] is shared). With 5 and
+    4 each strategy solves 6 of the 10 answers: neither is better on average (the v2 design)"""
+    up_share_shared: float = 0.95
     """probability that the corpus solves a SHARED problem with "up" (the model's habit)"""
-    train_digits: tuple = (2, 3, 4, 5)
+    down_prior: float = 0.10
+    """the share of "down" the base model should open with. The corpus EXECUTES "down" on ~41% of its
+    solutions (every down-only problem), so its first token ("D") gets a smaller loss weight,
+    first_token_weights(), making the learned strategy prior ~down_prior while execution stays practised"""
+    train_digits: tuple = (3,)
     """numbers of known digits in train / test_easy problems (uniform)"""
-    hard_digits: tuple = (5, 6)
+    hard_digits: tuple = (3,)
     """numbers of known digits in test_hard problems (which are all down-only)"""
     num_train: int = 4000
     """problems in train.jsonl (the pre-training corpus AND the RL training set)"""
     num_test: int = 64
     """problems in each of test_easy.jsonl and test_hard.jsonl"""
-    layers: int = 4
-    hidden: int = 128
+    layers: int = 3
+    hidden: int = 64
     heads: int = 4
     kv_heads: int = 2
     lr: float = 2e-3
     """AdamW peak learning rate of pre-training (linear warm-up over 50 steps, then constant)"""
-    batch_size: int = 64
+    batch_size: int = 32
     """sequences per pre-training step"""
     max_steps: int = 4000
     """safety cap; the build normally stops earlier on measured competence"""
-    check_every: int = 50
+    check_every: int = 100
     """steps between cheap Pass@1 checks (n = check_n samples on check_problems problems per split)"""
     check_n: int = 8
     check_problems: int = 32
@@ -132,6 +154,10 @@ class ToyRecipe:
     """samples per problem of the strategy-share measurement saved in base_eval.json"""
     max_new_tokens: int = 64
     """response budget, ample for the longest reference solution (~50 characters)"""
+    stop_easy_pass1: float = 0.45
+    """the cheap check must see easy Pass@1 >= this before the full measurement (and the stop): easy
+    Pass@1 ~ 0.6 x execution accuracy here, so 0.45 stops once execution is ~75% right, not at the first
+    in-range point of the rise (a sloppier base makes RL mostly about execution, not strategy)"""
     easy_pass1: tuple = (0.30, 0.70)
     easy_pass64_min: float = 0.90
     hard_pass1_max: float = 0.15
@@ -205,6 +231,25 @@ def reference_strategy(x: int, rng: random.Random, recipe: ToyRecipe) -> str:
     return UP if up_ok else DOWN
 
 
+def first_token_weights(recipe: ToyRecipe) -> dict[str, float]:
+    """Loss weight of the strategy-naming first response token ("U" / "D") in pre-training.
+
+    The model cannot tell from the prompt which strategy will work (see the docstring), so weighted
+    maximum likelihood on the first token learns P("D") ~ f_D w_D / (f_D w_D + f_U w_U), where f_S is
+    the corpus frequency of strategy S. Solving for w_D with w_U = 1 sets that to recipe.down_prior.
+    Every other token keeps weight 1, so both strategies' EXECUTION is practised at corpus frequency.
+    """
+    up_only = sum(1 for x in range(10) if strategy_works(x, UP, recipe) and not strategy_works(x, DOWN, recipe))
+    down_only = sum(1 for x in range(10) if strategy_works(x, DOWN, recipe) and not strategy_works(x, UP, recipe))
+    shared = 10 - up_only - down_only
+    f_up = (up_only + shared * recipe.up_share_shared) / 10
+    f_down = (down_only + shared * (1 - recipe.up_share_shared)) / 10
+    if not 0 < recipe.down_prior < 1 or f_down == 0:
+        raise ValueError(f"down_prior={recipe.down_prior} must be in (0, 1) and the corpus must use down")
+    # p = f_D w / (f_D w + f_U)  <=>  w = p f_U / ((1 - p) f_D)
+    return {UP: 1.0, DOWN: recipe.down_prior * f_up / ((1 - recipe.down_prior) * f_down)}
+
+
 def make_splits(recipe: ToyRecipe) -> dict[str, list[dict]]:
     """train / test_easy / test_hard, deterministic from recipe.seed, with no problem text in two splits.
 
@@ -216,6 +261,11 @@ def make_splits(recipe: ToyRecipe) -> dict[str, list[dict]]:
     seen: set[str] = set()
 
     def draw(count, digit_choices, answers=None):
+        # each (digits, target) pair is one problem: refuse requests the space cannot fill
+        space = sum(10 ** k for k in set(digit_choices)) * (10 if answers is None else len(answers))
+        if count + len(seen) > space // 2:
+            raise ValueError(f"asked for {count} more distinct problems with {digit_choices} known digits, "
+                             f"but only {space} exist ({len(seen)} already used): use more digits")
         out = []
         while len(out) < count:
             x = None if answers is None else rng.choice(answers)
@@ -324,16 +374,21 @@ def sft_batch(problems: list[dict], prompt_cache: dict, tokenizer, rng: random.R
 
     Each problem's reference strategy is re-drawn here (on shared problems "up" with probability
     up_share_shared), so the model learns the corpus MIX rather than one fixed choice per problem.
-    Returns input_ids (B, T), labels (B, T) with -100 on prompt and padding, attention_mask (B, T).
+    Returns input_ids (B, T), labels (B, T) with -100 on prompt and padding, attention_mask (B, T),
+    loss_weights (B, T): 0 off the response, first_token_weights() on the strategy-naming first token,
+    1 on every other response token.
     """
-    rows, label_rows = [], []
+    first_weight = first_token_weights(recipe)
+    rows, label_rows, weight_rows = [], [], []
     for p in problems:
         prompt = prompt_cache[p["problem"]]
         x = int(p["answer"])
-        response = solve(p["digits"], p["target"], reference_strategy(x, rng, recipe), recipe)
+        strategy = reference_strategy(x, rng, recipe)
+        response = solve(p["digits"], p["target"], strategy, recipe)
         response_ids = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
         rows.append(prompt + response_ids)
         label_rows.append([-100] * len(prompt) + response_ids)
+        weight_rows.append([0.0] * len(prompt) + [first_weight[strategy]] + [1.0] * (len(response_ids) - 1))
     width = max(map(len, rows))
     pad = tokenizer.pad_token_id
     # Right padding: positions are then 0..len-1 for every row, exactly as in sampling (which
@@ -341,7 +396,8 @@ def sft_batch(problems: list[dict], prompt_cache: dict, tokenizer, rng: random.R
     input_ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows])              # (B, T)
     labels = torch.tensor([r + [-100] * (width - len(r)) for r in label_rows])           # (B, T)
     attention_mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])  # (B, T)
-    return input_ids, labels, attention_mask
+    loss_weights = torch.tensor([r + [0.0] * (width - len(r)) for r in weight_rows])      # (B, T)
+    return input_ids, labels, attention_mask, loss_weights
 
 
 def sampled_accuracy(model, tokenizer, problems, n: int, max_new_tokens: int, seed: int) -> float:
@@ -426,15 +482,20 @@ def pretrain(model, tokenizer, splits: dict, recipe: ToyRecipe, log=print) -> di
     start = time.time()
     history = []
     result = None
+    rising = False                      # has the cheap check seen easy Pass@1 start to rise (>= 0.15)?
     bar = tqdm(range(1, recipe.max_steps + 1), desc="toy pre-training", unit="step", dynamic_ncols=True)
     for step in bar:
-        # ---- one supervised step: -mean over response tokens of log pi(reference token) ----
+        # ---- one supervised step: -sum_t w_t log pi(reference token t) / sum_t w_t (response tokens) ----
         model.train()
         for group in optimizer.param_groups:
             group["lr"] = recipe.lr * min(1.0, step / 50)                   # linear warm-up
         batch = [train[rng.randrange(len(train))] for _ in range(recipe.batch_size)]
-        input_ids, labels, attention_mask = sft_batch(batch, prompt_cache, tokenizer, rng, recipe)
-        loss = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
+        input_ids, labels, attention_mask, loss_weights = sft_batch(batch, prompt_cache, tokenizer, rng, recipe)
+        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1].float()  # (B, T-1, V)
+        targets = labels[:, 1:].clamp(min=0)                                                     # (B, T-1)
+        logp = torch.log_softmax(logits, -1).gather(-1, targets[..., None])[..., 0]             # (B, T-1)
+        w = loss_weights[:, 1:]                                                                  # (B, T-1)
+        loss = -(w * logp).sum() / w.sum()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -442,16 +503,20 @@ def pretrain(model, tokenizer, splits: dict, recipe: ToyRecipe, log=print) -> di
         bar.set_postfix(loss=f"{loss.item():.3f}")
 
         # ---- measure: a cheap Pass@1 check, and when it is in range the full Pass@k curves ----
-        if step % recipe.check_every != 0 and step != recipe.max_steps:
+        # The rise is sharp (measured: easy Pass@1 ~0.16 -> 0.58 between steps 700 and 900), so once
+        # the check sees it starting we check four times as often, to stop inside the target window.
+        every = max(1, recipe.check_every // 4) if rising else recipe.check_every
+        if step % every != 0 and step != recipe.max_steps:
             continue
         model.eval()
         easy1 = sampled_accuracy(model, tokenizer, check_easy, recipe.check_n, recipe.max_new_tokens, step)
         hard1 = sampled_accuracy(model, tokenizer, check_hard, recipe.check_n, recipe.max_new_tokens, step)
+        rising = rising or easy1 >= 0.15
         history.append({"step": step, "loss": round(loss.item(), 4), "easy_pass1_est": easy1,
                         "hard_pass1_est": hard1, "seconds": round(time.time() - start, 1)})
         log(f"step {step}: loss {loss.item():.3f}  easy Pass@1~{easy1:.2f}  hard Pass@1~{hard1:.2f}")
         lo, hi = recipe.easy_pass1
-        in_range = lo + 0.05 <= easy1 <= hi and hard1 <= recipe.hard_pass1_max
+        in_range = max(lo + 0.05, recipe.stop_easy_pass1) <= easy1 <= hi and hard1 <= recipe.hard_pass1_max
         if not (in_range or step == recipe.max_steps):
             if easy1 > hi + 0.1:
                 raise RuntimeError(f"toy pre-training overshot: easy Pass@1 ~{easy1:.2f} > {hi} at step "
@@ -513,14 +578,26 @@ def ensure_base(out_dir="runs/toy-base", recipe: ToyRecipe | None = None, quick:
     directory and renamed at the end, so an interrupted build never looks complete.
     Returns the directory (pathlib.Path).
     """
-    import passk
-
     recipe = recipe or (quick_recipe() if quick else ToyRecipe())
     out_dir = pathlib.Path(out_dir)
     if not force and is_built(out_dir, recipe):
         return out_dir
     start = time.time()
     log(f"toy: building the base model into {out_dir} (recipe {recipe_hash(recipe)})")
+    # NOTE: one thread. The matrices are tiny, so a second thread costs more in synchronisation than
+    # it saves; on the shared 2-core machine it was 6x slower (measured 0.8 vs 4.7 steps/s).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _build(out_dir, recipe, start, log)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _build(out_dir: pathlib.Path, recipe: ToyRecipe, start: float, log) -> pathlib.Path:
+    """ensure_base's work: splits, tokenizer, model, pre-training, measurement, files."""
+    import passk
+
     torch.manual_seed(recipe.seed)
     splits = make_splits(recipe)
     tokenizer = build_tokenizer()
@@ -568,7 +645,6 @@ def main(argv=None) -> int:
     parser.add_argument("--force", action="store_true", help="rebuild even if the cache matches the recipe")
     parser.add_argument("--seed", type=int, default=0, help="recipe seed (default 0)")
     args = parser.parse_args(argv)
-    torch.set_num_threads(min(2, torch.get_num_threads()))
     recipe = quick_recipe(args.seed) if args.quick else ToyRecipe(seed=args.seed)
     out = ensure_base(args.out, recipe=recipe, force=args.force)
     base_eval = json.loads((out / "base_eval.json").read_text())
