@@ -272,7 +272,14 @@ def _generate_chunk(model, prompt_ids, max_new_tokens, temperature, top_p, eos_t
                 logq = logp_policy
             else:
                 logq = top_p_filter(logits / temperature, top_p).log_softmax(dim=-1)   # (b, V)
-            next_ids = torch.multinomial(logq.exp(), 1, generator=generator).squeeze(1)  # (b,) y_t ~ q
+            # y_t ~ q by the "exponential race": with E_v ~ Exp(1) i.i.d., argmax_v q_v / E_v is
+            # distributed as q. It is what torch.multinomial(q, 1) computes internally (same generator
+            # -> the same samples; checked on torch 2.13 CPU), minus multinomial's input check, which
+            # calls .item() -- a device->host sync on EVERY token on a GPU. Non-finite logits are
+            # caught after sampling instead (train() checks the returned log-probs).
+            q = logq.exp()                                                              # (b, V)
+            race = torch.empty_like(q).exponential_(1, generator=generator)            # (b, V) E_v
+            next_ids = (q / race).argmax(dim=-1)                                       # (b,) y_t ~ q
             logq_next = logq.gather(1, next_ids[:, None]).squeeze(1)                   # (b,) log q(y_t)
 
         # record step t; a row that already finished is not extended (its length stops counting)
@@ -645,8 +652,8 @@ def demo_gradient(lr: float = 1.0, lam: float = 0.1) -> str:
     for label, values in rows:
         lines.append(f"{label:<{width}}  " + "  ".join(f"{v:+6.3f}" if label.startswith("NSR logit")
                                                       else f"{v:6.3f}" for v in values.tolist()))
-    lines.append("PSR sharpens onto y. NSR lowers z_y by lr*(1-pi_y) and raises every other logit by "
-                 "lr*pi_v, its prior: the freed mass goes mostly to the likeliest alternatives (a).")
+    lines.append("PSR sharpens onto y. NSR lowers z_y by lr*(1-pi_y) and raises every other logit by lr*pi_v,\n"
+                 "its prior: the freed mass goes mostly to the likeliest alternatives (a).")
     return "\n".join(lines)
 
 
@@ -766,10 +773,10 @@ def parse_config(argv=None) -> Config:
 
     preset = {}
     if given.get("preset"):
-        presets = globals().get("PRESETS", {})   # defined in the PRESETS section below
-        if given["preset"] not in presets:
-            parser.error(f"unknown --preset {given['preset']!r}; choose one of {', '.join(presets) or '(none)'}")
-        preset = presets[given["preset"]]
+        # PRESETS: a read-only table defined in the PRESETS section below (it exists by call time)
+        if given["preset"] not in PRESETS:
+            parser.error(f"unknown --preset {given['preset']!r}; choose one of {', '.join(PRESETS)}")
+        preset = PRESETS[given["preset"]]
     toy_world = not (given.get("model") or preset.get("model"))
     values = {**(TOY_DEFAULTS if toy_world else {}), **preset, **given}
     cfg = Config(**values)
@@ -852,7 +859,7 @@ def prompt_batch(step: int, num_problems: int, batch_prompts: int, seed: int) ->
     return indices
 
 
-# ---- loss ---------------------------------------------------------------------------------------
+# ---- loss (ALGO LOGIC: backward_on_batch is where extra loss terms go) ----------------------------
 
 def pack_sequences(prompts: list[list[int]], responses: list[list[int]], device, pad_id: int = 0):
     """Batch prompt + response rows for the training forward pass.
@@ -1009,10 +1016,15 @@ def optimizer_step(optimizer, params, master, grad_clip: float):
             for p, m in zip(params, master):
                 if p is not m:
                     p.copy_(m)                    # bf16 model <- round(fp32 master)
+    zero_grads(optimizer, params)
+    return grad_norm
+
+
+def zero_grads(optimizer, params) -> None:
+    """Free the master grads (the optimizer's) and the model's own grads (bf16 leftovers, if any)."""
     optimizer.zero_grad(set_to_none=True)
     for p in params:
         p.grad = None
-    return grad_norm
 
 
 def enable_gradient_checkpointing(model) -> None:
@@ -1027,7 +1039,7 @@ def enable_gradient_checkpointing(model) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
-# ---- checkpoints --------------------------------------------------------------------------------
+# ---- checkpoints (TRY NOT TO MODIFY: plumbing; resume exactness is tested) -----------------------
 
 def all_finite(model) -> bool:
     return all(bool(torch.isfinite(p).all()) for p in model.parameters())
@@ -1249,8 +1261,10 @@ def train(cfg: Config) -> dict:
             rollouts = generate(model, prompts, cfg.max_new_tokens, temperature=cfg.temperature,
                                 top_p=cfg.top_p, generator=generator, chunk_size=cfg.chunk_size)
         except RuntimeError as e:
-            # torch.multinomial on NaN/inf probabilities raises deep inside the sampler; anything else
-            # (out of memory, ...) is not divergence and is re-raised as it is
+            # non-finite logits normally come back as NaN log-probs (checked just below); an error
+            # raised while the weights are non-finite is divergence too (e.g. torch.multinomial's
+            # "probability tensor ..." if a student swaps the sampler back); anything else (out of
+            # memory, ...) is not divergence and is re-raised as it is
             if "probability tensor" in str(e) or not all_finite(model):
                 raise RuntimeError(diverged) from e
             raise
@@ -1271,12 +1285,15 @@ def train(cfg: Config) -> dict:
         losses, grad_norms, trained, skipped = [], [], 0, False
         per_mini = len(prompts) // cfg.ppo_mini_batches
         for mb in range(cfg.ppo_mini_batches):
-            rows = [i for i in range(mb * per_mini, (mb + 1) * per_mini) if train_all or weights[i] != 0]
+            mini = list(range(mb * per_mini, (mb + 1) * per_mini))          # this mini-batch's samples
+            rows = [i for i in mini if train_all or weights[i] != 0]       # the ones with a gradient
             if not rows:
                 continue
-            lengths = [len(rollouts.tokens[i]) for i in rows]
-            Z = loss_normalizer(weights[rows], lengths, cfg.normalizer, cfg.max_new_tokens) \
-                or float(sum(lengths))                           # only entropy/KL terms: token mean
+            # Z from ALL samples of the mini-batch (not only `rows`): "constant" = samples x max_new_tokens
+            # must not depend on how many samples happened to carry a weight
+            Z = loss_normalizer(weights[mini], [len(rollouts.tokens[i]) for i in mini], cfg.normalizer,
+                                cfg.max_new_tokens) \
+                or float(sum(len(rollouts.tokens[i]) for i in rows))       # only entropy/KL terms: token mean
             loss = backward_on_batch(
                 model, [prompts[i] for i in rows], [rollouts.tokens[i] for i in rows], weights[rows], Z,
                 micro_batch_size=cfg.micro_batch_size, temperature=cfg.temperature, clip_eps=cfg.clip_eps,
@@ -1285,9 +1302,7 @@ def train(cfg: Config) -> dict:
                 head_chunk=cfg.head_chunk if checkpointing else 0)
             grad_norm = optimizer_step(optimizer, params, master, cfg.grad_clip) if loss is not None else None
             if loss is None or not torch.isfinite(grad_norm):
-                optimizer.zero_grad(set_to_none=True)
-                for p in params:
-                    p.grad = None
+                zero_grads(optimizer, params)       # drop what the failed micro-batches accumulated
                 skipped = True
                 break
             losses.append(loss)
@@ -1500,9 +1515,12 @@ def memory_plan(preset, arch: dict | None = None, gpu_gib: float = 24.0,
     prompt_len = cfg.get("max_prompt_len") or 1024               # 0 = no limit: assume 1024 (paper)
     T = prompt_len + cfg["max_new_tokens"]                      # longest sequence (tokens)
     b = cfg["micro_batch_size"]                                 # sequences per forward/backward
-    rows = min(cfg.get("chunk_size", 256), cfg["batch_prompts"] * cfg["group_size"])  # sampled at once
-    ckpt = cfg.get("grad_checkpointing", "auto")
-    ckpt = ckpt is True or ckpt == "on" or (ckpt == "auto" and n > cfg.get("checkpointing_min_params", 10**8))
+    # a key a preset does not set takes Config's default (the same fallback parse_config applies)
+    rows = min(cfg.get("chunk_size", Config.chunk_size), cfg["batch_prompts"] * cfg["group_size"])  # at once
+    ckpt = cfg.get("grad_checkpointing", Config.grad_checkpointing)
+    ckpt = ckpt is True or ckpt == "on" or (
+        ckpt == "auto" and n > cfg.get("checkpointing_min_params", Config.checkpointing_min_params))
+    head_chunk = cfg.get("head_chunk", Config.head_chunk)
 
     plan = {"preset": name, "model": cfg["model"], "params": n, "dtype": "float32" if act == 4 else "bfloat16",
             "seq_len": T, "micro_batch": b, "rows_in_flight": rows, "grad_checkpointing": ckpt,
@@ -1525,10 +1543,18 @@ def memory_plan(preset, arch: dict | None = None, gpu_gib: float = 24.0,
     # with checkpointing: each block's input only (b x T x L x h), plus one block recomputed in backward
     plan["activations_ckpt"] = b * T * L * h * act + b * T * per_token_layer * act
     plan["activations"] = plan["activations_ckpt"] if ckpt else plan["activations_no_ckpt"]
-    # logits b x T x V: the lm_head output (act bytes) + the fp32 log-softmax (4) + its gradient in
-    # backward (4). With a 152k vocabulary this is the largest activation of all:
-    # 2 x 2048 x 151936 x 10 B = 5.8 GiB for the Qwen presets.
-    plan["logits"] = b * T * V * (act + 4 + 4)
+    # Logits, as train() computes them (response_logprobs): only the R = max_new_tokens response
+    # positions get logits (logits_to_keep), and with checkpointing the output layer + log-softmax run
+    # over checkpointed chunks of head_chunk positions, so only ONE chunk's logits exist at a time:
+    #   positions = R                     (checkpointing off: the whole response at once)
+    #   positions = min(head_chunk, R)    (checkpointing on: one chunk, recomputed in backward)
+    #   logits    = b x positions x V x (act + 4 + 4)  bytes
+    # per element: the lm_head output (act bytes) + its fp32 copy / log-softmax (4) + that one's
+    # gradient in backward (4). Off, with a 152k vocabulary, this is the largest activation of all
+    # (2 x 1536 x 151936 x 10 B = 4.3 GiB); on, it is 2 x 128 x 151936 x 10 B = 0.36 GiB.
+    positions = min(head_chunk, cfg["max_new_tokens"]) if ckpt and head_chunk > 0 else cfg["max_new_tokens"]
+    plan["logits"] = b * positions * V * (act + 4 + 4)
+    plan["logit_positions"] = positions
     # KV cache while sampling: layers x 2 (k, v) x kv_heads x head_dim x T x rows x bytes
     plan["kv_cache"] = L * 2 * kv_dim * T * rows * act
     # prefill transient of one block over the prompts: rows x prompt_len x 3 I (gate, up, product)
@@ -1539,8 +1565,9 @@ def memory_plan(preset, arch: dict | None = None, gpu_gib: float = 24.0,
     optimizer = plan["master_weights"] + plan["master_grads"] + plan["optimizer_state"]
     plan["cpu_ram"] = optimizer if optimizer_offload else 0
     on_gpu = 0 if optimizer_offload else optimizer
-    # sampling: model grads are freed (zero_grad(set_to_none=True)); the rest stays resident
-    plan["peak_sampling"] = plan["weights"] + on_gpu + plan["kv_cache"] + plan["prefill"] + plan["overhead"]
+    # sampling: model AND master grads are freed (zero_grads, set_to_none); the rest stays resident
+    plan["peak_sampling"] = (plan["weights"] + on_gpu - (0 if optimizer_offload else plan["master_grads"])
+                             + plan["kv_cache"] + plan["prefill"] + plan["overhead"])
     # training: everything at the end of a micro-batch's backward
     plan["peak_training"] = (plan["weights"] + plan["gradients"] + on_gpu + plan["activations"]
                              + plan["logits"] + plan["overhead"])
@@ -1557,7 +1584,8 @@ def format_memory_plan(plan: dict) -> str:
             ("AdamW state (fp32 m, v)", "optimizer_state"),
             ("activations, checkpointing on", "activations_ckpt"),
             ("activations, checkpointing off", "activations_no_ckpt"),
-            ("logits (+ fp32 copy + grad)", "logits"), ("KV cache while sampling", "kv_cache"),
+            (f"logits, {plan['logit_positions']} positions at once", "logits"),
+            ("KV cache while sampling", "kv_cache"),
             ("prefill transient", "prefill"), ("CUDA context etc. (guess)", "overhead"),
             ("PEAK while sampling", "peak_sampling"), ("PEAK while training", "peak_training")]
     lines = [f"memory plan (ESTIMATE until measured on a GPU): {plan['preset']}",

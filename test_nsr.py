@@ -978,6 +978,19 @@ def test_loss_normalizer_counts_the_tokens_of_weighted_samples_only():
     assert nsr.loss_normalizer(torch.zeros(4), [5, 3, 4, 9]) == 0.0
 
 
+def test_demo_gradient_prints_nsr_moving_the_logits_by_minus_one_minus_pi_and_plus_the_prior():
+    # The numbers --demo-gradient prints are the closed form: NSR's logit change on y = b is
+    # -(1 - pi_b) = -0.75 and +pi_v on every other token; PSR raises b; NSR lowers b and raises the rest.
+    import nsr
+    rows = {line.split("  ")[0]: [float(x) for x in line.split()[-5:]]
+            for line in nsr.demo_gradient().splitlines()[2:7]}
+    prior, psr, nsr_after = rows["probabilities before"], rows["after PSR on b (w=+1)"], rows["after NSR on b (w=-1)"]
+    change = next(v for k, v in rows.items() if k.startswith("NSR logit change"))
+    assert change == pytest.approx([0.40, -0.75, 0.20, 0.10, 0.05], abs=1e-3)
+    assert psr[1] > prior[1] and nsr_after[1] < prior[1]
+    assert all(nsr_after[v] > prior[v] for v in (0, 2)) and sum(nsr_after) == pytest.approx(1.0, abs=5e-3)
+
+
 def _char_tokenizer():
     """A character-level tokenizer (ids: 0 pad, 1 bos, 2 eos, then printable ASCII and newline)."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
@@ -1548,8 +1561,11 @@ def test_memory_plan_matches_a_by_hand_estimate_and_shows_why_1_5b_and_7b_do_not
     plan = nsr.memory_plan(run)
     # by hand: 28 layers x 2 (k, v) x 2 kv heads x 128 dims x 4096 tokens x 32 rows x 2 bytes = 3.5 GiB
     assert plan["kv_cache"] == 28 * 2 * 2 * 128 * 4096 * 32 * 2 == int(3.5 * 2 ** 30)
-    # logits: 1 sequence x 4096 positions x 151936 vocab x (2 + 4 + 4) bytes
-    assert plan["logits"] == 4096 * 151936 * 10
+    # logits, as train() computes them: with checkpointing the output layer runs over chunks of
+    # head_chunk = 128 positions, so 1 sequence x 128 positions x 151936 vocab x (2 + 4 + 4) bytes;
+    # without it, logits of the 3072 response positions only (logits_to_keep), never the prompt's
+    assert plan["logits"] == 128 * 151936 * 10
+    assert nsr.memory_plan(dict(run, grad_checkpointing="off"))["logits"] == 3072 * 151936 * 10
     # 20 bytes/param for bf16 + fp32 master: 1.54e9 x 20 = 28.8 GiB before any activation
     assert not plan["fits"] and plan["peak"] > 20 * plan["params"]
     offloaded = nsr.memory_plan(run, optimizer_offload=True)            # the what-if: GPU keeps 4 B/param
