@@ -734,8 +734,8 @@ class Config:
 # Applied under --preset and explicit flags. A real model without a preset uses the Config defaults.
 # threads=1: the toy model is so small that a second CPU thread only adds synchronisation; on a busy
 # 2-core machine 2 threads made sampling 10-40x slower than 1 (OpenMP threads waiting for each other).
-TOY_DEFAULTS = dict(out_dir="runs/nsr-toy", steps=40, batch_prompts=16, group_size=8, max_new_tokens=64,
-                    lr=1e-4, micro_batch_size=64, eval_n=64, eval_temperature=1.0, eval_top_p=1.0, threads=1)
+TOY_DEFAULTS = dict(out_dir="runs/nsr-toy", steps=100, batch_prompts=16, group_size=8, max_new_tokens=64,
+                    lr=2e-4, micro_batch_size=64, eval_n=64, eval_temperature=1.0, eval_top_p=1.0, threads=1)
 
 
 def _field_help() -> dict[str, str]:

@@ -1617,3 +1617,258 @@ def test_format_memory_plan_prints_every_component_and_the_verdict():
 # =================================================================================================
 # REPRODUCTION (toy.py)
 # =================================================================================================
+
+
+# A tiny budget for the whole driver on the quick toy build: every method, 2 steps of 2 prompts x 2
+# rollouts, n = 4 samples per test problem. The quick base's Pass@k is ~0, so these runs check the
+# plumbing (files, tables, consistency); the synthetic tests below check the numbers.
+REPRODUCE_TINY = ["--quick", "--steps", "2", "--batch-prompts", "2", "--group-size", "2", "--n", "4",
+                  "--strategy-n", "2", "--save-every", "1", "--jobs", "1"]
+
+
+def _reproduce_args(base, out, *extra):
+    import argparse
+
+    import toy
+    parser = toy.add_reproduce_args(argparse.ArgumentParser())
+    return parser.parse_args(["--base-dir", str(base), "--out", str(out), *REPRODUCE_TINY, *extra])
+
+
+def _table_rows(text: str, corner: str) -> dict[str, list[list[str]]]:
+    """Parse a printed format_grid table starting at the line that begins with `corner`:
+    {row name: [[cells of group 1], [cells of group 2], ...]} (header and rule lines skipped)."""
+    lines = text.splitlines()
+    first = next(i for i, line in enumerate(lines)
+                 if line.startswith(corner) and line[len(corner):].lstrip().startswith("|"))
+    rows = {}
+    for line in lines[first + 3:]:
+        if "|" not in line:
+            break
+        name, *groups = line.split("|")
+        rows[name.strip()] = [g.split() for g in groups]
+    return rows
+
+
+@pytest.fixture(scope="module")
+def reproduce_quick_run(toy_quick_base, tmp_path_factory):
+    """One whole `reproduce` on the quick toy (jobs 1), with its printed output and wall time."""
+    import contextlib
+    import io
+    import time
+
+    import toy
+    base, _ = toy_quick_base
+    out = tmp_path_factory.mktemp("reproduce") / "out"
+    printed = io.StringIO()
+    start = time.time()
+    with contextlib.redirect_stdout(printed):
+        summary = toy.reproduce(_reproduce_args(base, out))
+    return out, summary, printed.getvalue(), time.time() - start
+
+
+def test_reproduce_runs_every_method_on_the_quick_toy_and_saves_every_result_as_json(reproduce_quick_run):
+    import json
+
+    import passk
+    out, summary, printed, seconds = reproduce_quick_run
+    assert seconds < 60, f"the tiny reproduction took {seconds:.1f} s"
+    saved = json.loads((out / "summary.json").read_text())
+    assert [j["name"] for j in saved["jobs"]] == ["base", "psr seed 0", "nsr seed 0", "w-reinforce seed 0",
+                                                  "reinforce seed 0", "grpo seed 0"]
+    assert all(j["status"] == "ok" for j in saved["jobs"]), saved["jobs"]
+    for run in ["base", "psr-seed0", "nsr-seed0", "w-reinforce-seed0", "reinforce-seed0", "grpo-seed0"]:
+        for name in ("eval_test_easy.json", "eval_test_hard.json", "strategy.json", "job.json", "log.txt"):
+            assert (out / run / name).is_file(), f"{run}/{name}"
+        result = passk.load_result(out / run / "eval_test_easy.json")
+        assert result["n"] == 4 and len(result["counts"]) == result["num_problems"] > 0
+        if run != "base":
+            metrics = (out / run / "metrics.jsonl").read_text().splitlines()
+            assert len(metrics) == 2
+            assert json.loads((out / run / "config.json").read_text())["objective"] == run.split("-seed")[0]
+    # evaluation identical for every row: the same settings, stored with each result
+    settings = {json.dumps(passk.load_result(out / run / "eval_test_hard.json")["settings"], sort_keys=True)
+                for run in ["base", "psr-seed0", "grpo-seed0"]}
+    assert len(settings) == 1 and json.loads(settings.pop())["n"] == 4
+    assert saved["evaluation"]["n"] == 4 and saved["wall_seconds"] > 0
+    assert "wall time:" in printed and (out / "passk_table.txt").is_file()
+
+
+def test_reproduce_pass_at_k_table_has_the_paper_layout_and_numbers_recomputable_from_saved_counts(
+        reproduce_quick_run):
+    import passk
+    out, summary, printed, _ = reproduce_quick_run
+    table = (out / "passk_table.txt").read_text()
+    assert table.strip() in printed
+    header = next(line for line in table.splitlines() if line.startswith("Pass@k (%)") and "|" in line)
+    assert "test_easy (MATH role)" in header and "test_hard (AIME role)" in header
+    rows = _table_rows(table, "Pass@k (%)")
+    assert list(rows) == ["Base", "PSR", "NSR", "W-REINFORCE", "REINFORCE", "GRPO"]
+    assert summary["ks"] == [1, 2, 4]
+    runs = {"Base": "base", "PSR": "psr-seed0", "NSR": "nsr-seed0", "W-REINFORCE": "w-reinforce-seed0",
+            "REINFORCE": "reinforce-seed0", "GRPO": "grpo-seed0"}
+    for row, run in runs.items():
+        for group, split in enumerate(["test_easy", "test_hard"]):
+            r = passk.load_result(out / run / f"eval_{split}.json")
+            curve = passk.passk_curve(r["counts"], r["n"], [1, 2, 4])
+            assert rows[row][group] == [f"{100 * curve[k]:.1f}" for k in (1, 2, 4)], (row, split)
+
+
+def test_reproduce_dynamics_table_reads_each_runs_metrics_and_evaluation(reproduce_quick_run):
+    import json
+
+    import passk
+    out, summary, printed, _ = reproduce_quick_run
+    text = (out / "dynamics_table.txt").read_text()
+    rows = _table_rows(text, "dynamics")
+    assert list(rows) == ["Base", "PSR", "NSR", "W-REINFORCE", "REINFORCE", "GRPO"]
+    assert rows["Base"][1] == ["-", "-", "-"]                 # the base was not trained
+    for row, run in [("PSR", "psr-seed0"), ("GRPO", "grpo-seed0")]:
+        metrics = [json.loads(line) for line in (out / run / "metrics.jsonl").read_text().splitlines()]
+        easy = passk.load_result(out / run / "eval_test_easy.json")
+        assert rows[row][0][0] == f"{easy['mean_entropy']:.3f}"
+        mean = sum(m["reward"] for m in metrics) / len(metrics)
+        assert rows[row][1] == [f"{100 * metrics[0]['reward']:.1f}", f"{100 * mean:.1f}", f"{100 * mean:.1f}"]
+        strategy = json.loads((out / run / "strategy.json").read_text())
+        assert rows[row][3][1] == f"{100 * strategy['test_hard']['share']['down']:.1f}"
+    assert "stable through step 2 of 2" in text
+    assert summary["stability"]["NSR"]["0"]["horizon"] is None
+
+
+def test_reproduce_tables_give_the_mean_and_spread_over_seeds_of_synthetic_runs(tmp_path):
+    import json
+
+    import passk
+    import toy
+    # two seeds of PSR with known counts (n = 4, two problems), one base; pass@1 = mean of c / n
+    counts = {"base": [2, 0], "psr-seed0": [4, 0], "psr-seed1": [3, 1]}
+    jobs, records = [], []
+    for run, c in counts.items():
+        run_dir = tmp_path / run
+        for split in ("test_easy", "test_hard"):
+            passk.save_result({"n": 4, "counts": c, "mean_entropy": 0.5 if run == "base" else 0.25},
+                              run_dir / f"eval_{split}.json")
+        kind, seed = ("base", None) if run == "base" else ("train", int(run[-1]))
+        if kind == "train":
+            lines = [{"step": s, "reward": r, "all_correct": 0.0, "all_wrong": 0.0, "entropy": 1.0,
+                      "skipped": False} for s, r in enumerate([0.5, 0.5, 0.75] if seed == 0 else [0.5, 0.1, 0.1], 1)]
+            (run_dir / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in lines))
+        jobs.append({"kind": kind, "objective": None if kind == "base" else "psr", "seed": seed,
+                     "run_dir": str(run_dir)})
+        records.append({"status": "ok", "error": None, "evaluated": str(run_dir)})
+    summary = toy.collect(jobs, records, window=2)
+    psr1 = summary["passk"]["PSR"]["test_easy"][1]
+    assert psr1["mean"] == pytest.approx(0.5) and psr1["max"] - psr1["min"] == 0     # (1 + 0)/2, (.75 + .25)/2
+    psr2 = summary["passk"]["PSR"]["test_easy"][2]
+    want = [passk.passk_curve(c, 4, [2])[2] for c in ([4, 0], [3, 1])]
+    assert psr2["mean"] == pytest.approx(sum(want) / 2) and psr2["max"] - psr2["min"] == pytest.approx(
+        max(want) - min(want))
+    spread = _table_rows(toy.passk_table(summary["passk"], summary["ks"], stat="spread"), "spread (max-min)")
+    assert spread["Base"][0] == ["-", "-", "-"]                 # one evaluation: no spread
+    curves = [passk.passk_curve(c, 4) for c in ([4, 0], [3, 1])]      # pass@4: 0.5 and 1.0
+    assert spread["PSR"][0] == [f"{100 * abs(curves[0][k] - curves[1][k]):.1f}" for k in (1, 2, 4)]
+    assert spread["PSR"][0][2] == "50.0"
+    # training columns: start = step 1, mean over steps, end = last `window` steps; averaged over seeds
+    dyn = summary["dynamics"]["PSR"]
+    assert dyn["reward.start"]["mean"] == pytest.approx(0.5)
+    assert dyn["reward.end"]["mean"] == pytest.approx(((0.5 + 0.75) / 2 + 0.1) / 2)
+    assert dyn["entropy.test_hard"]["mean"] == 0.25
+    assert summary["dynamics"]["Base"]["entropy.test_easy"]["mean"] == 0.5
+    # seed 1: first 2-step mean 0.3, then 0.1 < 0.5 * 0.3 at step 3: a collapse
+    assert summary["stability"]["PSR"]["1"]["collapse_step"] == 3
+    assert summary["stability"]["PSR"]["0"]["horizon"] is None
+
+
+def test_stability_horizon_is_the_first_non_finite_step_or_reward_collapse_whichever_comes_first():
+    import toy
+
+    def metrics(rewards, skipped=()):
+        return [{"step": s, "reward": r, "skipped": s in skipped} for s, r in enumerate(rewards, 1)]
+
+    steady = toy.stability_horizon(metrics([0.4, 0.5, 0.4, 0.6]), None, window=2)
+    assert steady["horizon"] is None and steady["start_reward"] == pytest.approx(0.45)
+    # 2-step means: 0.45, 0.3, 0.2 -> 0.2 < 0.225 at step 4
+    collapse = toy.stability_horizon(metrics([0.4, 0.5, 0.1, 0.3, 0.0]), None, window=2)
+    assert collapse["collapse_step"] == 4 and collapse["horizon"] == 4
+    skipped = toy.stability_horizon(metrics([0.4, 0.5, 0.1, 0.3, 0.0], skipped={3}), None, window=2)
+    assert skipped["nonfinite_step"] == 3 and skipped["horizon"] == 3
+    # the run raised after logging 2 steps: the non-finite step is the 3rd
+    raised = toy.stability_horizon(metrics([0.4, 0.5]), "RuntimeError: non-finite logits", window=2)
+    assert raised["nonfinite_step"] == 3 and raised["horizon"] == 3
+    # a run that never solved anything cannot collapse
+    assert toy.stability_horizon(metrics([0.0, 0.0, 0.0]), None, window=2)["horizon"] is None
+
+
+def test_reproduce_records_a_diverged_method_evaluates_its_last_checkpoint_and_goes_on(toy_quick_base,
+                                                                                      tmp_path, monkeypatch,
+                                                                                      capsys):
+    import dataclasses
+    import json
+
+    import nsr
+    import toy
+    real_train = nsr.train
+
+    def diverging_train(cfg):
+        # NSR trains one step (checkpointed: --save-every 1) and then "diverges" as nsr.train reports it
+        if cfg.objective != "nsr":
+            return real_train(cfg)
+        real_train(dataclasses.replace(cfg, steps=1))
+        raise RuntimeError("step 2: the policy produced non-finite logits while sampling (test)")
+
+    monkeypatch.setattr(nsr, "train", diverging_train)
+    base, _ = toy_quick_base
+    summary = toy.reproduce(_reproduce_args(base, tmp_path / "out", "--methods", "nsr", "psr"))
+    printed = capsys.readouterr().out
+    jobs = {j["name"]: j for j in summary["jobs"]}
+    assert jobs["nsr seed 0"]["status"] == "diverged" and "non-finite" in jobs["nsr seed 0"]["error"]
+    assert jobs["nsr seed 0"]["evaluated"].endswith("checkpoint-000001")
+    assert jobs["psr seed 0"]["status"] == "ok"
+    nsr_stability = summary["stability"]["NSR"]["0"]
+    assert nsr_stability["nonfinite_step"] == 2 and nsr_stability["horizon"] == 2
+    assert "NSR          seed 0: NON-FINITE at step 2" in printed
+    rows = _table_rows(printed, "Pass@k (%)")
+    assert list(rows) == ["Base", "PSR", "NSR"]               # paper order, whatever --methods says
+    assert json.loads((tmp_path / "out" / "nsr-seed0" / "job.json").read_text())["status"] == "diverged"
+
+
+def test_reproduce_in_two_spawned_processes_gives_the_same_results_as_in_one(reproduce_quick_run,
+                                                                            toy_quick_base, tmp_path, capsys):
+    import passk
+    import toy
+    out1, _, _, _ = reproduce_quick_run
+    base, _ = toy_quick_base
+    toy.reproduce(_reproduce_args(base, tmp_path / "out", "--methods", "psr", "--jobs", "2"))
+    for run in ("base", "psr-seed0"):
+        for split in ("test_easy", "test_hard"):
+            a = passk.load_result(out1 / run / f"eval_{split}.json")
+            b = passk.load_result(tmp_path / "out" / run / f"eval_{split}.json")
+            assert a["counts"] == b["counts"] and a["mean_entropy"] == pytest.approx(b["mean_entropy"], rel=1e-5)
+    assert (out1 / "psr-seed0" / "metrics.jsonl").read_text().count("\n") == 2
+    one = [line.split('"sample_s"')[0] for line in (out1 / "psr-seed0" / "metrics.jsonl").read_text().splitlines()]
+    two = [line.split('"sample_s"')[0] for line in
+           (tmp_path / "out" / "psr-seed0" / "metrics.jsonl").read_text().splitlines()]
+    assert one == two                                         # every logged value before the timings
+
+
+def test_reproduce_plot_draws_one_panel_per_split_into_a_png_when_matplotlib_is_installed(tmp_path):
+    pytest.importorskip("matplotlib")
+    import toy
+    stats = {k: toy.spread_stats([0.1 * k ** 0.5, 0.12 * k ** 0.5]) for k in (1, 2, 4)}
+    summary = {"Base": {"test_easy": stats, "test_hard": stats}, "NSR": {"test_easy": stats, "test_hard": {}}}
+    path = toy.plot_reproduction(summary, [1, 2, 4], tmp_path / "curves.png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--n", "0"], "--n must be >= 1"),
+    (["--seeds", "0", "0"], "--seeds must be distinct"),
+    (["--jobs", "0"], "--jobs must be >= 1"),
+    (["--methods", "ppo"], "invalid choice"),
+])
+def test_reproduce_rejects_bad_flags_before_any_work(tmp_path, capsys, extra, message):
+    import toy
+    with pytest.raises(SystemExit):
+        toy.reproduce_cli(["--base-dir", str(tmp_path / "never-built"), "--out", str(tmp_path / "out"), *extra])
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "never-built").exists() and not (tmp_path / "out").exists()
+
