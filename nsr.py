@@ -42,7 +42,7 @@ DEVIATIONS from the paper and its official code (github.com/TianHongZXY/RLVR-Dec
   5. Precision: a bf16 model with fp32 master weights and fp32 gradient accumulation (section
      TRAINING) instead of FSDP mixed precision; both update fp32 weights.
   6. The main job (`python nsr.py`) runs on the toy world (toy.py) with toy-sized settings
-     (TOY_DEFAULTS: lr 1e-4, 64 response tokens, ...), not the paper's (lr 1e-6, MATH, long responses).
+     (TOY_DEFAULTS: 100 steps of 16 prompts x 8 at lr 2e-4, 64 response tokens, ...), not the paper's (lr 1e-6, MATH, long responses).
   7. Options the official code has and we keep off by default: entropy bonus (--entropy-coef), KL to
      the initial model (--kl-coef, k3 estimator as GRPO). Weight decay applies to every parameter.
 
@@ -50,8 +50,8 @@ COMMANDS
   python nsr.py                          # main job: toy world, NSR, Pass@k table of base vs trained
   python nsr.py --objective psr          # or nsr, w-reinforce, reinforce, grpo
   python nsr.py --demo-gradient          # one PSR / NSR / W-REINFORCE step on 5 tokens, as numbers
-  python nsr.py --model Qwen/Qwen2.5-Math-1.5B --train math_train.jsonl --eval math500.jsonl \\
-                --preset NAME --out-dir runs/qwen-nsr       # a real model (see PRESETS, --dry-run)
+  python nsr.py --preset qwen2.5-0.5b-instruct --train math_train.jsonl --eval math_test.jsonl \\
+                --out-dir runs/qwen-nsr     # a real model on one 24 GB GPU (see PRESETS, --dry-run)
   python nsr.py ... --resume             # continue a stopped run exactly (same flags)
   python nsr.py --help                   # every Config field, with its comment
   python -m pytest -q test_nsr.py        # the tests
@@ -1498,6 +1498,8 @@ def memory_plan(preset, arch: dict | None = None, gpu_gib: float = 24.0,
     else:
         cfg = preset if isinstance(preset, dict) else dataclasses.asdict(preset)
         name = cfg.get("preset") or cfg["model"]
+    # a key the preset or dict does not set takes Config's default (the same fallback parse_config applies)
+    cfg = {**dataclasses.asdict(Config()), **cfg}
     if arch is None:
         if cfg["model"] in ARCHITECTURES:
             arch = ARCHITECTURES[cfg["model"]]
