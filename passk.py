@@ -37,6 +37,7 @@ import argparse
 import json
 import math
 import operator
+import os
 import pathlib
 import sys
 import time
@@ -222,11 +223,15 @@ def save_result(result: dict, path) -> pathlib.Path:
 
     One line per field keeps a 5000-problem "counts" list on one line instead of 5000, and the file
     diffable and greppable; it is still ordinary JSON for any reader.
+    NOTE: written to a temporary file and renamed (os.replace is atomic), so an interrupted run never
+    leaves a truncated result that a later --compare or `toy.py reproduce` summary would fail to read.
     """
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fields = [f"  {json.dumps(str(key))}: {json.dumps(value)}" for key, value in result.items()]
-    path.write_text("{\n" + ",\n".join(fields) + "\n}\n", encoding="utf-8")
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("{\n" + ",\n".join(fields) + "\n}\n", encoding="utf-8")
+    os.replace(tmp, path)
     return path
 
 
@@ -378,6 +383,8 @@ def main(argv=None) -> int:
         parser.error(f"--n must be >= 1, got {args.n}")
     if args.limit is not None and args.limit < 1:
         parser.error(f"--limit must be >= 1, got {args.limit}")
+    if args.chunk_size < 1:
+        parser.error(f"--chunk-size must be >= 1, got {args.chunk_size}")
     for k in ks or []:
         if not 1 <= k <= args.n:
             parser.error(f"--ks: k={k} is out of range 1..n={args.n}")
