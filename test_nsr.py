@@ -991,22 +991,10 @@ def test_demo_gradient_prints_nsr_moving_the_logits_by_minus_one_minus_pi_and_pl
     assert all(nsr_after[v] > prior[v] for v in (0, 2)) and sum(nsr_after) == pytest.approx(1.0, abs=5e-3)
 
 
-def _char_tokenizer():
-    """A character-level tokenizer (ids: 0 pad, 1 bos, 2 eos, then printable ASCII and newline)."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-    chars = [chr(c) for c in range(32, 127)] + ["\n"]
-    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, **{c: i + 3 for i, c in enumerate(chars)}}
-    tk = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
-    tk.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
-    tk.decoder = decoders.Fuse()
-    return PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
-
-
 def _tiny_world(root: pathlib.Path) -> pathlib.Path:
     """A saved tiny random Qwen2 + char tokenizer and a few addition problems (train.jsonl, test.jsonl)."""
     import json
-    tokenizer = _char_tokenizer()
+    tokenizer = chat_tokenizer(chat_template=None)   # the REAL MODELS section's fixture; no template = plain
     world = root / "world"
     tiny_model("qwen2", vocab_size=len(tokenizer)).save_pretrained(world)
     tokenizer.save_pretrained(world)
