@@ -1,7 +1,7 @@
 """
 bench.py -- speed benchmarks for nsr, one function per benchmark, one subcommand each.
 
-  python bench.py sampler   tokens/s of nsr.generate (hand-written, KV cache) vs transformers'
+  python bench.py sampler   tokens/s of sample.generate (hand-written, KV cache) vs transformers'
                             model.generate(do_sample=True): same prompts, temperature, top-p and
                             max_new_tokens, run alternately in one process, median of several repeats, on
                               (a) a ~1M-parameter random Qwen2 with a char-sized vocabulary, 256 rollouts
@@ -16,7 +16,7 @@ The last line of output is one JSON object with the measured numbers (ratios = o
 
 What "tokens/s" counts: generated tokens up to and including each row's first EOS (what the RL step
 and Pass@k actually use), divided by wall time of the whole call (prefill + decoding + bookkeeping).
-Where the difference comes from: nsr.generate prefills each distinct prompt once and evicts finished
+Where the difference comes from: sample.generate prefills each distinct prompt once and evicts finished
 rows from the batch; transformers prefills every row and keeps stepping finished rows until all are done.
 The per-step model call is the same transformers forward in both.
 
@@ -28,22 +28,29 @@ from __future__ import annotations
 import argparse
 import json
 import pathlib
+import resource
 import statistics
+import subprocess
+import sys
 import time
 
 import torch
+from transformers import Qwen2Config, Qwen2ForCausalLM
+
+import nsr
+import sample
+import toy
 
 HERE = pathlib.Path(__file__).resolve().parent
 
 
 # =================================================================================================
-# SAMPLER: nsr.generate vs transformers' model.generate
+# SAMPLER: sample.generate vs transformers' model.generate
 # =================================================================================================
 
 def random_qwen2(vocab_size: int, hidden: int, layers: int, intermediate: int, heads: int, kv_heads: int,
                  seed: int):
     """A randomly initialised Qwen2 (eos 2, pad 0, bos 1), fp32, eval mode."""
-    from transformers import Qwen2Config, Qwen2ForCausalLM
     config = Qwen2Config(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=intermediate,
                          num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
                          max_position_embeddings=4096, bos_token_id=1, eos_token_id=2, pad_token_id=0,
@@ -66,19 +73,17 @@ def random_prompts(n_prompts: int, repeats: int, vocab_size: int, min_len: int, 
 def toy_model_and_prompts(n_prompts: int, repeats: int):
     """toy.py's model on its test_easy prompts, each repeated `repeats` times: the trained base model from
     runs/toy-base when it has been built (python toy.py), else the same architecture freshly initialised."""
-    import nsr
-    import toy
     base = HERE / "runs" / "toy-base"
     if (base / "config.json").is_file():
-        model, tokenizer = nsr.load_model(str(base), dtype="float32", device="cpu")
-        problems = nsr.load_problems(base / "test_easy.jsonl")
+        model, tokenizer = sample.load_model(str(base), dtype="float32", device="cpu")
+        problems = sample.load_problems(base / "test_easy.jsonl")
         label = "a: toy model (trained, runs/toy-base)"
     else:
         recipe, tokenizer = toy.ToyRecipe(), toy.build_tokenizer()
         model = toy.build_model(recipe, tokenizer)
         problems = toy.make_splits(recipe)["test_easy"]
         label = "a: toy model (untrained: runs/toy-base not built)"
-    prompt_ids, _, _ = nsr.encode_prompts(tokenizer, problems[:n_prompts])
+    prompt_ids, _, _ = sample.encode_prompts(tokenizer, problems[:n_prompts])
     return label, model.eval(), [p for p in prompt_ids for _ in range(repeats)]
 
 
@@ -92,11 +97,10 @@ def count_tokens(rows: list[list[int]], eos_ids: list[int]) -> int:
 
 
 def run_ours(model, prompts, args, max_new_tokens: int, seed: int) -> tuple[float, int]:
-    """One timed call of nsr.generate -> (seconds, generated tokens)."""
-    import nsr
+    """One timed call of sample.generate -> (seconds, generated tokens)."""
     g = torch.Generator().manual_seed(seed)
     start = time.perf_counter()
-    rollouts = nsr.generate(model, prompts, max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+    rollouts = sample.generate(model, prompts, max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                             generator=g, chunk_size=args.chunk_size)
     seconds = time.perf_counter() - start
     return seconds, sum(len(row) for row in rollouts.tokens)
@@ -104,8 +108,7 @@ def run_ours(model, prompts, args, max_new_tokens: int, seed: int) -> tuple[floa
 
 def run_transformers(model, prompts, args, max_new_tokens: int, seed: int) -> tuple[float, int]:
     """One timed call of model.generate(do_sample=True) on the same left-padded batch."""
-    import nsr
-    eos_ids = nsr.default_eos_token_ids(model)
+    eos_ids = sample.default_eos_token_ids(model)
     torch.manual_seed(seed)
     start = time.perf_counter()                        # padding is part of the job, so it is timed too
     P = max(len(p) for p in prompts)
@@ -197,9 +200,7 @@ def bench_sampler(args) -> dict:
 
 def train_child(args) -> dict:
     """One mode (args.child = "on" / "off") in this process: warm-up step, then timed steps."""
-    import resource
 
-    import nsr
     torch.set_num_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = random_qwen2(vocab_size=32000, hidden=768, layers=10, intermediate=2048, heads=12, kv_heads=2,
@@ -252,8 +253,6 @@ def train_child(args) -> dict:
 
 def bench_train(args) -> dict:
     """Run both modes in subprocesses and compare."""
-    import subprocess
-    import sys
     if args.child:
         return train_child(args)
     results = {}
@@ -290,7 +289,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="benchmark", required=True)
 
-    sp = sub.add_parser("sampler", help="nsr.generate vs transformers' generate, tokens/s")
+    sp = sub.add_parser("sampler", help="sample.generate vs transformers' generate, tokens/s")
     sp.add_argument("--repeats", type=int, default=3, help="timed repeats per sampler (median is reported)")
     sp.add_argument("--new-tokens-a", type=int, default=64, help="max new tokens per rollout on model (a)")
     sp.add_argument("--new-tokens-b", type=int, default=32, help="max new tokens per rollout on model (b)")
@@ -300,7 +299,7 @@ def main(argv=None):
     sp.add_argument("--rollouts-b", type=int, default=16, help="rollouts on model (b)")
     sp.add_argument("--per-prompt", type=int, default=None,
                     help="rollouts per distinct prompt (default 8 on (a), 4 on (b); 1 = all prompts distinct)")
-    sp.add_argument("--chunk-size", type=int, default=256, help="nsr.generate chunk size")
+    sp.add_argument("--chunk-size", type=int, default=256, help="sample.generate chunk size")
     sp.add_argument("--threads", type=int, default=1,
                     help="torch CPU threads (1 = steadiest timings on a shared machine)")
     sp.add_argument("--only", default="ab", help="which models to run: a, b or ab")

@@ -42,10 +42,11 @@ import pathlib
 import sys
 import time
 
+import torch
 from tqdm import tqdm
 
-# NOTE: torch, nsr and verifier are imported inside the functions that sample. pass_at_k, the table and
-# `--compare` then work without torch installed (e.g. on a laptop holding JSON results from a GPU box).
+import sample
+import verifier
 
 
 # =================================================================================================
@@ -112,7 +113,7 @@ def passk_curve(correct_counts, n: int, ks=None) -> dict[int, float]:
 
 
 # =================================================================================================
-# EVALUATE: problems -> n samples each (nsr.generate) -> verify (verifier.is_correct) -> counts
+# EVALUATE: problems -> n samples each (sample.generate) -> verify (verifier.is_correct) -> counts
 # =================================================================================================
 
 def evaluate(model, tokenizer, problems, n: int, *, temperature: float = 1.0, top_p: float = 1.0,
@@ -121,7 +122,7 @@ def evaluate(model, tokenizer, problems, n: int, *, temperature: float = 1.0, to
              data_name: str | None = None) -> dict:
     """Sample n answers per problem, verify each, and return the JSON-serialisable result.
 
-    problems: [{"problem": str, "answer": str}, ...] (nsr.load_problems). ks: curve points (default powers
+    problems: [{"problem": str, "answer": str}, ...] (sample.load_problems). ks: curve points (default powers
     of 2 <= n). out: a path to save the result as JSON. model_name / data_name are stored as given.
 
     The result (every field is explained in the README):
@@ -137,11 +138,6 @@ def evaluate(model, tokenizer, problems, n: int, *, temperature: float = 1.0, to
       seconds          wall-clock time of the sampling loop
       settings         n, temperature, top_p, max_new_tokens, seed, template, chunk_size
     """
-    import torch
-
-    import nsr
-    import verifier
-
     # ---- bad input fails here, before any sampling ----
     n = _check_int("n (samples per problem)", n, 1)
     ks = default_ks(n) if ks is None else sorted({_check_int("k", k, 1) for k in ks})
@@ -157,7 +153,7 @@ def evaluate(model, tokenizer, problems, n: int, *, temperature: float = 1.0, to
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
 
-    prompt_ids, kept, n_skipped = nsr.encode_prompts(tokenizer, problems, template=template)
+    prompt_ids, kept, n_skipped = sample.encode_prompts(tokenizer, problems, template=template)
     if not kept:
         raise ValueError(f"all {len(problems)} problems were skipped while encoding prompts")
 
@@ -176,7 +172,7 @@ def evaluate(model, tokenizer, problems, n: int, *, temperature: float = 1.0, to
     for first in range(0, len(kept), per_call):
         group = kept[first:first + per_call]
         rows = [ids for ids in prompt_ids[first:first + per_call] for _ in range(n)]  # len(group)*n prompts
-        rollouts = nsr.generate(model, rows, max_new_tokens, temperature=temperature, top_p=top_p,
+        rollouts = sample.generate(model, rows, max_new_tokens, temperature=temperature, top_p=top_p,
                                 generator=generator, chunk_size=chunk_size)
         for j, problem in enumerate(group):
             correct = 0
@@ -330,15 +326,15 @@ def main(argv=None) -> int:
                "  python passk.py --model runs/toy-base --data runs/toy-base/test_easy.jsonl --n 256 "
                "--out runs/base.json\n"
                "  python passk.py --compare runs/base.json runs/nsr.json --plot runs/curves.png")
-    parser.add_argument("--model", help="hub name or local directory (nsr.load_model)")
-    parser.add_argument("--data", help="JSONL file with problem/answer fields (nsr.load_problems)")
+    parser.add_argument("--model", help="hub name or local directory (sample.load_model)")
+    parser.add_argument("--data", help="JSONL file with problem/answer fields (sample.load_problems)")
     parser.add_argument("--n", type=int, default=256, help="samples per problem (default 256)")
     parser.add_argument("--out", help="where to save the result JSON")
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--max-new-tokens", type=int, default=512)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--template", default="auto", help="prompt template (nsr.render_prompt)")
+    parser.add_argument("--template", default="auto", help="prompt template (sample.render_prompt)")
     parser.add_argument("--limit", type=int, help="evaluate only the first LIMIT problems")
     parser.add_argument("--chunk-size", type=int, default=256, help="rows per sampling batch")
     parser.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
@@ -391,14 +387,12 @@ def main(argv=None) -> int:
     if not pathlib.Path(args.data).is_file():
         parser.error(f"--data {args.data}: no such file")
 
-    import nsr
-
     try:
-        problems = nsr.load_problems(args.data)
+        problems = sample.load_problems(args.data)
     except ValueError as e:
         parser.error(str(e))
     problems = problems[:args.limit] if args.limit else problems
-    model, tokenizer = nsr.load_model(args.model, dtype=args.dtype, device=args.device)
+    model, tokenizer = sample.load_model(args.model, dtype=args.dtype, device=args.device)
     result = evaluate(model, tokenizer, problems, args.n, temperature=args.temperature, top_p=args.top_p,
                       max_new_tokens=args.max_new_tokens, seed=args.seed, template=args.template,
                       chunk_size=args.chunk_size, desc=pathlib.Path(args.data).stem, out=args.out, ks=ks,

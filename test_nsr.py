@@ -9,11 +9,29 @@ Run:  python -m pytest -q test_nsr.py
 
 from __future__ import annotations
 
-import os
+import dataclasses
+import itertools
+import json
+import math
 import pathlib
+import random
+import string
+import sys
+import time
+import warnings
+from fractions import Fraction
 
 import pytest
 import torch
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+from transformers import (AutoModelForCausalLM, AutoTokenizer, DynamicCache, LlamaConfig, LlamaForCausalLM,
+                          PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
+
+import nsr
+import passk
+import sample
+import toy
+import verifier
 
 HERE = pathlib.Path(__file__).resolve().parent
 SHARED_DATA = HERE.parent / "shared" / "data"
@@ -31,8 +49,6 @@ torch.set_num_threads(1)
 def tiny_model(arch: str = "qwen2", vocab_size: int = 97, seed: int = 0, layers: int = 2,
                hidden: int = 32, dtype: torch.dtype = torch.float32):
     """A tiny randomly initialised causal LM of a real architecture ("qwen2", "qwen3", "llama")."""
-    from transformers import (LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM,
-                              Qwen3Config, Qwen3ForCausalLM)
     common = dict(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden,
                   num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
                   max_position_embeddings=512, bos_token_id=1, eos_token_id=2, pad_token_id=0,
@@ -90,20 +106,17 @@ VERIFIER_REJECT = [
 
 @pytest.mark.parametrize("answer,gold", VERIFIER_ACCEPT)
 def test_verifier_accepts_every_notation_of_the_same_answer_in_both_directions(answer, gold):
-    import verifier
     assert verifier.is_correct(f"So the answer is $\\boxed{{{answer}}}$.", gold)
     assert verifier.is_correct(f"Thus \\boxed{{{gold}}}", answer)
 
 
 @pytest.mark.parametrize("answer,gold", VERIFIER_REJECT)
 def test_verifier_rejects_a_different_value_structure_or_hedge_in_both_directions(answer, gold):
-    import verifier
     assert not verifier.is_correct(f"\\boxed{{{answer}}}", gold)
     assert not verifier.is_correct(f"\\boxed{{{gold}}}", answer)
 
 
 def test_verifier_extracts_the_last_complete_box_or_the_final_answer_phrase_and_nothing_else():
-    import verifier
     cases = {
         "first \\boxed{1}, then \\boxed{\\frac{a}{b+\\{c\\}}}.": "\\frac{a}{b+\\{c\\}}",   # nested braces
         "so \\boxed {7} works": "7", "\\boxed 5.": "5", "\\boxed \\pi": "\\pi", "\\fbox{x+1}": "x+1",
@@ -121,7 +134,6 @@ def test_verifier_extracts_the_last_complete_box_or_the_final_answer_phrase_and_
 
 
 def test_normalize_answer_applies_each_named_rule():
-    import verifier
     cases = {
         "\\dfrac{3}{2}": "\\frac{3}{2}", "\\left( 1, 2 \\right)": "(1,2)", "1\\!2\\;3": "12 3",
         "$\\$5$": "5", "\\text{Evelyn}": "evelyn", "10\\text{ cm}^2": "10", "90^{\\circ}": "90", "28\\%": "28",
@@ -137,7 +149,6 @@ def test_normalize_answer_applies_each_named_rule():
 
 
 def test_verifier_is_simply_incorrect_for_none_non_strings_and_empty_answers():
-    import verifier
     for response, gold in [(None, "1"), ("\\boxed{1}", None), (1, 1), ([], "1"), ("\\boxed{1}", ""),
                            ("", ""), ("\\boxed{1}", "\\boxed{}"), (b"\\boxed{1}", "1")]:
         assert verifier.is_correct(response, gold) is False
@@ -146,9 +157,6 @@ def test_verifier_is_simply_incorrect_for_none_non_strings_and_empty_answers():
 
 
 def test_verifier_fuzz_of_random_and_adversarial_strings_never_raises_and_stays_linear():
-    import random
-    import time
-    import verifier
     rng = random.Random(0)
     pieces = ["\\boxed{", "\\fbox{", "{", "}", "\\{", "\\}", "(", ")", "[", "]", "\\frac", "\\sqrt", "\\text{",
               "1", "0.", ",", "/", "=", "x", "\\pm", "\\cup", "&", "\\\\", "\\", "$", "%", "^\\circ", " ", "\n",
@@ -178,8 +186,6 @@ def test_verifier_fuzz_of_random_and_adversarial_strings_never_raises_and_stays_
 
 @needs_shared_data
 def test_verifier_agrees_with_math_solutions_on_at_least_99_5_percent_of_records():
-    import json
-    import verifier
     records = [json.loads(line) for name in ("math_train.jsonl", "math_test.jsonl")
                for line in (SHARED_DATA / name).read_text().splitlines() if line.strip()]
     misses = [r for r in records if not verifier.is_correct(r["solution"], r["answer"])]
@@ -200,10 +206,6 @@ def test_verifier_agrees_with_math_solutions_on_at_least_99_5_percent_of_records
 # Select them with:  python -m pytest -q test_nsr.py -k "passk or pass_at_k"
 
 def test_pass_at_k_equals_brute_force_enumeration_over_all_k_subsets():
-    import itertools
-    from fractions import Fraction
-
-    import passk
     for n in range(1, 11):
         for c in range(n + 1):
             correct = set(range(c))                    # which samples are correct does not matter
@@ -215,11 +217,6 @@ def test_pass_at_k_equals_brute_force_enumeration_over_all_k_subsets():
 
 
 def test_pass_at_k_matches_exact_binomial_fractions_for_random_n_up_to_512():
-    import math
-    import random
-    from fractions import Fraction
-
-    import passk
     rng = random.Random(0)
     cases = [(512, 1, 1), (512, 1, 511), (512, 511, 1), (512, 256, 256), (512, 0, 512), (512, 512, 512)]
     cases += [(n, rng.randint(0, n), rng.randint(1, n)) for n in (rng.randint(1, 512) for _ in range(400))]
@@ -233,9 +230,7 @@ def test_pass_at_k_matches_exact_binomial_fractions_for_random_n_up_to_512():
 
 def test_pass_at_k_is_unbiased_under_binomial_sampling_while_the_plug_in_estimate_is_not():
     # If every sample is correct with probability p, c ~ Binomial(n, p) and the truth is 1 - (1-p)^k.
-    import math
 
-    import passk
     for n, p in [(8, 0.1), (16, 0.3), (32, 0.05)]:
         pmf = [math.comb(n, c) * p ** c * (1 - p) ** (n - c) for c in range(n + 1)]
         for k in range(1, n + 1):
@@ -248,7 +243,6 @@ def test_pass_at_k_is_unbiased_under_binomial_sampling_while_the_plug_in_estimat
 
 
 def test_pass_at_k_edge_cases_c_zero_c_n_k_n_and_pass_at_1_is_c_over_n():
-    import passk
     for n in (1, 2, 7, 64, 256):
         assert passk.pass_at_k(n, 0, 1) == 0.0 and passk.pass_at_k(n, 0, n) == 0.0
         assert passk.pass_at_k(n, n, 1) == 1.0 and passk.pass_at_k(n, n, n) == 1.0
@@ -268,15 +262,11 @@ def test_pass_at_k_edge_cases_c_zero_c_n_k_n_and_pass_at_1_is_c_over_n():
     (4, 1, "2", "k must be an integer"),
 ])
 def test_pass_at_k_rejects_bad_arguments_with_a_clear_value_error(n, c, k, message):
-    import passk
     with pytest.raises(ValueError, match=message):
         passk.pass_at_k(n, c, k)
 
 
 def test_passk_curve_is_the_mean_over_problems_and_non_decreasing_in_k():
-    import random
-
-    import passk
     assert passk.default_ks(256) == [1, 2, 4, 8, 16, 32, 64, 128, 256]
     assert passk.default_ks(10) == [1, 2, 4, 8] and passk.default_ks(1) == [1]
     rng = random.Random(1)
@@ -316,10 +306,8 @@ class _PasskFakeTokenizer:
 
 
 def _passk_fake_world(monkeypatch, accuracy, model):
-    """Patch nsr.encode_prompts / nsr.generate with the fake; returns a log of what the fake saw and did."""
-    import torch
+    """Patch sample.encode_prompts / sample.generate with the fake; returns a log of what the fake saw and did."""
 
-    import nsr
     log = {"calls": [], "made_correct": [0] * len(accuracy), "generators": []}
 
     def encode_prompts(tokenizer, problems, template="auto", max_prompt_len=None):
@@ -342,11 +330,11 @@ def _passk_fake_world(monkeypatch, accuracy, model):
             else:
                 toks = [int(d) for d in str(7 * i + 3 + 1000)]
                 tokens.append(toks), truncated.append(True), entropies.append([1.0] * len(toks))
-        return nsr.Rollouts(tokens=tokens, logprobs=[[-1.0] * len(t) for t in tokens], truncated=truncated,
+        return sample.Rollouts(tokens=tokens, logprobs=[[-1.0] * len(t) for t in tokens], truncated=truncated,
                             entropies=entropies)
 
-    monkeypatch.setattr(nsr, "encode_prompts", encode_prompts, raising=False)
-    monkeypatch.setattr(nsr, "generate", generate, raising=False)
+    monkeypatch.setattr(sample, "encode_prompts", encode_prompts, raising=False)
+    monkeypatch.setattr(sample, "generate", generate, raising=False)
     return log
 
 
@@ -358,9 +346,6 @@ _PASSK_ACCURACY = [0.0, 0.1, 0.25, 0.5, 0.9, 1.0] * 10      # 60 problems
 
 
 def test_passk_evaluate_on_a_fake_sampler_with_known_accuracy_recovers_the_expected_curve(monkeypatch):
-    import torch
-
-    import passk
     model, tokenizer = torch.nn.Linear(1, 1), _PasskFakeTokenizer()
     log = _passk_fake_world(monkeypatch, _PASSK_ACCURACY, model)
     n = 64
@@ -395,9 +380,6 @@ def test_passk_evaluate_on_a_fake_sampler_with_known_accuracy_recovers_the_expec
 
 
 def test_passk_evaluate_seeds_one_generator_so_the_same_seed_gives_the_same_counts(monkeypatch):
-    import torch
-
-    import passk
     model, problems = torch.nn.Linear(1, 1), _passk_fake_problems(12)
     accuracy = [0.5] * 12
     log = _passk_fake_world(monkeypatch, accuracy, model)
@@ -414,9 +396,6 @@ def test_passk_evaluate_seeds_one_generator_so_the_same_seed_gives_the_same_coun
 
 def test_passk_evaluate_result_saved_as_json_reloads_with_int_keys_and_gives_the_same_table(monkeypatch,
                                                                                             tmp_path):
-    import torch
-
-    import passk
     model = torch.nn.Linear(1, 1)
     _passk_fake_world(monkeypatch, _PASSK_ACCURACY[:12], model)
     path = tmp_path / "sub" / "run.json"
@@ -436,27 +415,19 @@ def test_passk_evaluate_result_saved_as_json_reloads_with_int_keys_and_gives_the
     ([{"problem": "q0"}], 4, None, "problems\\[0\\] needs keys"),
 ])
 def test_passk_evaluate_rejects_bad_input_before_any_sampling(monkeypatch, problems, n, ks, message):
-    import torch
-
-    import nsr
-    import passk
-
     def must_not_sample(*args, **kwargs):
         raise AssertionError("sampling started before the input was checked")
 
-    monkeypatch.setattr(nsr, "generate", must_not_sample, raising=False)
-    monkeypatch.setattr(nsr, "encode_prompts", must_not_sample, raising=False)
+    monkeypatch.setattr(sample, "generate", must_not_sample, raising=False)
+    monkeypatch.setattr(sample, "encode_prompts", must_not_sample, raising=False)
     with pytest.raises(ValueError, match=message):
         passk.evaluate(torch.nn.Linear(1, 1), _PasskFakeTokenizer(), problems, n, ks=ks)
 
 
 def test_passk_evaluate_smoke_with_the_real_sampler_and_verifier_on_a_tiny_model():
-    # No fakes: nsr.encode_prompts + nsr.generate + verifier.is_correct on a random tiny Qwen2 with the toy
+    # No fakes: sample.encode_prompts + sample.generate + verifier.is_correct on a random tiny Qwen2 with the toy
     # character tokenizer. A random model knows nothing, so only sanity and seeding are checked.
-    import math
 
-    import passk
-    import toy
     tokenizer = toy.build_tokenizer()
     model = tiny_model("qwen2", vocab_size=len(tokenizer))
     model.generation_config.eos_token_id = tokenizer.eos_token_id
@@ -475,7 +446,6 @@ def test_passk_evaluate_smoke_with_the_real_sampler_and_verifier_on_a_tiny_model
 
 def _passk_saved_runs(tmp_path):
     """Two saved results with hand-made counts: 'base' (n=8) and 'nsr' (n=4, so k=8 is missing)."""
-    import passk
     runs = {"base": ([0, 1, 8, 3], 8), "nsr": ([2, 4, 0, 1], 4)}
     paths = []
     for name, (counts, n) in runs.items():
@@ -487,9 +457,6 @@ def _passk_saved_runs(tmp_path):
 
 def test_passk_compare_prints_the_paper_table_and_a_pip_hint_without_matplotlib(monkeypatch, tmp_path,
                                                                                  capsys):
-    import sys
-
-    import passk
     monkeypatch.setitem(sys.modules, "matplotlib", None)     # makes `import matplotlib...` fail
     monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
     base, nsr_run = _passk_saved_runs(tmp_path)
@@ -505,7 +472,6 @@ def test_passk_compare_prints_the_paper_table_and_a_pip_hint_without_matplotlib(
 
 def test_passk_compare_writes_a_png_of_the_curves_when_matplotlib_is_installed(tmp_path, capsys):
     pytest.importorskip("matplotlib")
-    import passk
     base, nsr_run = _passk_saved_runs(tmp_path)
     assert passk.main(["--compare", str(base), str(nsr_run)]) == 0
     png = tmp_path / "base.passk.png"                        # default: next to the first json
@@ -514,12 +480,6 @@ def test_passk_compare_writes_a_png_of_the_curves_when_matplotlib_is_installed(t
 
 
 def test_passk_cli_evaluates_a_data_file_and_saves_settings_and_model_name(monkeypatch, tmp_path, capsys):
-    import json
-
-    import torch
-
-    import nsr
-    import passk
     model = torch.nn.Linear(1, 1)
     _passk_fake_world(monkeypatch, _PASSK_ACCURACY, model)
     loaded_with = {}
@@ -528,7 +488,7 @@ def test_passk_cli_evaluates_a_data_file_and_saves_settings_and_model_name(monke
         loaded_with.update(name=name_or_dir, dtype=dtype, device=device)
         return model, _PasskFakeTokenizer()
 
-    monkeypatch.setattr(nsr, "load_model", load_model, raising=False)
+    monkeypatch.setattr(sample, "load_model", load_model, raising=False)
     data = tmp_path / "toy.jsonl"
     data.write_text("".join(json.dumps(p) + "\n" for p in _passk_fake_problems(10)))
     out = tmp_path / "r.json"
@@ -551,13 +511,10 @@ def test_passk_cli_evaluates_a_data_file_and_saves_settings_and_model_name(monke
     (["--data", "DATA", "--n", "4", "--ks", "1,8"], "k=8 is out of range"),
 ])
 def test_passk_cli_rejects_bad_input_before_loading_the_model(monkeypatch, tmp_path, capsys, extra, message):
-    import nsr
-    import passk
-
     def must_not_load(*args, **kwargs):
         raise AssertionError("the model was loaded before the input was checked")
 
-    monkeypatch.setattr(nsr, "load_model", must_not_load, raising=False)
+    monkeypatch.setattr(sample, "load_model", must_not_load, raising=False)
     (tmp_path / "empty.jsonl").write_text("\n")
     (tmp_path / "data.jsonl").write_text('{"problem": "1+1", "answer": "2"}\n')
     paths = {"MISSING": tmp_path / "missing.jsonl", "EMPTY": tmp_path / "empty.jsonl",
@@ -597,19 +554,17 @@ def _transformers_greedy(model, prompt, max_new_tokens):
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_kv_cache_step_logits_equal_a_full_forward_pass_with_left_padding(arch):
-    import nsr
-    from transformers import DynamicCache
     model = tiny_model(arch)
     continuation = [[40, 41, 42], [50, 51, 52], [60, 61, 62], [70, 71, 72]]   # fed one token per step
     n = len(continuation[0])
-    ids, mask, pos = nsr.left_pad(SAMPLING_PROMPTS, n, torch.device("cpu"))
+    ids, mask, pos = sample.left_pad(SAMPLING_PROMPTS, n, torch.device("cpu"))
     P = ids.shape[1]
     cache = DynamicCache(config=model.config)
     with torch.inference_mode():
-        step_logits = [nsr.next_token_logits(model, ids, mask[:, :P], pos, cache)]       # prefill
+        step_logits = [sample.next_token_logits(model, ids, mask[:, :P], pos, cache)]       # prefill
         for t in range(n):
             step_ids = torch.tensor([[row[t]] for row in continuation])                  # (B, 1)
-            step_logits.append(nsr.next_token_logits(model, step_ids, mask[:, :P + t + 1], pos[:, -1:] + 1 + t,
+            step_logits.append(sample.next_token_logits(model, step_ids, mask[:, :P + t + 1], pos[:, -1:] + 1 + t,
                                                      cache))
     for b, prompt in enumerate(SAMPLING_PROMPTS):
         full = _continuation_logits(model, prompt, continuation[b] + [0])              # (n + 1, V)
@@ -619,9 +574,8 @@ def test_kv_cache_step_logits_equal_a_full_forward_pass_with_left_padding(arch):
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_greedy_generate_matches_transformers_generate_token_for_token(arch):
-    import nsr
     model = tiny_model(arch)
-    rollouts = nsr.generate(model, SAMPLING_PROMPTS, max_new_tokens=10, temperature=0.0)
+    rollouts = sample.generate(model, SAMPLING_PROMPTS, max_new_tokens=10, temperature=0.0)
     for b, prompt in enumerate(SAMPLING_PROMPTS):
         expected = _transformers_greedy(model, prompt, 10)
         assert rollouts.tokens[b] == expected, f"row {b}"
@@ -630,21 +584,19 @@ def test_greedy_generate_matches_transformers_generate_token_for_token(arch):
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_greedy_generate_of_a_batch_equals_each_prompt_generated_alone(arch):
-    import nsr
     model = tiny_model(arch)
     prompts = SAMPLING_PROMPTS + SAMPLING_PROMPTS[:2]        # repeated prompts share one prefill
-    batch = nsr.generate(model, prompts, max_new_tokens=10, temperature=0.0)
+    batch = sample.generate(model, prompts, max_new_tokens=10, temperature=0.0)
     for b, prompt in enumerate(prompts):
-        alone = nsr.generate(model, [prompt], max_new_tokens=10, temperature=0.0)
+        alone = sample.generate(model, [prompt], max_new_tokens=10, temperature=0.0)
         assert batch.tokens[b] == alone.tokens[0], f"row {b}"
         assert batch.truncated[b] == alone.truncated[0]
 
 
 def test_generate_does_not_stop_at_an_eos_inside_the_prompt():
-    import nsr
     model = tiny_model("qwen2")
     prompts = [[1, 2, 7, 2], [1, 8, 2]]                                # EOS (id 2) inside and at the end
-    rollouts = nsr.generate(model, prompts, max_new_tokens=6, temperature=0.0, eos_token_ids=[2])
+    rollouts = sample.generate(model, prompts, max_new_tokens=6, temperature=0.0, eos_token_ids=[2])
     for b, prompt in enumerate(prompts):
         tokens = rollouts.tokens[b]
         assert len(tokens) >= 1 and 2 not in tokens[:-1]
@@ -652,15 +604,14 @@ def test_generate_does_not_stop_at_an_eos_inside_the_prompt():
 
 
 def test_generate_stops_each_row_at_its_first_eos_and_reports_truncation():
-    import nsr
     model = tiny_model("llama")
     N = 12
     # eos_token_ids=[] never stops: the full greedy continuations
-    full = nsr.generate(model, SAMPLING_PROMPTS, max_new_tokens=N, temperature=0.0, eos_token_ids=[])
+    full = sample.generate(model, SAMPLING_PROMPTS, max_new_tokens=N, temperature=0.0, eos_token_ids=[])
     assert all(len(row) == N for row in full.tokens) and all(full.truncated)
     # call "EOS" a token that row 0 produces mid-way and some other row never produces
     eos = next(tok for tok in full.tokens[0][2:] if any(tok not in row for row in full.tokens[1:]))
-    stopped = nsr.generate(model, SAMPLING_PROMPTS, max_new_tokens=N, temperature=0.0, eos_token_ids=[eos])
+    stopped = sample.generate(model, SAMPLING_PROMPTS, max_new_tokens=N, temperature=0.0, eos_token_ids=[eos])
     for b, row in enumerate(full.tokens):
         if eos in row:                             # cut right after the first EOS, nothing appended after it
             assert stopped.tokens[b] == row[: row.index(eos) + 1] and not stopped.truncated[b]
@@ -670,25 +621,23 @@ def test_generate_stops_each_row_at_its_first_eos_and_reports_truncation():
 
 
 def test_generate_defaults_to_every_eos_id_listed_in_the_generation_config():
-    import nsr
     model = tiny_model("qwen2")
-    full = nsr.generate(model, SAMPLING_PROMPTS[:1], max_new_tokens=8, temperature=0.0, eos_token_ids=[])
+    full = sample.generate(model, SAMPLING_PROMPTS[:1], max_new_tokens=8, temperature=0.0, eos_token_ids=[])
     stop = full.tokens[0][2]                        # chat models list several stop ids, e.g. <|im_end|>
     model.generation_config.eos_token_id = [2, stop]
-    assert nsr.default_eos_token_ids(model) == [2, stop]
-    stopped = nsr.generate(model, SAMPLING_PROMPTS[:1], max_new_tokens=8, temperature=0.0)
+    assert sample.default_eos_token_ids(model) == [2, stop]
+    stopped = sample.generate(model, SAMPLING_PROMPTS[:1], max_new_tokens=8, temperature=0.0)
     assert stopped.tokens[0] == full.tokens[0][: full.tokens[0].index(stop) + 1]
     assert stopped.truncated == [False]
 
 
 def test_top_p_keeps_the_smallest_set_of_most_likely_tokens_reaching_p():
-    import nsr
     probs = torch.tensor([0.10, 0.40, 0.05, 0.30, 0.15])   # sorted: 0.40, 0.30, 0.15, 0.10, 0.05
     logits = probs.log()[None]                               # (1, V)
     # cumulative mass of the sorted tokens: 0.40, 0.70, 0.85, 0.95, 1.00
     for top_p, kept in [(0.3, {1}), (0.6, {1, 3}), (0.8, {1, 3, 4}), (0.9, {1, 3, 4, 0}),
                         (0.97, {0, 1, 2, 3, 4}), (1.0, {0, 1, 2, 3, 4})]:
-        filtered = nsr.top_p_filter(logits, top_p)[0]
+        filtered = sample.top_p_filter(logits, top_p)[0]
         assert set(torch.isfinite(filtered).nonzero().flatten().tolist()) == kept, top_p
         # the kept tokens are renormalised: q = p / sum_{kept} p
         q = filtered.softmax(-1)
@@ -696,34 +645,32 @@ def test_top_p_keeps_the_smallest_set_of_most_likely_tokens_reaching_p():
         for i in kept:
             assert abs(q[i].item() - probs[i].item() / mass) < 1e-6
     with pytest.raises(ValueError, match="top_p"):
-        nsr.top_p_filter(logits, 0.0)
+        sample.top_p_filter(logits, 0.0)
 
 
 def test_generate_with_a_fixed_generator_reproduces_the_same_samples():
-    import nsr
     model = tiny_model("qwen3")
-    def sample(seed):
+    def draw(seed):
         g = torch.Generator().manual_seed(seed)
-        return nsr.generate(model, SAMPLING_PROMPTS, max_new_tokens=8, temperature=1.0, top_p=0.9, generator=g)
-    a, b, c = sample(0), sample(0), sample(1)
+        return sample.generate(model, SAMPLING_PROMPTS, max_new_tokens=8, temperature=1.0, top_p=0.9, generator=g)
+    a, b, c = draw(0), draw(0), draw(1)
     assert a.tokens == b.tokens and a.logprobs == b.logprobs and a.entropies == b.entropies
     assert a.tokens != c.tokens
 
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_generate_logprobs_equal_a_fresh_forward_pass_under_the_sampling_distribution(arch):
-    import nsr
     model = tiny_model(arch)
     prompts = SAMPLING_PROMPTS * 2                           # two rollouts per prompt (shared prefill)
     for temperature, top_p in [(0.7, 1.0), (1.3, 0.8)]:
         g = torch.Generator().manual_seed(0)
-        rollouts = nsr.generate(model, prompts, max_new_tokens=8, temperature=temperature,
+        rollouts = sample.generate(model, prompts, max_new_tokens=8, temperature=temperature,
                                 top_p=top_p, generator=g)
         assert rollouts.tokens[:4] != rollouts.tokens[4:]    # rollouts of one prompt are sampled independently
         for b, prompt in enumerate(prompts):
             tokens = rollouts.tokens[b]
             logits = _continuation_logits(model, prompt, tokens)                     # (n, V)
-            logq = nsr.top_p_filter(logits / temperature, top_p).log_softmax(-1)     # the sampled-from q
+            logq = sample.top_p_filter(logits / temperature, top_p).log_softmax(-1)     # the sampled-from q
             expected = logq.gather(1, torch.tensor(tokens)[:, None]).squeeze(1)
             assert torch.allclose(torch.tensor(rollouts.logprobs[b]), expected, atol=1e-4)
             # entropy is the policy's own: temperature 1, no top-p
@@ -733,10 +680,9 @@ def test_generate_logprobs_equal_a_fresh_forward_pass_under_the_sampling_distrib
 
 
 def test_generate_in_chunks_equals_one_batch_in_input_order():
-    import nsr
     model = tiny_model("qwen2")
-    one = nsr.generate(model, SAMPLING_PROMPTS, max_new_tokens=6, temperature=0.0)
-    chunked = nsr.generate(model, SAMPLING_PROMPTS, max_new_tokens=6, temperature=0.0, chunk_size=3)
+    one = sample.generate(model, SAMPLING_PROMPTS, max_new_tokens=6, temperature=0.0)
+    chunked = sample.generate(model, SAMPLING_PROMPTS, max_new_tokens=6, temperature=0.0, chunk_size=3)
     assert one.tokens == chunked.tokens and one.truncated == chunked.truncated
     for field in ("logprobs", "entropies"):          # equal up to float rounding (different padding)
         for a, b in zip(getattr(one, field), getattr(chunked, field)):
@@ -744,14 +690,13 @@ def test_generate_in_chunks_equals_one_batch_in_input_order():
 
 
 def test_generate_rejects_bad_arguments_with_a_clear_error():
-    import nsr
     model = tiny_model("qwen2")
     for kwargs, word in [(dict(max_new_tokens=0), "max_new_tokens"), (dict(temperature=-1.0), "temperature"),
                          (dict(top_p=1.5), "top_p"), (dict(chunk_size=0), "chunk_size")]:
         with pytest.raises(ValueError, match=word):
-            nsr.generate(model, SAMPLING_PROMPTS, **{"max_new_tokens": 4, **kwargs})
+            sample.generate(model, SAMPLING_PROMPTS, **{"max_new_tokens": 4, **kwargs})
     with pytest.raises(ValueError, match=r"prompt_ids\[1\]"):
-        nsr.generate(model, [[1, 2], []], max_new_tokens=4)
+        sample.generate(model, [[1, 2], []], max_new_tokens=4)
 
 
 # =================================================================================================
@@ -761,9 +706,7 @@ def test_generate_rejects_bad_arguments_with_a_clear_error():
 @pytest.fixture(scope="module")
 def toy_quick_base(tmp_path_factory):
     """The seconds-long quick build (toy.quick_recipe) in a temporary directory, with its build time."""
-    import time
 
-    import toy
     out = tmp_path_factory.mktemp("toy") / "base"
     start = time.time()
     toy.ensure_base(out, quick=True, log=lambda *a: None)
@@ -771,7 +714,6 @@ def toy_quick_base(tmp_path_factory):
 
 
 def test_toy_generator_is_deterministic_per_seed_and_differs_across_seeds():
-    import toy
     a = toy.make_splits(toy.ToyRecipe(seed=0, num_train=200, num_test=16))
     b = toy.make_splits(toy.ToyRecipe(seed=0, num_train=200, num_test=16))
     c = toy.make_splits(toy.ToyRecipe(seed=1, num_train=200, num_test=16))
@@ -780,7 +722,6 @@ def test_toy_generator_is_deterministic_per_seed_and_differs_across_seeds():
 
 
 def test_toy_splits_are_disjoint_and_hard_problems_are_down_only():
-    import toy
     recipe = toy.ToyRecipe(num_train=2000, num_test=64)
     splits = toy.make_splits(recipe)
     texts = {name: {p["problem"] for p in split} for name, split in splits.items()}
@@ -799,8 +740,6 @@ def test_toy_splits_are_disjoint_and_hard_problems_are_down_only():
 
 
 def test_toy_every_reference_solution_verifies_against_its_gold_answer():
-    import toy
-    import verifier
     recipe = toy.ToyRecipe(num_train=1000, num_test=64)
     for split in toy.make_splits(recipe).values():
         for p in split:
@@ -814,8 +753,6 @@ def test_toy_every_reference_solution_verifies_against_its_gold_answer():
 
 
 def test_toy_tokenizer_round_trips_every_character_the_task_uses_and_renders_a_compact_prompt():
-    import nsr
-    import toy
     tokenizer = toy.build_tokenizer()
     splits = toy.make_splits(toy.ToyRecipe(num_train=300, num_test=16))
     used = {ch for split in splits.values() for p in split for ch in p["problem"] + p["solution"]}
@@ -827,22 +764,18 @@ def test_toy_tokenizer_round_trips_every_character_the_task_uses_and_renders_a_c
     assert tokenizer.decode(tokenizer(text, add_special_tokens=False)["input_ids"]) == text
     # the chat template keeps only the problem line: the prompt is the problem and a newline
     problem = splits["test_hard"][0]["problem"]
-    assert nsr.render_prompt(tokenizer, problem) == problem + "\n"
+    assert sample.render_prompt(tokenizer, problem) == problem + "\n"
     assert tokenizer.pad_token_id is not None and tokenizer.eos_token_id is not None
     assert tokenizer.pad_token_id != tokenizer.eos_token_id
 
 
 def test_toy_quick_build_writes_every_file_and_is_cached_by_recipe(toy_quick_base):
-    import json
-
-    import nsr
-    import toy
     out, seconds = toy_quick_base
     print(f"quick build took {seconds:.1f} s")   # speed belongs in bench.py, not in an assert
     for name in ("config.json", "tokenizer.json", "train.jsonl", "test_easy.jsonl", "test_hard.jsonl",
                  "base_eval.json", "recipe.json"):
         assert (out / name).is_file(), name
-    problems = nsr.load_problems(out / "test_hard.jsonl")
+    problems = sample.load_problems(out / "test_hard.jsonl")
     assert len(problems) == toy.quick_recipe().num_test
     base_eval = json.loads((out / "base_eval.json").read_text())
     assert set(base_eval) >= {"easy", "hard", "strategy", "build_seconds"}
@@ -857,10 +790,6 @@ def test_toy_quick_build_writes_every_file_and_is_cached_by_recipe(toy_quick_bas
 
 def test_toy_saved_model_and_tokenizer_reload_with_auto_classes_and_give_identical_logits(tmp_path,
                                                                                          toy_quick_base):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    import nsr
-    import toy
     recipe = toy.quick_recipe()
     tokenizer = toy.build_tokenizer()
     model = toy.build_model(recipe, tokenizer).eval()
@@ -869,16 +798,16 @@ def test_toy_saved_model_and_tokenizer_reload_with_auto_classes_and_give_identic
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path, local_files_only=True).eval()
     loaded_tokenizer = AutoTokenizer.from_pretrained(tmp_path, local_files_only=True)
     assert type(loaded).__name__ == "Qwen2ForCausalLM"
-    text = nsr.render_prompt(tokenizer, "x+7+4+8 ends in 3. Digit x?") + "Up 7,1,9 0:9 1:0"
+    text = sample.render_prompt(tokenizer, "x+7+4+8 ends in 3. Digit x?") + "Up 7,1,9 0:9 1:0"
     ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
     assert loaded_tokenizer(text, add_special_tokens=False)["input_ids"] == ids[0].tolist()
-    assert nsr.render_prompt(loaded_tokenizer, "x+1 ends in 2. Digit x?") == "x+1 ends in 2. Digit x?\n"
+    assert sample.render_prompt(loaded_tokenizer, "x+1 ends in 2. Digit x?") == "x+1 ends in 2. Digit x?\n"
     assert loaded_tokenizer.eos_token_id == tokenizer.eos_token_id == loaded.config.eos_token_id
     with torch.no_grad():
         assert torch.equal(loaded(ids).logits, model(ids).logits)
-    # the built base directory loads the same way (nsr.load_model = the Auto classes)
+    # the built base directory loads the same way (sample.load_model = the Auto classes)
     base, _ = toy_quick_base
-    base_model, base_tokenizer = nsr.load_model(base, device="cpu")
+    base_model, base_tokenizer = sample.load_model(base, device="cpu")
     assert base_tokenizer.decode(base_tokenizer("Down 9:4", add_special_tokens=False)["input_ids"]) == "Down 9:4"
 
 
@@ -889,7 +818,6 @@ def test_toy_saved_model_and_tokenizer_reload_with_auto_classes_and_give_identic
 @pytest.mark.parametrize("objective,reward,w", [("psr", 1, 1.0), ("nsr", 0, -1.0),
                                                 ("w-reinforce", 1, 0.1), ("w-reinforce", 0, -1.0)])
 def test_loss_gradient_wrt_logits_equals_the_closed_form_for_psr_nsr_and_w_reinforce(objective, reward, w):
-    import nsr
     g = torch.Generator().manual_seed(0)
     z = torch.randn(11, generator=g, dtype=torch.float64, requires_grad=True)   # logits (V,)
     y = 3
@@ -904,7 +832,6 @@ def test_loss_gradient_wrt_logits_equals_the_closed_form_for_psr_nsr_and_w_reinf
 
 
 def test_nsr_gradient_step_lowers_the_sampled_logit_and_raises_the_others_in_proportion_to_their_probability():
-    import nsr
     z0 = torch.tensor([2.0, 1.0, 0.5, -1.0, 0.0], dtype=torch.float64)
     z = z0.clone().requires_grad_(True)
     y, lr = 1, 0.1
@@ -924,7 +851,6 @@ def test_nsr_gradient_step_lowers_the_sampled_logit_and_raises_the_others_in_pro
 
 
 def test_sample_weights_table_for_every_objective_including_grpo_all_correct_and_all_wrong_groups():
-    import nsr
     r = [1, 0, 0, 1]
     expected = {"psr": [1, 0, 0, 1], "nsr": [0, -1, -1, 0], "w-reinforce": [0.25, -1, -1, 0.25],
                 "reinforce": [1, -1, -1, 1]}
@@ -942,7 +868,6 @@ def test_sample_weights_table_for_every_objective_including_grpo_all_correct_and
 
 
 def test_sample_weights_rejects_unknown_objectives_negative_lam_bad_rewards_and_bad_grpo_groups():
-    import nsr
     with pytest.raises(ValueError, match="unknown objective"):
         nsr.sample_weights([1, 0], "dpo")
     with pytest.raises(ValueError, match="lam"):
@@ -954,7 +879,6 @@ def test_sample_weights_rejects_unknown_objectives_negative_lam_bad_rewards_and_
 
 
 def test_clipped_loss_at_ratio_one_has_the_same_gradient_as_the_unclipped_loss():
-    import nsr
     g = torch.Generator().manual_seed(1)
     logits = torch.randn(3, 4, 7, generator=g, requires_grad=True)              # (N, T, V)
     tokens = torch.randint(0, 7, (3, 4), generator=g)
@@ -971,7 +895,6 @@ def test_clipped_loss_at_ratio_one_has_the_same_gradient_as_the_unclipped_loss()
 
 
 def test_loss_normalizer_counts_the_tokens_of_weighted_samples_only():
-    import nsr
     weights = torch.tensor([0.0, -1.0, -1.0, 0.0])
     assert nsr.loss_normalizer(weights, [5, 3, 4, 9]) == 7.0
     assert nsr.loss_normalizer(weights, [5, 3, 4, 9], "constant", max_new_tokens=16) == 64.0
@@ -981,7 +904,6 @@ def test_loss_normalizer_counts_the_tokens_of_weighted_samples_only():
 def test_demo_gradient_prints_nsr_moving_the_logits_by_minus_one_minus_pi_and_plus_the_prior():
     # The numbers --demo-gradient prints are the closed form: NSR's logit change on y = b is
     # -(1 - pi_b) = -0.75 and +pi_v on every other token; PSR raises b; NSR lowers b and raises the rest.
-    import nsr
     rows = {line.split("  ")[0]: [float(x) for x in line.split()[-5:]]
             for line in nsr.demo_gradient().splitlines()[2:7]}
     prior, psr, nsr_after = rows["probabilities before"], rows["after PSR on b (w=+1)"], rows["after NSR on b (w=-1)"]
@@ -993,7 +915,6 @@ def test_demo_gradient_prints_nsr_moving_the_logits_by_minus_one_minus_pi_and_pl
 
 def _tiny_world(root: pathlib.Path) -> pathlib.Path:
     """A saved tiny random Qwen2 + char tokenizer and a few addition problems (train.jsonl, test.jsonl)."""
-    import json
     tokenizer = chat_tokenizer(chat_template=None)   # the REAL MODELS section's fixture; no template = plain
     world = root / "world"
     tiny_model("qwen2", vocab_size=len(tokenizer)).save_pretrained(world)
@@ -1006,7 +927,6 @@ def _tiny_world(root: pathlib.Path) -> pathlib.Path:
 
 
 def _tiny_config(world: pathlib.Path, out: pathlib.Path, **overrides):
-    import nsr
     values = dict(model=str(world), train=str(world / "train.jsonl"), eval=[], template="plain", steps=2,
                   batch_prompts=2, group_size=4, max_new_tokens=6, lr=1e-3, micro_batch_size=3, eval_n=0,
                   eval_temperature=1.0, eval_top_p=1.0, out_dir=str(out), device="cpu", seed=0)
@@ -1030,7 +950,6 @@ def _grads(model):
 
 
 def test_gradients_with_micro_batch_size_one_equal_the_full_batch_gradients():
-    import nsr
     prompts, responses, weights = _fixed_batch()
     Z = nsr.loss_normalizer(weights, [len(r) for r in responses])
     results = []
@@ -1046,7 +965,6 @@ def test_gradients_with_micro_batch_size_one_equal_the_full_batch_gradients():
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_gradient_checkpointing_and_the_chunked_output_layer_give_the_same_loss_and_gradients(arch):
-    import nsr
     prompts, responses, weights = _fixed_batch(seed=1)
     Z = nsr.loss_normalizer(weights, [len(r) for r in responses])
     results = []
@@ -1068,7 +986,6 @@ def test_bf16_training_with_fp32_master_weights_keeps_updates_that_a_bf16_only_u
     # The pitfall: AdamW at lr 1e-6 moves each weight by ~1e-6, but bf16 has only 8 mantissa bits, so a
     # weight of 0.02 can only move in steps of 2^-13 = 1.2e-4: the bf16-only update rounds back to the
     # old weight. fp32 master weights accumulate the small steps and the bf16 model follows them.
-    import nsr
     prompts, responses, weights = _fixed_batch(seed=2)
     Z = nsr.loss_normalizer(weights, [len(r) for r in responses])
     steps, lr = 40, 1e-6
@@ -1110,10 +1027,9 @@ def test_bf16_training_with_fp32_master_weights_keeps_updates_that_a_bf16_only_u
 
 
 def test_nsr_training_steps_lower_the_log_prob_of_the_penalised_samples():
-    import nsr
     model = tiny_model("qwen2").train()
     prompts = [[1, 5, 6, 7], [1, 9, 10]] * 4
-    rollouts = nsr.generate(model, prompts, 5, generator=torch.Generator().manual_seed(0))
+    rollouts = sample.generate(model, prompts, 5, generator=torch.Generator().manual_seed(0))
     weights = nsr.sample_weights([0.0] * 8, "nsr", group_size=4)       # all wrong: every sample penalised
     Z = nsr.loss_normalizer(weights, [len(t) for t in rollouts.tokens])
 
@@ -1135,9 +1051,6 @@ def test_nsr_training_steps_lower_the_log_prob_of_the_penalised_samples():
 
 
 def test_train_two_steps_write_a_checkpoint_two_metrics_lines_and_a_loadable_model(tmp_path):
-    import json
-
-    import nsr
     world = _tiny_world(tmp_path)
     cfg = _tiny_config(world, tmp_path / "run", eval=[str(world / "test.jsonl")], eval_n=4)
     result = nsr.train(cfg)
@@ -1150,17 +1063,14 @@ def test_train_two_steps_write_a_checkpoint_two_metrics_lines_and_a_loadable_mod
     ckpt = nsr.latest_checkpoint(run)
     assert ckpt is not None and ckpt.name == "checkpoint-000002"
     assert json.loads((run / "config.json").read_text())["steps"] == 2
-    model, _ = nsr.load_model(ckpt, device="cpu")
-    base, _ = nsr.load_model(world, device="cpu")
+    model, _ = sample.load_model(ckpt, device="cpu")
+    base, _ = sample.load_model(world, device="cpu")
     # the all-wrong NSR steps changed the saved weights
     assert any(not torch.equal(a, b) for a, b in zip(model.parameters(), base.parameters()))
     assert set(result["evals"]["test"]) == {0, 2} and "test base" in result["table"]
 
 
 def test_train_stopped_after_step_one_and_resumed_reproduces_step_two_without_duplicate_lines(tmp_path):
-    import json
-
-    import nsr
     world = _tiny_world(tmp_path)
     nsr.train(_tiny_config(world, tmp_path / "full", steps=2))
     nsr.train(_tiny_config(world, tmp_path / "cut", steps=1))       # a run that stopped after step 1
@@ -1177,15 +1087,12 @@ def test_train_stopped_after_step_one_and_resumed_reproduces_step_two_without_du
     for a, b in zip(full, resumed):
         assert {k: v for k, v in a.items() if k not in timing} == {k: v for k, v in b.items() if k not in timing}
     assert full[1]["trained_samples"] > 0
-    a = nsr.load_model(nsr.latest_checkpoint(tmp_path / "full"), device="cpu")[0]
-    b = nsr.load_model(nsr.latest_checkpoint(tmp_path / "cut"), device="cpu")[0]
+    a = sample.load_model(nsr.latest_checkpoint(tmp_path / "full"), device="cpu")[0]
+    b = sample.load_model(nsr.latest_checkpoint(tmp_path / "cut"), device="cpu")[0]
     assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
 
 
 def test_train_skips_non_finite_loss_steps_and_stops_after_several_in_a_row_without_saving(tmp_path, monkeypatch):
-    import json
-
-    import nsr
     world = _tiny_world(tmp_path)
     monkeypatch.setattr(nsr, "backward_on_batch", lambda *args, **kwargs: None)   # "the loss was NaN"
     with pytest.raises(RuntimeError, match="2 consecutive steps had a non-finite loss"):
@@ -1193,15 +1100,14 @@ def test_train_skips_non_finite_loss_steps_and_stops_after_several_in_a_row_with
     lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [(m["step"], m["skipped"], m["loss"]) for m in lines] == [(1, True, None), (2, True, None)]
     # skipped steps leave the weights untouched, and the saved checkpoints are the unchanged model
-    saved = nsr.load_model(nsr.latest_checkpoint(tmp_path / "run"), device="cpu")[0]
-    base = nsr.load_model(world, device="cpu")[0]
+    saved = sample.load_model(nsr.latest_checkpoint(tmp_path / "run"), device="cpu")[0]
+    base = sample.load_model(world, device="cpu")[0]
     assert all(torch.equal(p, q) for p, q in zip(saved.parameters(), base.parameters()))
 
 
 def test_train_stops_with_a_message_naming_the_step_when_sampling_meets_non_finite_logits(tmp_path):
-    import nsr
     world = _tiny_world(tmp_path)
-    model, tokenizer = nsr.load_model(world, device="cpu")
+    model, tokenizer = sample.load_model(world, device="cpu")
     with torch.no_grad():
         model.lm_head.weight.fill_(float("nan"))             # a diverged model
     model.save_pretrained(tmp_path / "diverged")
@@ -1212,7 +1118,6 @@ def test_train_stops_with_a_message_naming_the_step_when_sampling_meets_non_fini
 
 
 def test_train_config_rejects_bad_values_with_clear_messages_before_any_work(tmp_path, capsys):
-    import nsr
     cases = [(["--objective", "ppo2"], "--objective 'ppo2' is unknown; choose one of psr, nsr"),
              (["--lam", "-0.5"], "--lam must be >= 0"),
              (["--objective", "grpo", "--group-size", "1"], "--group-size must be >= 2 for grpo"),
@@ -1316,10 +1221,7 @@ def chat_tokenizer(chat_template: str | None = QWEN3_CHAT_TEMPLATE, add_bos: boo
 
     add_bos=True makes plain encoding prepend <|begin_of_text|> as Llama tokenizers do.
     """
-    import string
 
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
 
     chars = sorted(set(string.printable) - set("\x0b\x0c\r"))
     vocab = {token: i for i, token in enumerate(CHAT_SPECIAL_TOKENS + chars)}
@@ -1350,56 +1252,50 @@ OFFICIAL_PLAIN = "What is $1+1$?\nPlease reason step by step, and put your final
 
 
 def test_templates_render_exactly_the_official_prompt_strings():
-    import nsr
-    assert nsr.render_prompt(None, PROBLEM, "qwen2.5-math") == OFFICIAL_QWEN25_MATH
-    assert nsr.render_prompt(None, PROBLEM, "qwen3") == OFFICIAL_QWEN3_NO_THINKING
-    assert nsr.render_prompt(None, PROBLEM, "llama3") == OFFICIAL_LLAMA3
-    assert nsr.render_prompt(None, PROBLEM, "plain") == OFFICIAL_PLAIN
+    assert sample.render_prompt(None, PROBLEM, "qwen2.5-math") == OFFICIAL_QWEN25_MATH
+    assert sample.render_prompt(None, PROBLEM, "qwen3") == OFFICIAL_QWEN3_NO_THINKING
+    assert sample.render_prompt(None, PROBLEM, "llama3") == OFFICIAL_LLAMA3
+    assert sample.render_prompt(None, PROBLEM, "plain") == OFFICIAL_PLAIN
 
 
 def test_auto_template_through_the_real_qwen_chat_templates_gives_the_official_strings():
-    import nsr
-    assert nsr.render_prompt(chat_tokenizer(QWEN25_CHAT_TEMPLATE), PROBLEM) == OFFICIAL_QWEN25_MATH
+    assert sample.render_prompt(chat_tokenizer(QWEN25_CHAT_TEMPLATE), PROBLEM) == OFFICIAL_QWEN25_MATH
     # Qwen3's template in non-thinking mode (enable_thinking=False) opens the empty think block.
-    assert nsr.render_prompt(chat_tokenizer(QWEN3_CHAT_TEMPLATE), PROBLEM) == OFFICIAL_QWEN3_NO_THINKING
-    assert nsr.render_prompt(chat_tokenizer(None), PROBLEM) == OFFICIAL_PLAIN
+    assert sample.render_prompt(chat_tokenizer(QWEN3_CHAT_TEMPLATE), PROBLEM) == OFFICIAL_QWEN3_NO_THINKING
+    assert sample.render_prompt(chat_tokenizer(None), PROBLEM) == OFFICIAL_PLAIN
 
 
 def test_llama_3_1_chat_template_differs_from_the_llama3_template_only_by_its_date_lines():
     # Our "llama3" template leaves out the "Cutting Knowledge Date / Today Date" lines that Llama 3.1+
     # templates put into the system turn (3.2 writes TODAY's date there, so prompts would change with
     # the calendar); "auto" keeps them. Everything else is identical.
-    import nsr
-    auto = nsr.render_prompt(chat_tokenizer(LLAMA31_CHAT_TEMPLATE), PROBLEM, "auto")
+    auto = sample.render_prompt(chat_tokenizer(LLAMA31_CHAT_TEMPLATE), PROBLEM, "auto")
     date_lines = "Cutting Knowledge Date: December 2023\nToday Date: 26 Jul 2024\n\n"
     assert date_lines in auto
-    assert auto.replace(date_lines, "") == nsr.render_prompt(None, PROBLEM, "llama3")
+    assert auto.replace(date_lines, "") == sample.render_prompt(None, PROBLEM, "llama3")
 
 
 def test_encode_prompts_gives_exactly_one_bos_for_a_rendered_llama3_prompt_and_round_trips():
-    import nsr
     tokenizer = chat_tokenizer(LLAMA31_CHAT_TEMPLATE, add_bos=True)
     bos = tokenizer.bos_token_id
     for template in ("llama3", "auto", "plain"):
-        ids, kept, skipped = nsr.encode_prompts(tokenizer, [{"problem": PROBLEM, "answer": "2"}], template)
+        ids, kept, skipped = sample.encode_prompts(tokenizer, [{"problem": PROBLEM, "answer": "2"}], template)
         assert ids[0][0] == bos and ids[0][1] != bos and ids[0].count(bos) == 1, template
-        rendered = nsr.render_prompt(tokenizer, PROBLEM, template)
+        rendered = sample.render_prompt(tokenizer, PROBLEM, template)
         assert tokenizer.decode(ids[0]) == (rendered if template != "plain" else "<|begin_of_text|>" + rendered)
 
 
 def test_render_prompt_rejects_an_unknown_template_by_name():
-    import nsr
     with pytest.raises(ValueError, match="unknown template 'qwen4'"):
-        nsr.render_prompt(None, PROBLEM, "qwen4")
+        sample.render_prompt(None, PROBLEM, "qwen4")
 
 
 def test_encode_prompts_skips_and_counts_prompts_longer_than_max_prompt_len():
-    import nsr
     tokenizer = chat_tokenizer(QWEN3_CHAT_TEMPLATE)
     problems = [{"problem": "x" * n, "answer": str(n)} for n in (1, 50, 2, 80)]
-    full, _, none_skipped = nsr.encode_prompts(tokenizer, problems)
+    full, _, none_skipped = sample.encode_prompts(tokenizer, problems)
     limit = len(full[0]) + 10                       # keeps the 1- and 2-character problems only
-    ids, kept, skipped = nsr.encode_prompts(tokenizer, problems, max_prompt_len=limit)
+    ids, kept, skipped = sample.encode_prompts(tokenizer, problems, max_prompt_len=limit)
     assert none_skipped == 0 and skipped == 2
     assert [p["answer"] for p in kept] == ["1", "2"] and ids == [full[0], full[2]]
 
@@ -1413,13 +1309,11 @@ PAPER_SPLITS = [("math_train.jsonl", 7498), ("math_test.jsonl", 5000), ("aime202
 def test_load_problems_reads_the_papers_splits_with_a_non_empty_answer_each(name, count):
     # math_train.jsonl has 7,500 lines, but lines 5342 and 5344 have no answer at all (answer "" and an
     # empty \boxed{} in the solution): they are skipped with a warning naming them.
-    import warnings
 
-    import nsr
     pytest.importorskip("verifier")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        problems = nsr.load_problems(SHARED_DATA / name)
+        problems = sample.load_problems(SHARED_DATA / name)
     assert len(problems) == count
     assert all(p["answer"].strip() and p["problem"].strip() for p in problems)
     skipped = [str(w.message) for w in caught if "without an answer" in str(w.message)]
@@ -1428,77 +1322,69 @@ def test_load_problems_reads_the_papers_splits_with_a_non_empty_answer_each(name
 
 
 def test_load_problems_names_file_and_line_of_a_malformed_line(tmp_path):
-    import nsr
     path = tmp_path / "bad.jsonl"
     path.write_text('{"problem": "1+1", "answer": "2"}\n\n{"problem": "2+2", "answer": 4\n')
     with pytest.raises(ValueError, match=f"{path}:3: malformed JSON"):
-        nsr.load_problems(path)
+        sample.load_problems(path)
 
 
 def test_load_problems_names_the_missing_field_file_and_line(tmp_path):
-    import nsr
     path = tmp_path / "fields.jsonl"
     path.write_text('{"problem": "1+1", "answer": "2"}\n{"question": "2+2", "answer": "4"}\n')
     with pytest.raises(ValueError, match=f"{path}:2: missing field 'problem'"):
-        nsr.load_problems(path)
+        sample.load_problems(path)
     with pytest.raises(ValueError, match=f"{path}:1: missing field 'question'"):
-        nsr.load_problems(path, problem_field="question")
+        sample.load_problems(path, problem_field="question")
     path.write_text('{"problem": "1+1", "answer": "2"}\n{"problem": "2+2", "gold": "4"}\n')
     with pytest.raises(ValueError, match=f"{path}:2: missing field 'answer'"):
-        nsr.load_problems(path)
+        sample.load_problems(path)
 
 
 def test_load_problems_uses_configurable_field_names(tmp_path):
-    import nsr
     path = tmp_path / "renamed.jsonl"
     path.write_text('{"question": "2+2", "gold": 4}\n{"question": "9*3", "gold": 27.0}\n{"question": "1/2", "gold": 0.5}\n')
-    assert nsr.load_problems(path, problem_field="question", answer_field="gold") == [
+    assert sample.load_problems(path, problem_field="question", answer_field="gold") == [
         {"problem": "2+2", "answer": "4"}, {"problem": "9*3", "answer": "27"}, {"problem": "1/2", "answer": "0.5"}]
 
 
 def test_load_problems_takes_a_missing_answer_from_the_last_boxed_of_the_solution(tmp_path):
-    import nsr
     pytest.importorskip("verifier")
     path = tmp_path / "math.jsonl"
     path.write_text('{"problem": "p", "solution": "First \\\\boxed{1}, finally \\\\boxed{\\\\frac{1}{2}}."}\n')
-    assert nsr.load_problems(path) == [{"problem": "p", "answer": "\\frac{1}{2}"}]
+    assert sample.load_problems(path) == [{"problem": "p", "answer": "\\frac{1}{2}"}]
 
 
 def test_load_problems_rejects_an_empty_file_and_a_missing_file(tmp_path):
-    import nsr
     path = tmp_path / "empty.jsonl"
     path.write_text("\n\n")
     with pytest.raises(ValueError, match=f"{path}: no problems"):
-        nsr.load_problems(path)
+        sample.load_problems(path)
     with pytest.raises(FileNotFoundError, match="nope.jsonl"):
-        nsr.load_problems(tmp_path / "nope.jsonl")
+        sample.load_problems(tmp_path / "nope.jsonl")
 
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_load_model_loads_a_saved_tiny_model_offline_with_a_pad_id_and_chat_stop_tokens(tmp_path, arch):
-    import nsr
     tokenizer = chat_tokenizer(QWEN3_CHAT_TEMPLATE)
     tokenizer.pad_token = None                       # like Llama 3: no pad token shipped
     tiny_model(arch, vocab_size=len(tokenizer)).save_pretrained(tmp_path)
     tokenizer.save_pretrained(tmp_path)
-    model, loaded = nsr.load_model(tmp_path, dtype="bfloat16", device="cpu")
+    model, loaded = sample.load_model(tmp_path, dtype="bfloat16", device="cpu")
     assert next(model.parameters()).dtype == torch.bfloat16 and not model.training
     assert loaded.pad_token_id == loaded.eos_token_id == 2           # pad falls back to eos
     stops = model.generation_config.eos_token_id
     vocab = loaded.get_vocab()
     assert {vocab["<|im_end|>"], vocab["<|endoftext|>"], vocab["<|eot_id|>"]} <= set(stops)
-    model32, _ = nsr.load_model(tmp_path, device="cpu")                # "auto" = fp32 on CPU
+    model32, _ = sample.load_model(tmp_path, device="cpu")                # "auto" = fp32 on CPU
     assert next(model32.parameters()).dtype == torch.float32
     with pytest.raises(ValueError, match="dtype must be one of"):
-        nsr.load_model(tmp_path, dtype="fp8")
+        sample.load_model(tmp_path, dtype="fp8")
 
 
 def test_memory_plan_parameter_counts_equal_transformers_models_built_from_the_table():
     # Each table entry, built as the real transformers class on the meta device (no memory), has
     # exactly num_params() parameters; and the sizes are the published ones (1.54B, 7.62B, ...).
-    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
-    import nsr
     published = {"Qwen/Qwen2.5-Math-1.5B": 1.54, "Qwen/Qwen2.5-Math-7B": 7.62, "Qwen/Qwen2.5-0.5B-Instruct": 0.49,
                  "Qwen/Qwen3-0.6B": 0.60, "meta-llama/Llama-3.2-1B-Instruct": 1.24}
     for name, a in nsr.ARCHITECTURES.items():
@@ -1516,7 +1402,6 @@ def test_memory_plan_parameter_counts_equal_transformers_models_built_from_the_t
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_memory_plan_reads_architecture_numbers_from_a_local_model_dir_and_counts_its_parameters(tmp_path, arch):
-    import nsr
     model = tiny_model(arch)
     model.save_pretrained(tmp_path)
     assert nsr.num_params(nsr.arch_from_config(tmp_path)) == sum(p.numel() for p in model.parameters())
@@ -1524,9 +1409,6 @@ def test_memory_plan_reads_architecture_numbers_from_a_local_model_dir_and_count
 
 @pytest.mark.parametrize("preset", ["qwen2.5-0.5b-instruct", "qwen3-0.6b", "llama-3.2-1b-instruct"])
 def test_memory_plan_of_every_preset_fits_24_gib_and_sets_only_config_fields(preset):
-    import dataclasses
-
-    import nsr
     plan = nsr.memory_plan(preset)
     n, cfg = plan["params"], nsr.PRESETS[preset]
     bf16 = cfg["dtype"] == "bfloat16"
@@ -1542,7 +1424,6 @@ def test_memory_plan_of_every_preset_fits_24_gib_and_sets_only_config_fields(pre
 
 
 def test_memory_plan_matches_a_by_hand_estimate_and_shows_why_1_5b_and_7b_do_not_fit():
-    import nsr
     run = dict(model="Qwen/Qwen2.5-Math-1.5B", dtype="bfloat16", batch_prompts=32, group_size=8,
                max_prompt_len=1024, max_new_tokens=3072, micro_batch_size=1, grad_checkpointing="on",
                chunk_size=32)
@@ -1566,9 +1447,7 @@ def test_load_model_and_template_auto_run_one_training_step_and_an_evaluation_en
     # The real-model path on a tiny random model of each architecture: a locally built tokenizer with
     # the family's own chat template, a MATH-style train file (answer from the solution's \\boxed{}),
     # template "auto", one NSR step, an evaluation before and after, a checkpoint load_model reads back.
-    import json
 
-    import nsr
     pytest.importorskip("verifier")
     template = {"qwen2": QWEN25_CHAT_TEMPLATE, "qwen3": QWEN3_CHAT_TEMPLATE, "llama": LLAMA31_CHAT_TEMPLATE}[arch]
     tokenizer = chat_tokenizer(template, add_bos=arch == "llama")
@@ -1588,12 +1467,11 @@ def test_load_model_and_template_auto_run_one_training_step_and_an_evaluation_en
     assert [json.loads(line)["step"] for line in lines] == [1]
     assert set(result["evals"]["test"]) == {0, 1}
     assert all(r["num_problems"] == 1 and r["n"] == 2 for r in result["evals"]["test"].values())
-    model, loaded = nsr.load_model(nsr.latest_checkpoint(tmp_path / "run"), device="cpu")
-    assert nsr.render_prompt(loaded, "1+1") == nsr.render_prompt(tokenizer, "1+1")   # chat template kept
+    model, loaded = sample.load_model(nsr.latest_checkpoint(tmp_path / "run"), device="cpu")
+    assert sample.render_prompt(loaded, "1+1") == sample.render_prompt(tokenizer, "1+1")   # chat template kept
 
 
 def test_format_memory_plan_prints_every_component_and_the_verdict():
-    import nsr
     text = nsr.format_memory_plan(nsr.memory_plan("qwen3-0.6b"))
     for label in ("weights", "gradients", "fp32 master weights", "AdamW state", "checkpointing on",
                   "checkpointing off", "logits", "KV cache while sampling", "PEAK while training", "fits"):
@@ -1601,262 +1479,4 @@ def test_format_memory_plan_prints_every_component_and_the_verdict():
     assert "ESTIMATE" in text
 
 
-
-# =================================================================================================
-# REPRODUCTION (toy.py)
-# =================================================================================================
-
-
-# A tiny budget for the whole driver on the quick toy build: every method, 2 steps of 2 prompts x 2
-# rollouts, n = 4 samples per test problem. The quick base's Pass@k is ~0, so these runs check the
-# plumbing (files, tables, consistency); the synthetic tests below check the numbers.
-REPRODUCE_TINY = ["--quick", "--steps", "2", "--batch-prompts", "2", "--group-size", "2", "--n", "4",
-                  "--strategy-n", "2", "--save-every", "1", "--jobs", "1", "--seeds", "0"]
-
-
-def _reproduce_args(base, out, *extra):
-    import argparse
-
-    import toy
-    parser = toy.add_reproduce_args(argparse.ArgumentParser())
-    return parser.parse_args(["--base-dir", str(base), "--out", str(out), *REPRODUCE_TINY, *extra])
-
-
-def _table_rows(text: str, corner: str) -> dict[str, list[list[str]]]:
-    """Parse a printed format_grid table starting at the line that begins with `corner`:
-    {row name: [[cells of group 1], [cells of group 2], ...]} (header and rule lines skipped)."""
-    lines = text.splitlines()
-    first = next(i for i, line in enumerate(lines)
-                 if line.startswith(corner) and line[len(corner):].lstrip().startswith("|"))
-    rows = {}
-    for line in lines[first + 3:]:
-        if "|" not in line:
-            break
-        name, *groups = line.split("|")
-        rows[name.strip()] = [g.split() for g in groups]
-    return rows
-
-
-@pytest.fixture(scope="module")
-def reproduce_quick_run(toy_quick_base, tmp_path_factory):
-    """One whole `reproduce` on the quick toy (jobs 1), with its printed output and wall time."""
-    import contextlib
-    import io
-    import time
-
-    import toy
-    base, _ = toy_quick_base
-    out = tmp_path_factory.mktemp("reproduce") / "out"
-    printed = io.StringIO()
-    start = time.time()
-    with contextlib.redirect_stdout(printed):
-        summary = toy.reproduce(_reproduce_args(base, out))
-    return out, summary, printed.getvalue(), time.time() - start
-
-
-def test_reproduce_runs_every_method_on_the_quick_toy_and_saves_every_result_as_json(reproduce_quick_run):
-    import json
-
-    import passk
-    out, summary, printed, seconds = reproduce_quick_run
-    print(f"the tiny reproduction took {seconds:.1f} s")   # speed belongs in bench.py, not in an assert
-    saved = json.loads((out / "summary.json").read_text())
-    assert [j["name"] for j in saved["jobs"]] == ["base", "psr seed 0", "nsr seed 0", "w-reinforce seed 0",
-                                                  "reinforce seed 0", "grpo seed 0"]
-    assert all(j["status"] == "ok" for j in saved["jobs"]), saved["jobs"]
-    for run in ["base", "psr-seed0", "nsr-seed0", "w-reinforce-seed0", "reinforce-seed0", "grpo-seed0"]:
-        for name in ("eval_test_easy.json", "eval_test_hard.json", "strategy.json", "job.json", "log.txt"):
-            assert (out / run / name).is_file(), f"{run}/{name}"
-        result = passk.load_result(out / run / "eval_test_easy.json")
-        assert result["n"] == 4 and len(result["counts"]) == result["num_problems"] > 0
-        if run != "base":
-            metrics = (out / run / "metrics.jsonl").read_text().splitlines()
-            assert len(metrics) == 2
-            assert json.loads((out / run / "config.json").read_text())["objective"] == run.split("-seed")[0]
-    # evaluation identical for every row: the same settings, stored with each result
-    settings = {json.dumps(passk.load_result(out / run / "eval_test_hard.json")["settings"], sort_keys=True)
-                for run in ["base", "psr-seed0", "grpo-seed0"]}
-    assert len(settings) == 1 and json.loads(settings.pop())["n"] == 4
-    assert saved["evaluation"]["n"] == 4 and saved["wall_seconds"] > 0
-    assert "wall time:" in printed and (out / "passk_table.txt").is_file()
-
-
-def test_reproduce_pass_at_k_table_has_the_paper_layout_and_numbers_recomputable_from_saved_counts(
-        reproduce_quick_run):
-    import passk
-    out, summary, printed, _ = reproduce_quick_run
-    table = (out / "passk_table.txt").read_text()
-    assert table.strip() in printed
-    header = next(line for line in table.splitlines() if line.startswith("Pass@k (%)") and "|" in line)
-    assert "test_easy (MATH role)" in header and "test_hard (AIME role)" in header
-    rows = _table_rows(table, "Pass@k (%)")
-    assert list(rows) == ["Base", "PSR", "NSR", "W-REINFORCE", "REINFORCE", "GRPO"]
-    assert summary["ks"] == [1, 2, 4]
-    runs = {"Base": "base", "PSR": "psr-seed0", "NSR": "nsr-seed0", "W-REINFORCE": "w-reinforce-seed0",
-            "REINFORCE": "reinforce-seed0", "GRPO": "grpo-seed0"}
-    for row, run in runs.items():
-        for group, split in enumerate(["test_easy", "test_hard"]):
-            r = passk.load_result(out / run / f"eval_{split}.json")
-            curve = passk.passk_curve(r["counts"], r["n"], [1, 2, 4])
-            assert rows[row][group] == [f"{100 * curve[k]:.1f}" for k in (1, 2, 4)], (row, split)
-
-
-def test_reproduce_dynamics_table_reads_each_runs_metrics_and_evaluation(reproduce_quick_run):
-    import json
-
-    import passk
-    out, summary, printed, _ = reproduce_quick_run
-    text = (out / "dynamics_table.txt").read_text()
-    rows = _table_rows(text, "dynamics")
-    assert list(rows) == ["Base", "PSR", "NSR", "W-REINFORCE", "REINFORCE", "GRPO"]
-    assert rows["Base"][1] == ["-", "-", "-"]                 # the base was not trained
-    for row, run in [("PSR", "psr-seed0"), ("GRPO", "grpo-seed0")]:
-        metrics = [json.loads(line) for line in (out / run / "metrics.jsonl").read_text().splitlines()]
-        easy = passk.load_result(out / run / "eval_test_easy.json")
-        assert rows[row][0][0] == f"{easy['mean_entropy']:.3f}"
-        mean = sum(m["reward"] for m in metrics) / len(metrics)
-        assert rows[row][1] == [f"{100 * metrics[0]['reward']:.1f}", f"{100 * mean:.1f}", f"{100 * mean:.1f}"]
-        strategy = json.loads((out / run / "strategy.json").read_text())
-        assert rows[row][3][1] == f"{100 * strategy['test_hard']['share']['down']:.1f}"
-    assert "stable through step 2 of 2" in text
-    assert summary["stability"]["NSR"]["0"]["horizon"] is None
-
-
-def test_reproduce_tables_give_the_mean_and_spread_over_seeds_of_synthetic_runs(tmp_path):
-    import json
-
-    import passk
-    import toy
-    # two seeds of PSR with known counts (n = 4, two problems), one base; pass@1 = mean of c / n
-    counts = {"base": [2, 0], "psr-seed0": [4, 0], "psr-seed1": [3, 1]}
-    jobs, records = [], []
-    for run, c in counts.items():
-        run_dir = tmp_path / run
-        for split in ("test_easy", "test_hard"):
-            passk.save_result({"n": 4, "counts": c, "mean_entropy": 0.5 if run == "base" else 0.25},
-                              run_dir / f"eval_{split}.json")
-        kind, seed = ("base", None) if run == "base" else ("train", int(run[-1]))
-        if kind == "train":
-            lines = [{"step": s, "reward": r, "all_correct": 0.0, "all_wrong": 0.0, "entropy": 1.0,
-                      "skipped": False} for s, r in enumerate([0.5, 0.5, 0.75] if seed == 0 else [0.5, 0.1, 0.1], 1)]
-            (run_dir / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in lines))
-        jobs.append({"kind": kind, "objective": None if kind == "base" else "psr", "seed": seed,
-                     "run_dir": str(run_dir)})
-        records.append({"status": "ok", "error": None, "evaluated": str(run_dir)})
-    summary = toy.collect(jobs, records, window=2)
-    psr1 = summary["passk"]["PSR"]["test_easy"][1]
-    assert psr1["mean"] == pytest.approx(0.5) and psr1["max"] - psr1["min"] == 0     # (1 + 0)/2, (.75 + .25)/2
-    psr2 = summary["passk"]["PSR"]["test_easy"][2]
-    want = [passk.passk_curve(c, 4, [2])[2] for c in ([4, 0], [3, 1])]
-    assert psr2["mean"] == pytest.approx(sum(want) / 2) and psr2["max"] - psr2["min"] == pytest.approx(
-        max(want) - min(want))
-    spread = _table_rows(toy.passk_table(summary["passk"], summary["ks"], stat="spread"), "spread (max-min)")
-    assert spread["Base"][0] == ["-", "-", "-"]                 # one evaluation: no spread
-    curves = [passk.passk_curve(c, 4) for c in ([4, 0], [3, 1])]      # pass@4: 0.5 and 1.0
-    assert spread["PSR"][0] == [f"{100 * abs(curves[0][k] - curves[1][k]):.1f}" for k in (1, 2, 4)]
-    assert spread["PSR"][0][2] == "50.0"
-    # training columns: start = step 1, mean over steps, end = last `window` steps; averaged over seeds
-    dyn = summary["dynamics"]["PSR"]
-    assert dyn["reward.start"]["mean"] == pytest.approx(0.5)
-    assert dyn["reward.end"]["mean"] == pytest.approx(((0.5 + 0.75) / 2 + 0.1) / 2)
-    assert dyn["entropy.test_hard"]["mean"] == 0.25
-    assert summary["dynamics"]["Base"]["entropy.test_easy"]["mean"] == 0.5
-    # seed 1: first 2-step mean 0.3, then 0.1 < 0.5 * 0.3 at step 3: a collapse
-    assert summary["stability"]["PSR"]["1"]["collapse_step"] == 3
-    assert summary["stability"]["PSR"]["0"]["horizon"] is None
-
-
-def test_stability_horizon_is_the_first_non_finite_step_or_reward_collapse_whichever_comes_first():
-    import toy
-
-    def metrics(rewards, skipped=()):
-        return [{"step": s, "reward": r, "skipped": s in skipped} for s, r in enumerate(rewards, 1)]
-
-    steady = toy.stability_horizon(metrics([0.4, 0.5, 0.4, 0.6]), None, window=2)
-    assert steady["horizon"] is None and steady["start_reward"] == pytest.approx(0.45)
-    # 2-step means: 0.45, 0.3, 0.2 -> 0.2 < 0.225 at step 4
-    collapse = toy.stability_horizon(metrics([0.4, 0.5, 0.1, 0.3, 0.0]), None, window=2)
-    assert collapse["collapse_step"] == 4 and collapse["horizon"] == 4
-    skipped = toy.stability_horizon(metrics([0.4, 0.5, 0.1, 0.3, 0.0], skipped={3}), None, window=2)
-    assert skipped["nonfinite_step"] == 3 and skipped["horizon"] == 3
-    # the run raised after logging 2 steps: the non-finite step is the 3rd
-    raised = toy.stability_horizon(metrics([0.4, 0.5]), "RuntimeError: non-finite logits", window=2)
-    assert raised["nonfinite_step"] == 3 and raised["horizon"] == 3
-    # a run that never solved anything cannot collapse
-    assert toy.stability_horizon(metrics([0.0, 0.0, 0.0]), None, window=2)["horizon"] is None
-
-
-def test_reproduce_records_a_diverged_method_evaluates_its_last_checkpoint_and_goes_on(toy_quick_base,
-                                                                                      tmp_path, monkeypatch,
-                                                                                      capsys):
-    import dataclasses
-    import json
-
-    import nsr
-    import toy
-    real_train = nsr.train
-
-    def diverging_train(cfg):
-        # NSR trains one step (checkpointed: --save-every 1) and then "diverges" as nsr.train reports it
-        if cfg.objective != "nsr":
-            return real_train(cfg)
-        real_train(dataclasses.replace(cfg, steps=1))
-        raise RuntimeError("step 2: the policy produced non-finite logits while sampling (test)")
-
-    monkeypatch.setattr(nsr, "train", diverging_train)
-    base, _ = toy_quick_base
-    summary = toy.reproduce(_reproduce_args(base, tmp_path / "out", "--methods", "nsr", "psr"))
-    printed = capsys.readouterr().out
-    jobs = {j["name"]: j for j in summary["jobs"]}
-    assert jobs["nsr seed 0"]["status"] == "diverged" and "non-finite" in jobs["nsr seed 0"]["error"]
-    assert jobs["nsr seed 0"]["evaluated"].endswith("checkpoint-000001")
-    assert jobs["psr seed 0"]["status"] == "ok"
-    nsr_stability = summary["stability"]["NSR"]["0"]
-    assert nsr_stability["nonfinite_step"] == 2 and nsr_stability["horizon"] == 2
-    assert "NSR          seed 0: NON-FINITE at step 2" in printed
-    rows = _table_rows(printed, "Pass@k (%)")
-    assert list(rows) == ["Base", "PSR", "NSR"]               # paper order, whatever --methods says
-    assert json.loads((tmp_path / "out" / "nsr-seed0" / "job.json").read_text())["status"] == "diverged"
-
-
-def test_reproduce_in_two_spawned_processes_gives_the_same_results_as_in_one(reproduce_quick_run,
-                                                                            toy_quick_base, tmp_path, capsys):
-    import passk
-    import toy
-    out1, _, _, _ = reproduce_quick_run
-    base, _ = toy_quick_base
-    toy.reproduce(_reproduce_args(base, tmp_path / "out", "--methods", "psr", "--jobs", "2"))
-    for run in ("base", "psr-seed0"):
-        for split in ("test_easy", "test_hard"):
-            a = passk.load_result(out1 / run / f"eval_{split}.json")
-            b = passk.load_result(tmp_path / "out" / run / f"eval_{split}.json")
-            assert a["counts"] == b["counts"] and a["mean_entropy"] == pytest.approx(b["mean_entropy"], rel=1e-5)
-    assert (out1 / "psr-seed0" / "metrics.jsonl").read_text().count("\n") == 2
-    one = [line.split('"sample_s"')[0] for line in (out1 / "psr-seed0" / "metrics.jsonl").read_text().splitlines()]
-    two = [line.split('"sample_s"')[0] for line in
-           (tmp_path / "out" / "psr-seed0" / "metrics.jsonl").read_text().splitlines()]
-    assert one == two                                         # every logged value before the timings
-
-
-def test_reproduce_plot_draws_one_panel_per_split_into_a_png_when_matplotlib_is_installed(tmp_path):
-    pytest.importorskip("matplotlib")
-    import toy
-    stats = {k: toy.spread_stats([0.1 * k ** 0.5, 0.12 * k ** 0.5]) for k in (1, 2, 4)}
-    summary = {"Base": {"test_easy": stats, "test_hard": stats}, "NSR": {"test_easy": stats, "test_hard": {}}}
-    path = toy.plot_reproduction(summary, [1, 2, 4], tmp_path / "curves.png")
-    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-
-
-@pytest.mark.parametrize("extra, message", [
-    (["--n", "0"], "--n must be >= 1"),
-    (["--seeds", "0", "0"], "--seeds must be distinct"),
-    (["--jobs", "0"], "--jobs must be >= 1"),
-    (["--methods", "ppo"], "invalid choice"),
-])
-def test_reproduce_rejects_bad_flags_before_any_work(tmp_path, capsys, extra, message):
-    import toy
-    with pytest.raises(SystemExit):
-        toy.reproduce_cli(["--base-dir", str(tmp_path / "never-built"), "--out", str(tmp_path / "out"), *extra])
-    assert message in capsys.readouterr().err
-    assert not (tmp_path / "never-built").exists() and not (tmp_path / "out").exists()
 

@@ -82,7 +82,7 @@ THE RECIPE (ToyRecipe, hashed; the cache in runs/toy-base is rebuilt when it cha
   model      Qwen2ForCausalLM, 3 layers, hidden 64, 4 heads (2 KV heads), tied embeddings: 154,624
              parameters.
   pre-train  supervised next-token loss on the response tokens of reference solutions, in exactly
-             the prompt + response format the RL loop samples (nsr.render_prompt, template "auto"),
+             the prompt + response format the RL loop samples (sample.render_prompt, template "auto"),
              weighted per token: the strategy-naming first token by first_token_weights() ("U" 1,
              "D" ~0.16), every other response token 1 -- loss = -sum_t w_t log pi / sum_t w_t.
              AdamW (lr 2e-3, batch 32, one thread); every 100 steps (25 once it starts rising) a cheap
@@ -104,11 +104,9 @@ Run:  python toy.py                  # build (or reuse) runs/toy-base and print 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import hashlib
 import json
-import math
 import pathlib
 import random
 import shutil
@@ -117,7 +115,13 @@ import sys
 import time
 
 import torch
+from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
 from tqdm import tqdm
+from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+import passk
+import sample
+import verifier
 
 # Bump when the task format or the build procedure changes in a way the recipe fields do not show:
 # it is part of the recipe hash, so every cached base model is rebuilt.
@@ -320,7 +324,7 @@ def strategy_of(response: str) -> str | None:
 
 PAD, EOS = "<|pad|>", "<|endoftext|>"
 
-# The chat template renders ONLY the problem line of the user message and a newline. nsr.render_prompt
+# The chat template renders ONLY the problem line of the user message and a newline. sample.render_prompt
 # sends [system SYSTEM, user problem + INSTRUCTION]; a char-level model would spend ~100 tokens per
 # prompt on those fixed words, so the template drops them (everything from "\nPlease reason" on).
 CHAT_TEMPLATE = (
@@ -344,9 +348,6 @@ def build_tokenizer():
     spaces (measured: "x+7 ends" -> x + 7 e n d s); in the byte-level alphabet both classes give the
     same ids. Without merges every character is its own token: a char-level tokenizer.
     """
-    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     chars = [c for c in string.printable if c not in "\r\x0b\x0c"]          # 97 characters
     vocab = {PAD: 0, EOS: 1}
@@ -373,8 +374,6 @@ def build_tokenizer():
 
 def build_model(recipe: ToyRecipe, tokenizer):
     """A freshly initialised tiny Qwen2ForCausalLM (seeded by recipe.seed)."""
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
     config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=recipe.hidden,
                          intermediate_size=3 * recipe.hidden, num_hidden_layers=recipe.layers,
                          num_attention_heads=recipe.heads, num_key_value_heads=recipe.kv_heads,
@@ -425,13 +424,10 @@ def sft_batch(problems: list[dict], prompt_cache: dict, tokenizer, rng: random.R
 
 def sampled_accuracy(model, tokenizer, problems, n: int, max_new_tokens: int, seed: int) -> float:
     """Mean correctness of n samples per problem (= an estimate of Pass@1): the cheap check."""
-    import nsr
-    import verifier
-
-    prompt_ids, kept, _ = nsr.encode_prompts(tokenizer, problems)
+    prompt_ids, kept, _ = sample.encode_prompts(tokenizer, problems)
     rows = [ids for ids in prompt_ids for _ in range(n)]
     generator = torch.Generator().manual_seed(seed)
-    rollouts = nsr.generate(model, rows, max_new_tokens, generator=generator)
+    rollouts = sample.generate(model, rows, max_new_tokens, generator=generator)
     correct = 0
     for i, tokens in enumerate(rollouts.tokens):
         correct += verifier.is_correct(tokenizer.decode(tokens, skip_special_tokens=True),
@@ -447,13 +443,10 @@ def strategy_report(model, tokenizer, problems, n: int = 64, max_new_tokens: int
     "n": n, "num_problems": P}; accuracy of a strategy = fraction of ITS samples that are correct
     (None if never sampled). This is how training runs show PSR narrowing the strategy mix.
     """
-    import nsr
-    import verifier
-
-    prompt_ids, kept, _ = nsr.encode_prompts(tokenizer, problems)
+    prompt_ids, kept, _ = sample.encode_prompts(tokenizer, problems)
     rows = [ids for ids in prompt_ids for _ in range(n)]
     generator = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
-    rollouts = nsr.generate(model, rows, max_new_tokens, generator=generator, chunk_size=chunk_size)
+    rollouts = sample.generate(model, rows, max_new_tokens, generator=generator, chunk_size=chunk_size)
     counts = {UP: 0, DOWN: 0, "other": 0}
     right = {UP: 0, DOWN: 0, "other": 0}
     for i, tokens in enumerate(rollouts.tokens):
@@ -488,11 +481,8 @@ def competence(easy: dict, hard: dict, recipe: ToyRecipe) -> tuple[bool, list[st
 def pretrain(model, tokenizer, splits: dict, recipe: ToyRecipe, log=print) -> dict:
     """Supervised pre-training until measured competence (or recipe.max_steps). Returns the final
     evaluation {"easy": passk result, "hard": passk result, "steps": s, "seconds": t, "met": bool, ...}."""
-    import nsr
-    import passk
-
     rng = random.Random(f"toy-corpus-{recipe.seed}")
-    prompt_ids, kept, _ = nsr.encode_prompts(tokenizer, splits["train"] + splits["test_easy"]
+    prompt_ids, kept, _ = sample.encode_prompts(tokenizer, splits["train"] + splits["test_easy"]
                                              + splits["test_hard"])
     prompt_cache = {p["problem"]: ids for p, ids in zip(kept, prompt_ids)}
     train = splits["train"]
@@ -620,8 +610,6 @@ def ensure_base(out_dir="runs/toy-base", recipe: ToyRecipe | None = None, quick:
 
 def _build(out_dir: pathlib.Path, recipe: ToyRecipe, start: float, log) -> pathlib.Path:
     """ensure_base's work: splits, tokenizer, model, pre-training, measurement, files."""
-    import passk
-
     torch.manual_seed(recipe.seed)
     splits = make_splits(recipe)
     tokenizer = build_tokenizer()
@@ -659,601 +647,10 @@ def _build(out_dir: pathlib.Path, recipe: ToyRecipe, start: float, log) -> pathl
 
 
 # =================================================================================================
-# REPRODUCTION: `python toy.py reproduce` -- the paper's comparison at toy scale in one command
-# =================================================================================================
-#
-#   python toy.py reproduce                       # 5 methods x seeds 0 1, 2 processes, n = 256: mean + spread
-#   python toy.py reproduce --seeds 0             # 1 seed
-#   python toy.py reproduce --steps 80 --lr 5e-5  # every budget is a flag; defaults: nsr.TOY_DEFAULTS + REPRODUCE_BUDGET
-#
-# The pipeline:
-#   ensure_base ----------------------------------------------> evaluate the base once (n per problem)
-#        \--> for each method x seed: nsr.train (no evaluation inside) --> evaluate its final checkpoint
-#   --> Pass@k table (the paper's Table 1 layout) + curves PNG + training-dynamics table + stability
-#   --> every result as JSON under --out (default runs/reproduce)
-#
-# What makes the comparison fair:
-#   * every method starts from the same base with the same Config except `objective` (same steps,
-#     lr, batch, seed -> the same prompts in the same order, and at step 1 the very same rollouts);
-#   * every model, the base included, is evaluated by the SAME call: passk.evaluate with n samples
-#     per problem and the toy's evaluation settings (temperature / top-p / response budget taken
-#     from the resolved Config exactly as nsr.evaluate_all takes them), and ONE evaluation seed for
-#     all rows (common random numbers: differences between rows come from the models, not from the
-#     evaluation's dice). --seeds varies the TRAINING seed; the evaluation seed stays fixed.
-#   Tune the toy world and the training budget, never the evaluation (issue 7).
-#
-# Parallelism: the toy model is tiny, so one torch thread per process is fastest (TOY_DEFAULTS'
-# threads=1: a second thread only waits), and the two cores of a laptop are best used by two
-# independent jobs: --jobs 2 runs the jobs in a pool of spawned processes, each writing its own
-# log.txt. --jobs 1 runs them one after the other in this process.
-
-REPRODUCE_ROWS = (("PSR", "psr"), ("NSR", "nsr"), ("W-REINFORCE", "w-reinforce"),
-                  ("REINFORCE", "reinforce"), ("GRPO", "grpo"))
-"""(row name, nsr objective) in the paper's row order; the Base row comes first."""
-
-REPRODUCE_BUDGET = dict(lam=0.1, save_every=10)
-"""THE ONE PLACE TO CHANGE THE DEFAULT BUDGET: nsr.Config overrides applied on top of nsr.TOY_DEFAULTS
-(which supplies everything not listed here: steps, lr, batch_prompts, group_size, max_new_tokens,
-threads=1, ...). Add e.g. steps=..., lr=... here. Every key listed in add_reproduce_args is also a flag.
-save_every: checkpoints during training, so a run that diverges is still evaluated at its last good one."""
-
-REPRODUCE_SPLITS = (("test_easy", "test_easy (MATH role)"), ("test_hard", "test_hard (AIME role)"))
-"""(eval file stem, column-group title) of the two test splits, in table order."""
-
-
-def add_reproduce_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """The flags of `python toy.py reproduce`. Training defaults: nsr.TOY_DEFAULTS + REPRODUCE_BUDGET."""
-    import nsr
-
-    budget = {**nsr.TOY_DEFAULTS, **REPRODUCE_BUDGET}
-    objectives = [objective for _, objective in REPRODUCE_ROWS]
-    g = parser.add_argument_group("training budget (the same for every method)")
-    g.add_argument("--steps", type=int, default=budget["steps"], help="training steps per run (default %(default)s)")
-    g.add_argument("--lr", type=float, default=budget["lr"], help="AdamW learning rate (default %(default)s)")
-    g.add_argument("--batch-prompts", type=int, default=budget["batch_prompts"],
-                   help="prompts per step (default %(default)s)")
-    g.add_argument("--group-size", type=int, default=budget["group_size"],
-                   help="rollouts per prompt (default %(default)s)")
-    g.add_argument("--lam", type=float, default=budget["lam"],
-                   help="lambda of W-REINFORCE (default %(default)s, the paper's)")
-    g.add_argument("--save-every", type=int, default=budget["save_every"],
-                   help="checkpoint every this many steps, so a diverged run is evaluated at its last good "
-                        "checkpoint (default %(default)s)")
-    g.add_argument("--methods", nargs="+", default=objectives, choices=objectives, metavar="OBJECTIVE",
-                   help=f"objectives to train (default: all five: {' '.join(objectives)})")
-    g.add_argument("--seeds", nargs="+", type=int, default=[0, 1], metavar="SEED",
-                   help="training seeds; each method is trained once per seed (default 0 1: the table shows "
-                        "the mean and a second table the spread; 9 min from a clean checkout on 2 cores)")
-    e = parser.add_argument_group("evaluation (identical for the base and every method)")
-    e.add_argument("--n", type=int, default=256, help="samples per test problem; Pass@k for k = 1, 2, 4, ..., n "
-                                                      "(default %(default)s)")
-    e.add_argument("--eval-seed", type=int, default=0, help="the one evaluation seed of every row (default 0)")
-    e.add_argument("--strategy-n", type=int, default=64,
-                   help="samples per problem for the up/down strategy shares; 0 = skip (default %(default)s)")
-    r = parser.add_argument_group("run")
-    r.add_argument("--jobs", type=int, default=2, help="parallel processes, one torch thread each (default 2)")
-    r.add_argument("--out", default="runs/reproduce", help="where every result goes (default %(default)s)")
-    r.add_argument("--base-dir", default="runs/toy-base", help="the toy base (built if missing; default %(default)s)")
-    r.add_argument("--quick", action="store_true",
-                   help="use the seconds-long quick toy build (for tests: its Pass@k is ~0)")
-    r.add_argument("--window", type=int, default=5,
-                   help="steps averaged for 'at the end' and for the reward-collapse test (default 5)")
-    return parser
-
-
-def check_reproduce_args(args) -> list[str]:
-    """Everything wrong with the flags, as messages (empty = fine). Checked before any work starts."""
-    bad = []
-    for name in ("steps", "batch_prompts", "group_size", "n", "jobs", "window"):
-        if getattr(args, name) < 1:
-            bad.append(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    for name in ("save_every", "strategy_n"):
-        if getattr(args, name) < 0:
-            bad.append(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
-    if len(set(args.seeds)) != len(args.seeds):
-        bad.append(f"--seeds must be distinct, got {args.seeds}")
-    if len(set(args.methods)) != len(args.methods):
-        bad.append(f"--methods must be distinct, got {args.methods}")
-    return bad
-
-
-# ---- jobs: plain dicts, so they cross a process boundary ---------------------------------------
-
-def reproduce_jobs(args, base: pathlib.Path) -> list[dict]:
-    """One job per (method, seed) plus one for the base. Each job carries everything it needs: the
-    Config of its training run (as a dict) and the evaluation settings shared by every job."""
-    import nsr
-
-    out = pathlib.Path(args.out)
-    overrides = dict(steps=args.steps, lr=args.lr, batch_prompts=args.batch_prompts,
-                     group_size=args.group_size, lam=args.lam, save_every=args.save_every)
-    # eval_n = 0: nsr.train evaluates nothing; we evaluate every model below with ONE set of settings.
-    data = dict(model=str(base), train=str(base / "train.jsonl"), eval=[], eval_n=0)
-    jobs = []
-    objectives = [objective for _, objective in REPRODUCE_ROWS if objective in args.methods]  # paper order
-    for seed in args.seeds:
-        for objective in objectives:
-            cfg = nsr.Config(**{**nsr.TOY_DEFAULTS, **REPRODUCE_BUDGET, **overrides, **data,
-                                "objective": objective, "seed": seed,
-                                "out_dir": str(out / f"{objective}-seed{seed}")})
-            problems = nsr.config_problems(cfg)
-            if problems:
-                raise ValueError(f"{objective} seed {seed}: invalid configuration:\n  " + "\n  ".join(problems))
-            jobs.append({"kind": "train", "name": f"{objective} seed {seed}", "objective": objective,
-                         "seed": seed, "config": dataclasses.asdict(cfg), "run_dir": cfg.out_dir})
-    # The evaluation settings come from the resolved Config (all jobs share them), as nsr.evaluate_all
-    # takes them: temperature/top-p of evaluation, eval_max_new_tokens or else max_new_tokens.
-    cfg = nsr.Config(**jobs[0]["config"])
-    evaluation = dict(n=args.n, temperature=cfg.eval_temperature, top_p=cfg.eval_top_p,
-                      max_new_tokens=cfg.eval_max_new_tokens or cfg.max_new_tokens, seed=args.eval_seed,
-                      template=cfg.template, chunk_size=cfg.chunk_size)
-    jobs.insert(0, {"kind": "base", "name": "base", "objective": None, "seed": None,
-                    "config": {"model": str(base), "dtype": cfg.dtype, "device": cfg.device, "threads": cfg.threads},
-                    "run_dir": str(out / "base")})
-    splits = {stem: str(base / f"{stem}.jsonl") for stem, _ in REPRODUCE_SPLITS}
-    for job in jobs:
-        job.update(evaluation=evaluation, splits=splits, strategy_n=args.strategy_n)
-    return jobs
-
-
-def run_job(job: dict) -> dict:
-    """Train (unless it is the base job), then evaluate the final model on every split. Runs in a worker
-    process or in this one; stdout/stderr (tqdm bars included) go to <run_dir>/log.txt.
-
-    A training run that stops with an error (nsr.train raises on non-finite logits, or after several
-    non-finite steps) does not stop the reproduction: the error is recorded, and the last good
-    checkpoint (if any; see --save-every) is evaluated instead. Returns the job record (also job.json).
-    """
-    import traceback
-
-    import torch
-
-    import nsr
-    import passk
-
-    run_dir = pathlib.Path(job["run_dir"])
-    run_dir.mkdir(parents=True, exist_ok=True)
-    for stale in ["job.json", "strategy.json", *[f"eval_{stem}.json" for stem in job["splits"]]]:
-        (run_dir / stale).unlink(missing_ok=True)       # a result on disk always belongs to THIS run
-    cfg = job["config"]
-    record = {k: job[k] for k in ("kind", "name", "objective", "seed", "run_dir")}
-    record.update(status="ok", error=None, evaluated=None, train_seconds=0.0, eval_seconds=0.0)
-    threads = torch.get_num_threads()
-    start = time.time()
-    with open(run_dir / "log.txt", "w") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
-        try:
-            if cfg["threads"]:
-                torch.set_num_threads(cfg["threads"])
-            model_dir = cfg["model"]
-            if job["kind"] == "train":
-                try:
-                    nsr.train(nsr.Config(**cfg))
-                except Exception as e:      # noqa: BLE001 -- recorded and reported; the other methods go on
-                    traceback.print_exc()
-                    # nsr.train's divergence errors all say "non-finite"; anything else is a failure
-                    record.update(status="diverged" if "non-finite" in str(e) else "failed",
-                                  error=f"{type(e).__name__}: {e}")
-                ckpt = nsr.latest_checkpoint(run_dir)        # the final one, or the last good one
-                model_dir = str(ckpt) if ckpt is not None else None
-                record["train_seconds"] = round(time.time() - start, 1)
-            record["evaluated"] = model_dir
-            if model_dir is not None:
-                t0 = time.time()
-                device = None if cfg["device"] == "auto" else cfg["device"]
-                model, tokenizer = nsr.load_model(model_dir, dtype=cfg["dtype"], device=device)
-                for stem, path in job["splits"].items():
-                    passk.evaluate(model, tokenizer, nsr.load_problems(path), desc=f"{job['name']} {stem}",
-                                   out=run_dir / f"eval_{stem}.json", model_name=model_dir, data_name=stem,
-                                   **job["evaluation"])
-                if job["strategy_n"]:
-                    ev = job["evaluation"]
-                    shares = {stem: strategy_report(model, tokenizer, nsr.load_problems(path),
-                                                    n=job["strategy_n"], max_new_tokens=ev["max_new_tokens"],
-                                                    seed=ev["seed"], chunk_size=ev["chunk_size"])
-                              for stem, path in job["splits"].items()}
-                    (run_dir / "strategy.json").write_text(json.dumps(shares, indent=1) + "\n")
-                record["eval_seconds"] = round(time.time() - t0, 1)
-        finally:
-            torch.set_num_threads(threads)
-    record["seconds"] = round(time.time() - start, 1)
-    (run_dir / "job.json").write_text(json.dumps(record, indent=1) + "\n")
-    return record
-
-
-def run_jobs(jobs: list[dict], num_procs: int, log=print) -> list[dict]:
-    """Run every job, num_procs at a time; returns the records in the order of `jobs`.
-
-    NOTE spawn, not fork: a forked child inherits torch's OpenMP thread pool in an undefined state, and
-    spawn is what macOS and Windows do anyway. Each worker imports torch once (~3 s) and then takes
-    jobs from the queue, so the import is paid once per worker, not once per job.
-    """
-    import concurrent.futures
-    import multiprocessing
-
-    start = time.time()
-    records: dict[int, dict] = {}
-
-    def done(i, record):
-        records[i] = record
-        extra = f" -- {record['status'].upper()}: {record['error']}" if record["status"] != "ok" else ""
-        log(f"[{len(records)}/{len(jobs)}] {record['name']}: train {record['train_seconds']:.0f} s, evaluate "
-            f"{record['eval_seconds']:.0f} s (done at {time.time() - start:.0f} s; "
-            f"log {record['run_dir']}/log.txt){extra}")
-
-    if num_procs == 1:
-        for i, job in enumerate(jobs):
-            done(i, run_job(job))
-    else:
-        context = multiprocessing.get_context("spawn")
-        with concurrent.futures.ProcessPoolExecutor(max_workers=num_procs, mp_context=context) as pool:
-            futures = {pool.submit(run_job, job): i for i, job in enumerate(jobs)}
-            for future in concurrent.futures.as_completed(futures):
-                i = futures[future]
-                try:
-                    record = future.result()
-                except Exception as e:      # noqa: BLE001 -- a crashed worker: record it, keep the others
-                    record = {k: jobs[i][k] for k in ("kind", "name", "objective", "seed", "run_dir")}
-                    record.update(status="failed", error=f"{type(e).__name__}: {e}", evaluated=None,
-                                  train_seconds=0.0, eval_seconds=0.0)
-                done(i, record)
-    return [records[i] for i in range(len(jobs))]
-
-
-# ---- reading the runs: training dynamics and stability ------------------------------------------
-
-def read_metrics(run_dir: pathlib.Path) -> list[dict]:
-    """The per-step lines of nsr.train's metrics.jsonl (empty if the run logged no step)."""
-    path = pathlib.Path(run_dir) / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    lines = []
-    for number, line in enumerate(path.read_text().splitlines(), 1):
-        if line.strip():
-            try:
-                lines.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{number}: not valid JSON ({e.msg})") from None
-    return lines
-
-
-def train_dynamics(metrics: list[dict], window: int) -> dict:
-    """The training-set columns of the dynamics table, from nsr.train's per-step metrics.
-
-    reward:       fraction of the step's B x G rollouts that were correct (the training-set correct
-                  fraction); "mean" over all steps, "end" over the last `window` steps (one step is
-                  B x G samples, too noisy alone). all_correct: fraction of prompts whose G rollouts
-                  were all correct -- where NSR (and GRPO) get no gradient at all. "start" = step 1,
-                  before any update (the same for every method with the same seed).
-    """
-    if not metrics:
-        return {}
-    out = {"steps_logged": len(metrics)}
-    for key in ("reward", "all_correct", "all_wrong", "entropy"):
-        values = [m[key] for m in metrics]
-        out[key] = {"start": values[0], "mean": math.fsum(values) / len(values),
-                    "end": math.fsum(values[-window:]) / len(values[-window:])}
-    return out
-
-
-def stability_horizon(metrics: list[dict], diverged: str | None, window: int) -> dict:
-    """The first step at which a run stopped being healthy, or None.
-
-    Two events, whichever comes first:
-      non-finite: a step logged as skipped (non-finite loss or gradient) or the step at which nsr.train
-                  raised (non-finite logits while sampling, or too many skipped steps) = last logged + 1;
-      collapse:   the training reward's trailing `window`-step mean falls below half of its first
-                  `window`-step mean:  mean(r_{s-w+1..s}) < 0.5 * mean(r_{1..w}),  s >= w
-                  (undefined when the start is 0: a run that never solved anything cannot collapse).
-    """
-    rewards = [m["reward"] for m in metrics]
-    nonfinite = next((m["step"] for m in metrics if m.get("skipped")), None)
-    if diverged is not None and nonfinite is None:
-        nonfinite = (metrics[-1]["step"] if metrics else 0) + 1
-    collapse, start = None, None
-    if len(rewards) >= window:
-        start = math.fsum(rewards[:window]) / window
-        for s in range(window, len(rewards) + 1):
-            if start > 0 and math.fsum(rewards[s - window:s]) / window < 0.5 * start:
-                collapse = metrics[s - 1]["step"]
-                break
-    events = [s for s in (nonfinite, collapse) if s is not None]
-    return {"nonfinite_step": nonfinite, "collapse_step": collapse, "start_reward": start,
-            "horizon": min(events) if events else None, "steps_logged": len(metrics)}
-
-
-# ---- tables ------------------------------------------------------------------------------------
-
-def spread_stats(values: list[float]) -> dict:
-    """mean, min, max and std (population) of the per-seed values of one table cell."""
-    mean = math.fsum(values) / len(values)
-    return {"mean": mean, "min": min(values), "max": max(values),
-            "std": math.sqrt(math.fsum((v - mean) ** 2 for v in values) / len(values)), "seeds": len(values)}
-
-
-def format_grid(corner: str, groups: list[tuple[str, list[str]]], rows: list[tuple[str, list[list[str]]]]) -> str:
-    """A plain-text table with column groups, the layout of the paper's Table 1:
-
-        corner       | group title 1        | group title 2
-                     |   c1   c2   c3  ...  |   c1   c2 ...
-        row name     | 55.1 70.3 ...        | ...
-    groups: [(title, [column headers])]; rows: [(name, [[cells of group 1], [cells of group 2], ...])].
-    """
-    first = max(len(corner), *(len(name) for name, _ in rows))
-    widths = []                                            # per group, per column
-    for j, (title, headers) in enumerate(groups):
-        w = [max(len(h), *(len(cells[j][c]) for _, cells in rows)) for c, h in enumerate(headers)]
-        short = len(title) - (sum(w) + 2 * (len(w) - 1))
-        for c in range(max(short, 0)):
-            w[c % len(w)] += 1                             # a long group title widens its columns evenly
-        widths.append(w)
-    span = [sum(w) + 2 * (len(w) - 1) for w in widths]
-    lines = [corner.ljust(first) + "".join(f" | {t.ljust(s)}" for (t, _), s in zip(groups, span)),
-             " " * first + "".join(" | " + "  ".join(h.rjust(x) for h, x in zip(hs, w))
-                                   for (_, hs), w in zip(groups, widths))]
-    lines.append("-" * len(lines[1]))
-    for name, cells in rows:
-        lines.append(name.ljust(first) + "".join(" | " + "  ".join(c.rjust(x) for c, x in zip(cs, w))
-                                                 for cs, w in zip(cells, widths)))
-    return "\n".join(lines)
-
-
-def passk_summary(results: dict, ks: list[int]) -> dict:
-    """{row: {split: {k: spread_stats over seeds}}} from {row: {split: [passk result per seed]}}.
-
-    Every number is recomputed from the saved counts (passk.passk_curve), not read from "curve"."""
-    import passk
-
-    summary = {}
-    for row, by_split in results.items():
-        summary[row] = {}
-        for split, per_seed in by_split.items():
-            curves = [passk.passk_curve(r["counts"], r["n"], ks) for r in per_seed]
-            summary[row][split] = {k: spread_stats([c[k] for c in curves]) for k in ks} if curves else {}
-    return summary
-
-
-def passk_table(summary: dict, ks: list[int], stat: str = "mean") -> str:
-    """The Pass@k (%) table: rows Base, PSR, NSR, ...; a column group per split; `stat` = mean or spread
-    (max - min over seeds, in points)."""
-    def cell(stats):
-        if not stats or (stat == "spread" and stats["seeds"] < 2):     # the Base row has one seed
-            return "-"
-        value = stats["mean"] if stat == "mean" else stats["max"] - stats["min"]
-        return f"{100 * value:.1f}"
-
-    groups = [(title, [f"k={ks[0]}"] + [str(k) for k in ks[1:]]) for _, title in REPRODUCE_SPLITS]
-    rows = [(row, [[cell(by_split.get(stem, {}).get(k)) for k in ks] for stem, _ in REPRODUCE_SPLITS])
-            for row, by_split in summary.items()]
-    corner = "Pass@k (%)" if stat == "mean" else "spread (max-min)"
-    return format_grid(corner, groups, rows)
-
-
-DYNAMICS_COLUMNS = (
-    ("test entropy (nats)", (("easy", "entropy.test_easy"), ("hard", "entropy.test_hard"))),
-    ("train correct (%)", (("start", "reward.start"), ("mean", "reward.mean"), ("end", "reward.end"))),
-    ("train all-correct (%)", (("mean", "all_correct.mean"), ("end", "all_correct.end"))),
-    ("'down' share (%)", (("easy", "down_share.test_easy"), ("hard", "down_share.test_hard"))),
-)
-"""The dynamics table's column groups: (title, ((header, key in dynamics_cells), ...))."""
-
-
-def dynamics_cells(evals: dict, dynamics: dict | None, strategy: dict | None) -> dict:
-    """One model's dynamics values {"metric.field": value}: the evaluation's token entropy per split,
-    the training metrics (train_dynamics), and the share of the minority strategy ("down") per split."""
-    cells = {f"entropy.{stem}": r["mean_entropy"] for stem, r in evals.items()}
-    for metric in ("reward", "all_correct"):
-        for field in ("start", "mean", "end"):
-            if dynamics:
-                cells[f"{metric}.{field}"] = dynamics[metric][field]
-    for stem, report in (strategy or {}).items():
-        cells[f"down_share.{stem}"] = report["share"].get("down")
-    return cells
-
-
-def dynamics_table(summary: dict, stat: str = "mean") -> str:
-    """The training-dynamics table (the paper's ablation analysis). Rows as in the Pass@k table; the
-    Base row's test columns are the base model's, its train columns are empty ("-": no training);
-    every method's "start" column is its step 1, before any update."""
-    groups = [(title, [h for h, _ in columns]) for title, columns in DYNAMICS_COLUMNS]
-    rows = []
-    for row, cells in summary.items():
-        out = []
-        for title, columns in DYNAMICS_COLUMNS:
-            group = []
-            for _, key in columns:
-                s = cells.get(key)
-                if s is None or (stat == "spread" and s["seeds"] < 2):
-                    group.append("-")
-                    continue
-                value = s["mean"] if stat == "mean" else s["max"] - s["min"]
-                # entropy in nats, fractions in percent
-                group.append(f"{value:.3f}" if key.startswith("entropy") else f"{100 * value:.1f}")
-            out.append(group)
-        rows.append((row, out))
-    return format_grid("dynamics" if stat == "mean" else "spread (max-min)", groups, rows)
-
-
-def plot_reproduction(summary: dict, ks: list[int], path) -> pathlib.Path:
-    """Two panels (one per split) of Pass@k (%) against k on a log2 axis, one line per row (the mean
-    over seeds, with a min-max band when there are several). Needs matplotlib (ImportError if not)."""
-    from matplotlib.figure import Figure                 # object API: no pyplot state, no display
-
-    fig = Figure(figsize=(11, 4), dpi=150)
-    axes = fig.subplots(1, len(REPRODUCE_SPLITS), sharey=False)
-    for ax, (stem, title) in zip(axes, REPRODUCE_SPLITS):
-        for row, by_split in summary.items():
-            stats = by_split.get(stem)
-            if not stats:
-                continue
-            line, = ax.plot(ks, [100 * stats[k]["mean"] for k in ks], marker="o", markersize=3, label=row)
-            if any(stats[k]["seeds"] > 1 for k in ks):
-                ax.fill_between(ks, [100 * stats[k]["min"] for k in ks], [100 * stats[k]["max"] for k in ks],
-                                color=line.get_color(), alpha=0.15, linewidth=0)
-        ax.set_xscale("log", base=2)
-        ax.set_xticks(ks, [str(k) for k in ks])
-        ax.set_xlabel("k")
-        ax.set_ylabel("Pass@k (%)")
-        ax.set_title(title)
-        ax.grid(True, alpha=0.3)
-    axes[0].legend()
-    fig.tight_layout()
-    path = pathlib.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    return path
-
-
-def collect(jobs: list[dict], records: list[dict], window: int) -> dict:
-    """Read every saved result back from disk -> the summary: Pass@k per row/split/seed, dynamics, stability.
-
-    Reading from disk (not from the workers' return values) means the summary can always be rebuilt from
-    the run directories alone -- which is also what the tests check.
-    """
-    import passk
-
-    names = {objective: row for row, objective in REPRODUCE_ROWS}
-    trained = {j["objective"] for j in jobs if j["kind"] == "train"}
-    rows = ["Base"] + [row for row, objective in REPRODUCE_ROWS if objective in trained]   # paper order
-    evals = {row: {stem: [] for stem, _ in REPRODUCE_SPLITS} for row in rows}
-    dynamics = {row: [] for row in rows}
-    stability = {row: {} for row in rows if row != "Base"}
-    files = {row: {} for row in rows}
-    for job, record in zip(jobs, records):
-        row = "Base" if job["kind"] == "base" else names[job["objective"]]
-        run_dir = pathlib.Path(job["run_dir"])
-        per_split = {}
-        for stem, _ in REPRODUCE_SPLITS:
-            path = run_dir / f"eval_{stem}.json"
-            if path.is_file():
-                per_split[stem] = passk.load_result(path)
-                evals[row][stem].append(per_split[stem])
-                files[row].setdefault(str(job["seed"]), {})[stem] = str(path)
-        strategy_path = run_dir / "strategy.json"
-        strategy = json.loads(strategy_path.read_text()) if strategy_path.is_file() else None
-        metrics = read_metrics(run_dir) if job["kind"] == "train" else []
-        dyn = train_dynamics(metrics, window) if metrics else None
-        if per_split or dyn:
-            dynamics[row].append(dynamics_cells(per_split, dyn, strategy))
-        if job["kind"] == "train":
-            diverged = record["error"] if record["status"] == "diverged" else None
-            stability[row][str(job["seed"])] = {**stability_horizon(metrics, diverged, window),
-                                                 "status": record["status"], "error": record["error"],
-                                                 "evaluated": record["evaluated"]}
-    ks = sorted({k for by_split in evals.values() for per_seed in by_split.values() for r in per_seed
-                 for k in passk.default_ks(r["n"])})
-    dyn_summary = {}
-    for row, per_seed in dynamics.items():
-        keys = {key for cells in per_seed for key in cells}
-        dyn_summary[row] = {key: spread_stats([c[key] for c in per_seed if c.get(key) is not None])
-                            for key in keys if any(c.get(key) is not None for c in per_seed)}
-    return {"ks": ks, "passk": passk_summary(evals, ks), "dynamics": dyn_summary, "stability": stability,
-            "files": files}
-
-
-def format_stability(stability: dict, steps: int, window: int) -> str:
-    lines = [f"Stability horizon (first step with a non-finite loss/gradient/logits, or where the training "
-             f"reward's {window}-step mean fell below half its first-{window}-step mean):"]
-    for row, by_seed in stability.items():
-        for seed, s in by_seed.items():
-            if s["horizon"] is None:
-                text = f"stable through step {s['steps_logged']} of {steps}"
-            elif s["nonfinite_step"] is not None and s["nonfinite_step"] == s["horizon"]:
-                text = f"NON-FINITE at step {s['nonfinite_step']}"
-            else:
-                text = f"reward COLLAPSE at step {s['collapse_step']} (start {s['start_reward']:.3f})"
-            if s["status"] != "ok":
-                where = f"evaluated at {pathlib.Path(s['evaluated']).name}" if s["evaluated"] else "NOT evaluated"
-                text += f"; run {s['status']} ({where}): {s['error']}"
-            lines.append(f"  {row:12s} seed {seed}: {text}")
-    return "\n".join(lines)
-
-
-# ---- the command --------------------------------------------------------------------------------
-
-def reproduce(args) -> dict:
-    """`python toy.py reproduce`: build/reuse the base, train every method x seed, evaluate, report.
-
-    Prints the Pass@k table (mean over seeds, and the spread when there are several), the dynamics
-    table, the stability horizons and the wall time; writes <out>/summary.json, passk_table.txt,
-    dynamics_table.txt and passk_curves.png (with matplotlib). Returns the summary.
-    """
-    problems = check_reproduce_args(args)
-    if problems:
-        raise ValueError("invalid reproduce flags:\n  " + "\n  ".join(problems))
-    start = time.time()
-    out = pathlib.Path(args.out)
-    base = pathlib.Path(ensure_base(args.base_dir, quick=args.quick))
-    build_seconds = time.time() - start
-    jobs = reproduce_jobs(args, base)
-    print(f"reproduce: {len(jobs) - 1} training runs ({', '.join(args.methods)} x seeds {args.seeds}) + the base, "
-          f"each evaluated with n={args.n} on {', '.join(stem for stem, _ in REPRODUCE_SPLITS)}; "
-          f"{args.jobs} process(es); logs in {out}/*/log.txt")
-    records = run_jobs(jobs, min(args.jobs, len(jobs)))
-    summary = collect(jobs, records, args.window)
-    ks = summary["ks"]
-
-    text = [f"Pass@k (%) at toy scale; mean over training seeds {args.seeds}; n={args.n} samples per problem",
-            passk_table(summary["passk"], ks)]
-    if len(args.seeds) > 1:
-        text += ["", "Spread of each cell over the seeds (max - min, in points)",
-                 passk_table(summary["passk"], ks, stat="spread")]
-    dyn = ["Training dynamics: test entropy = mean token entropy of the evaluation samples; train correct = "
-           "fraction of training rollouts correct (start = step 1, mean over steps, end = last "
-           f"{args.window} steps); all-correct = fraction of prompts with all G rollouts correct; 'down' "
-           "share = the minority strategy's share of samples on each test split (Base row = before training)",
-           dynamics_table(summary["dynamics"])]
-    if len(args.seeds) > 1:
-        dyn += ["", dynamics_table(summary["dynamics"], stat="spread")]
-    stability = format_stability(summary["stability"], args.steps, args.window)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "passk_table.txt").write_text("\n".join(text) + "\n")
-    (out / "dynamics_table.txt").write_text("\n".join(dyn) + "\n\n" + stability + "\n")
-    print("\n" + "\n".join(text) + "\n\n" + "\n".join(dyn) + "\n\n" + stability)
-
-    try:
-        plot = str(plot_reproduction(summary["passk"], ks, out / "passk_curves.png"))
-        print(f"\ncurves: {plot}")
-    except ImportError:
-        plot = None
-        print("\n(no PNG: matplotlib is not installed; `pip install matplotlib` and rerun, or plot "
-              f"{out}/summary.json)")
-    seconds = time.time() - start
-    job_seconds = sum(r.get("seconds", r["train_seconds"] + r["eval_seconds"]) for r in records)
-    summary.update(
-        command="python " + " ".join(sys.argv),
-        flags=vars(args), base=str(base), evaluation=jobs[0]["evaluation"],
-        training_config=next((j["config"] for j in jobs if j["kind"] == "train"), None),
-        jobs=records, plot=plot, wall_seconds=round(seconds, 1), build_seconds=round(build_seconds, 1),
-        job_seconds=round(job_seconds, 1), torch_threads_per_job=jobs[0]["config"]["threads"])
-    (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str) + "\n")
-    print(f"results: {out}/summary.json (+ per run: {out}/<method>-seed<s>/eval_*.json, metrics.jsonl, job.json)")
-    print(f"wall time: {seconds:.0f} s ({seconds / 60:.1f} min; base build/reuse {build_seconds:.0f} s, "
-          f"{len(jobs)} jobs {job_seconds:.0f} s of process time on {min(args.jobs, len(jobs))} process(es))")
-    return summary
-
-
-def reproduce_cli(argv=None) -> int:
-    """`python toy.py reproduce [flags]` (toy.main hands it the arguments after "reproduce")."""
-    parser = argparse.ArgumentParser(
-        prog="toy.py reproduce", description="Train PSR, NSR, W-REINFORCE, REINFORCE and GRPO from the same "
-        "toy base with the same budget, evaluate them and the base with n samples per problem, and print the "
-        "paper's Pass@k table, the training dynamics and each method's stability horizon.")
-    args = add_reproduce_args(parser).parse_args(argv)
-    problems = check_reproduce_args(args)
-    if problems:
-        parser.error("\n  ".join(problems))
-    reproduce(args)
-    return 0
-
-
-# =================================================================================================
 # MAIN
 # =================================================================================================
 
 def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["reproduce"]:
-        return reproduce_cli(argv[1:])
     parser = argparse.ArgumentParser(description="Build (or reuse) the toy base model and print its Pass@k.")
     parser.add_argument("--out", default="runs/toy-base", help="output directory (default runs/toy-base)")
     parser.add_argument("--quick", action="store_true", help="the seconds-long tiny build used by tests")
