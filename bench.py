@@ -210,8 +210,8 @@ def train_child(args) -> dict:
     model.train()
     if args.child == "on":
         nsr.enable_gradient_checkpointing(model)
-    params, master = nsr.make_master_weights(model)
-    optimizer = torch.optim.AdamW(master, lr=1e-6, betas=(0.9, 0.999), weight_decay=0.01)
+    policy = nsr.make_trainable(model, nsr.Config(), 1e-6)     # AdamW betas (0.9, 0.999), decay 0.01
+    params, master, optimizer = policy.params, policy.master, policy.optimizer
     g = torch.Generator().manual_seed(0)
     n, P, R = args.sequences, 128, args.seq_len - 128
     prompts = [torch.randint(3, 32000, (P,), generator=g).tolist() for _ in range(n)]
@@ -226,7 +226,7 @@ def train_child(args) -> dict:
         nsr.backward_on_batch(model, prompts, responses, weights, Z, micro_batch_size=args.micro_batch,
                               params=params, master=master,
                               head_chunk=nsr.Config().head_chunk if args.child == "on" else 0)
-        nsr.optimizer_step(optimizer, params, master, grad_clip=1.0)
+        nsr.optimizer_step(policy, grad_clip=1.0)
         if device.type == "cuda":
             torch.cuda.synchronize()
         if step > 0:

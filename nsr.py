@@ -30,10 +30,14 @@ THE PIPELINE (one banner per stage): sample (generate) -> verify (verifier.rewar
 
 DEVIATIONS from the paper and its official code (github.com/TianHongZXY/RLVR-Decomposed, built on verl):
   1. One GPU, one process: a hand-written KV-cache sampler instead of vLLM; no FSDP, no Ray.
-  2. By default ONE exactly on-policy update per rollout batch with the plain -w log pi loss (its
-     gradient equals the PPO-clipped surrogate's at ratio 1). The official runs use PPO-style
-     mini-batches with ratio clipping; --clip-eps 0.2 --ppo-mini-batches N does that (their issue #6
-     reports that NSR's gains depended on it).
+  2. The update is the official code's (section TRAINING): the objective's subset, mini-batches of
+     --mini-batch-size responses counted after it (a last partial one scaled by its size / M), the
+     clipped surrogate (clip 0.2), an entropy bonus (1e-3, the official yaml; the paper's text says
+     1e-4). Their issue #6 reports that NSR's gains depended on clipping and several mini-batches.
+     --clip-eps 0 --mini-batch-size 0 --entropy-coef 0 gives one exactly on-policy -w log pi step.
+     Our token mean runs over the whole mini-batch (verl's over each micro-batch, then summed with
+     weights len(micro) / M): the same for equal micro-batches, and independent of micro_batch_size.
+     GRPO's token mean counts only the samples with a non-zero weight (verl's counts all of them).
   3. The "old" log-probs of the clipped ratio are the sampler's (Rollouts.logprobs), not a second
      forward pass of the policy as in verl; the two can differ in the last bits (kernels, bf16).
   4. A step in which no sample carries a weight (e.g. NSR when every answer was right) makes no
@@ -74,6 +78,7 @@ from dataclasses import dataclass, field
 import torch
 from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
+from transformers import AutoModelForTokenClassification
 
 import passk
 import sample
@@ -93,8 +98,12 @@ import verifier
 #   w-reinforce     +lam             -1          lam * PSR + NSR, lam = 0.1 in the paper
 #   reinforce        +1              -1          PSR + NSR
 #   grpo        (r_i - mean_g r) / (std_g r + 1e-6) within the G samples g of the same prompt
+#   ppo         a per-TOKEN weight A_i,t: the critic's GAE advantage (section CRITIC), whitened
 #
 #   L(theta) = -(1 / Z) * sum_i w_i * sum_t log pi_theta(y_i,t | x_i, y_i,<t)
+#
+# Which samples a step trains on (the official code's `batch.subset`, training_subset below):
+#   psr: only the correct ones, nsr: only the wrong ones, every other objective: all of them.
 #
 # Z is a normaliser fixed for the whole batch BEFORE it is cut into micro-batches (so the gradient
 # does not depend on the micro-batch size): by default the number of response tokens of the samples
@@ -104,7 +113,7 @@ import verifier
 # ----- STUDENT REGION: a new objective is a new row in sample_weights, nothing else changes. -----
 
 
-OBJECTIVES = ("psr", "nsr", "w-reinforce", "reinforce", "grpo")
+OBJECTIVES = ("psr", "nsr", "w-reinforce", "reinforce", "grpo", "ppo")
 
 
 def sample_weights(rewards, objective: str, lam: float = 0.1, group_size: int = 8) -> torch.Tensor:
@@ -114,8 +123,9 @@ def sample_weights(rewards, objective: str, lam: float = 0.1, group_size: int = 
     (that is how the training loop lays them out); only GRPO looks at the groups.
     """
     r = torch.as_tensor(rewards, dtype=torch.float32).flatten()             # (N,)
-    if objective not in OBJECTIVES:
-        raise ValueError(f"unknown objective {objective!r}; choose one of {', '.join(OBJECTIVES)}")
+    if objective not in OBJECTIVES or objective == "ppo":
+        raise ValueError(f"unknown objective {objective!r} for sample_weights; choose one of "
+                         f"{', '.join(OBJECTIVES[:-1])} (ppo's per-token weights come from ppo_advantages)")
     if not bool(((r == 0) | (r == 1)).all()):
         raise ValueError(f"rewards must be 0 or 1 (verifier.reward), got {sorted(set(r.tolist()))}")
     if lam < 0:
@@ -140,12 +150,24 @@ def sample_weights(rewards, objective: str, lam: float = 0.1, group_size: int = 
     return w.flatten()                                                       # (N,)
 
 
+def training_subset(rewards, objective: str) -> list[int]:
+    """The samples a rollout batch trains on, as the official code cuts it (`batch.subset`):
+    PSR the correct ones, NSR the wrong ones, every other objective all of them. The mini-batches of
+    the paper's update (--mini-batch-size) are counted AFTER this cut, so the number of optimizer steps
+    per rollout batch grows with the subset (at 70% accuracy PSR makes more updates than NSR)."""
+    if objective == "psr":
+        return [i for i, r in enumerate(rewards) if r == 1]
+    if objective == "nsr":
+        return [i for i, r in enumerate(rewards) if r == 0]
+    return list(range(len(rewards)))
+
+
 def policy_loss(logp: torch.Tensor, weights: torch.Tensor, mask: torch.Tensor, normalizer: float,
                 old_logp: torch.Tensor | None = None, clip_eps: float = 0.0) -> torch.Tensor:
     """The ONE policy-gradient loss of every objective.  L = -(1/Z) sum_i w_i sum_t log pi(y_i,t).
 
     logp:     (N, T) log pi_theta of each response token (carries the gradient)
-    weights:  (N,)   w_i from sample_weights
+    weights:  (N,)   w_i from sample_weights, or (N, T) per-token advantages A_i,t (ppo)
     mask:     (N, T) 1.0 on real response tokens, 0.0 on padding
     normalizer: Z, a number fixed for the whole batch before micro-batching (see the section comment)
     old_logp: (N, T) log-probs under the policy that SAMPLED the tokens; only for clip_eps > 0
@@ -162,12 +184,13 @@ def policy_loss(logp: torch.Tensor, weights: torch.Tensor, mask: torch.Tensor, n
                     model already found plausible, so NSR refines rather than collapses the model.
     (Tested against autograd in test_nsr.py.)
     """
-    w = weights[:, None].to(logp.dtype)                                      # (N, 1)
+    w = (weights[:, None] if weights.dim() == 1 else weights).to(logp.dtype)   # (N, 1) or (N, T)
     if clip_eps > 0:
-        if old_logp is None:
-            raise ValueError("clip_eps > 0 needs old_logp (the sampler's log-probs)")
         # PPO clipped surrogate with advantage w: -min(rho * w, clip(rho, 1-eps, 1+eps) * w),
         # rho = pi_theta / pi_old. At rho = 1 its gradient is -w * grad log pi: the same as below.
+        # Its gradient is 0 exactly where the clipped term is the smaller one and constant: rho > 1 + eps
+        # under w > 0 (already raised enough) and rho < 1 - eps under w < 0 (already lowered enough).
+        assert old_logp is not None, "clip_eps > 0 needs old_logp (the sampler's log-probs)"
         ratio = torch.exp(logp - old_logp)                                   # (N, T) rho
         per_token = -torch.minimum(ratio * w, ratio.clamp(1 - clip_eps, 1 + clip_eps) * w)
     else:
@@ -178,15 +201,16 @@ def policy_loss(logp: torch.Tensor, weights: torch.Tensor, mask: torch.Tensor, n
 def loss_normalizer(weights: torch.Tensor, lengths, mode: str = "tokens", max_new_tokens: int = 1) -> float:
     """Z of policy_loss for a whole batch (computed once, before micro-batching).
 
-    weights (N,), lengths: response lengths (N,). "tokens": sum of lengths of samples with w != 0
-    (the official token mean); "constant": N * max_new_tokens (independent of what was sampled).
+    weights (N,) or (N, T), lengths: response lengths (N,). "tokens": sum of lengths of samples with
+    w != 0 (the official token mean); "constant": N * max_new_tokens (independent of what was sampled).
     Returns 0.0 when no sample carries a weight (the caller then skips the update).
     """
     lengths = torch.as_tensor(lengths, dtype=torch.float32)
+    carries = weights != 0 if weights.dim() == 1 else (weights != 0).any(dim=1)   # (N,) bool
     if mode == "tokens":
-        return float(lengths[weights != 0].sum())
+        return float(lengths[carries].sum())
     if mode == "constant":
-        return float(len(lengths) * max_new_tokens) if bool((weights != 0).any()) else 0.0
+        return float(len(lengths) * max_new_tokens) if bool(carries.any()) else 0.0
     raise ValueError(f"normalizer must be 'tokens' or 'constant', got {mode!r}")
 
 
@@ -229,11 +253,99 @@ def demo_gradient(lr: float = 1.0, lam: float = 0.1) -> str:
 
 
 # =================================================================================================
+# CRITIC (ppo only): a learned baseline -> per-token GAE advantages -> the clipped value loss
+# =================================================================================================
+#
+# PPO (Schulman et al. 2017) as the official code runs it (RLVR-Decomposed run_qwen2.5-math-7b_ppo.sh;
+# verl/trainer/ppo/core_algos.py: compute_gae_advantage_return, masked_whiten, compute_value_loss):
+#   critic      V_phi(x, y_<t): a second copy of the base model whose output layer is a ONE-output
+#               head (transformers' token classification, as verl), its own AdamW (--critic-lr)
+#   rewards     r_i,t = -beta * (log pi_old(y_i,t) - log pi_ref(y_i,t))   on every response token
+#                       + r_i                                             on the LAST response token
+#               (the paper's PPO: a KL reward penalty to the frozen initial policy, beta = --kl-coef)
+#   GAE         delta_t = r_t + gamma * V_{t+1} - V_t          (V past a response's end = 0)
+#               A_t     = delta_t + gamma * lam * A_{t+1}      returns R_t = A_t + V_t
+#               gamma = lam = 1 (verl's defaults, the paper's): A_t = sum_{s >= t} r_s - V_t
+#   whitening   A <- (A - mean A) / sqrt(var A + 1e-8) over the batch's response tokens
+#   value loss  0.5 * token-mean of max((V - R)^2, (V_old + clip(V - V_old, -0.5, 0.5) - R)^2)
+# The policy then uses A_i,t as a per-token weight in the SAME policy_loss as every other objective.
+#
+# ----- STUDENT REGION: the critic's advantage and loss -----
+
+
+def gae_advantages(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0,
+                   lam: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation over right-padded rows -> (advantages, returns), all (N, T).
+
+    rewards, values, mask: (N, T); positions with mask 0 are ignored (their reward and value count as 0,
+    so a row's last real token sees V_{t+1} = 0) and come back as 0.
+    """
+    rewards, values = rewards * mask, values * mask                          # (N, T)
+    advantages = torch.zeros_like(rewards)
+    next_value = torch.zeros_like(rewards[:, 0])                             # (N,) V_{t+1}
+    next_advantage = torch.zeros_like(rewards[:, 0])                         # (N,) A_{t+1}
+    for t in reversed(range(rewards.shape[1])):
+        delta = rewards[:, t] + gamma * next_value - values[:, t]            # (N,) TD error
+        next_advantage = delta + gamma * lam * next_advantage                # (N,) A_t
+        advantages[:, t] = next_advantage
+        next_value = values[:, t]
+    advantages = advantages * mask
+    return advantages, (advantages + values) * mask                          # A (N, T), R = A + V (N, T)
+
+
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(x - mean) / sqrt(var + 1e-8) over the positions where mask is 1 (unbiased var, as verl); 0 elsewhere."""
+    count = mask.sum()
+    mean = (x * mask).sum() / count
+    var = (((x - mean) ** 2) * mask).sum() / (count - 1).clamp(min=1)
+    return (x - mean) * torch.rsqrt(var + 1e-8) * mask
+
+
+def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
+               normalizer: float, clip: float = 0.5) -> torch.Tensor:
+    """0.5 * sum_t max((V - R)^2, (V_clipped - R)^2) / Z: PPO's clipped value loss, all (N, T).
+
+    V_clipped = V_old + clip(V - V_old, -clip, clip): a value may move at most `clip` from the one
+    that computed the advantages; past that, only the unclipped error can still pull it further.
+    """
+    clipped = old_values + (values - old_values).clamp(-clip, clip)         # (N, T)
+    per_token = torch.maximum((values - returns) ** 2, (clipped - returns) ** 2)
+    return 0.5 * (per_token * mask).sum() / normalizer
+
+
+def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> float:
+    """1 - Var(R - V) / Var(R) over the masked tokens: 1 = the critic predicts the returns, 0 = no better
+    than their mean, < 0 = worse. A healthy PPO run climbs from ~0 towards 1 as the critic learns."""
+    count = mask.sum()
+
+    def var(x):
+        mean = (x * mask).sum() / count
+        return float((((x - mean) ** 2) * mask).sum() / count)
+
+    total = var(returns)
+    return 1.0 - var(returns - values) / total if total > 0 else 0.0
+
+
+def critic_values(critic, input_ids, attention_mask, position_ids, response_len: int) -> torch.Tensor:
+    """V(x, y_<t) for the last response_len tokens of each row: (n, R) fp32. The value of token t is read
+    at the column BEFORE it (the state the policy was in when it chose y_t), as the log-probs are."""
+    out = critic(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                 use_cache=False)
+    return out.logits[:, -response_len - 1:-1, 0].float()                   # (n, R)
+
+
+# =================================================================================================
 # TRAINING: config, the loop (sample -> verify -> weight -> loss -> step -> evaluate), checkpoints
 # =================================================================================================
 #
 # One step:  B prompts x G rollouts --generate--> responses --verifier.reward--> r in {0,1}
-#            --sample_weights--> w --policy_loss (micro-batched, one normaliser)--> grads --AdamW--> theta
+#            --sample_weights--> w --training_subset--> the samples to train on
+#            --mini-batches of M (the paper's update)--> policy_loss --> AdamW --> theta
+# THE PAPER'S UPDATE (official-recipe.md; verl's dp_actor.update_policy): the subset is cut into chunks
+# of --mini-batch-size M responses, each chunk ONE optimizer step on the clipped surrogate (ratio
+# against the rollout policy: the first chunk is exactly on-policy, later ones are not), a last
+# partial chunk of m < M responses steps too with its loss scaled by m / M; minus an entropy bonus.
+# So PSR makes ceil(#correct / M) updates per rollout batch and NSR ceil(#wrong / M).
 # Precision: on a GPU the model computes in bf16, but an AdamW step at lr 1e-6 moves a weight of
 # size 0.02 by ~1e-6, far below bf16's resolution there (one bf16 step at 0.02 is 2^-13 = 1.2e-4),
 # so a bf16-only update rounds back to the old weight and training silently does nothing. We keep
@@ -241,6 +353,7 @@ def demo_gradient(lr: float = 1.0, lam: float = 0.1) -> str:
 # after every micro-batch, AdamW updates the fp32 copy, and the bf16 model gets round(master).
 # Memory per parameter: 2 (bf16 weight) + 2 (bf16 grad) + 4 (master) + 4 (master grad) + 8 (AdamW m, v)
 # = 20 bytes. With an fp32 model (CPU default) the model's own weights are the master (16 bytes).
+# --optimizer-offload keeps the 16 bytes of masters, their grads and AdamW's m, v in CPU RAM instead.
 
 
 @dataclass
@@ -257,14 +370,20 @@ class Config:
     preset: str = ""              # PRESETS name for one 24 GB GPU: its values become defaults (explicit flags win)
     dry_run: bool = False         # print the memory plan of the resolved config and exit
     demo_gradient: bool = False   # print the one-step PSR / NSR / W-REINFORCE example on 5 tokens and exit
-    # ---- objective ----
-    objective: str = "nsr"        # psr, nsr, w-reinforce, reinforce or grpo (the sample_weights table)
+    # ---- objective and the update ----
+    objective: str = "nsr"        # psr, nsr, w-reinforce, reinforce, grpo or ppo (the OBJECTIVES table)
     lam: float = 0.1              # lambda of w-reinforce: weight of correct samples (the paper: 0.1)
     normalizer: str = "tokens"    # Z of the loss: tokens (response tokens of weighted samples) or constant
-    clip_eps: float = 0.0         # PPO ratio clipping epsilon (0.2 in PPO); 0 = off, exactly on-policy
-    ppo_mini_batches: int = 1     # optimizer steps per rollout batch (needs clip_eps > 0 when > 1)
-    entropy_coef: float = 0.0     # entropy bonus: loss -= entropy_coef * mean token entropy; 0 = off
-    kl_coef: float = 0.0          # KL penalty to the frozen initial model (GRPO's beta); 0 = off
+    clip_eps: float = 0.2         # PPO ratio clipping epsilon (the paper: 0.2); 0 = plain -w log pi, on-policy only
+    mini_batch_size: int = 64     # M: responses per optimizer step, counted after the objective's subset;
+                                  # 0 = the whole subset in one step (the paper: 1/4 of a full batch)
+    entropy_coef: float = 0.001   # entropy bonus: loss -= entropy_coef * mean token entropy (official yaml 1e-3)
+    kl_coef: float = -1.0         # KL to the frozen initial model; -1 = the paper's: 0.001 for ppo (a reward
+                                  # penalty), 0 for the rest (for them a k3 loss term, as GRPO's)
+    critic_lr: float = 1e-5       # ppo: the critic's AdamW learning rate (the paper: 1e-5 = 10 x lr)
+    value_clip: float = 0.5       # ppo: a value may move at most this far from the one that made the advantages
+    gae_gamma: float = 1.0        # ppo: GAE discount gamma (verl's default, the paper's)
+    gae_lam: float = 1.0          # ppo: GAE lambda (verl's default, the paper's)
     # ---- rollouts ----
     steps: int = 100              # training steps (one rollout batch each)
     batch_prompts: int = 32       # B: prompts per step
@@ -281,6 +400,7 @@ class Config:
     grad_clip: float = 1.0        # clip the global gradient norm to this; 0 = no clipping
     micro_batch_size: int = 8     # sequences per forward/backward (gradient accumulation over the batch)
     dtype: str = "auto"           # auto (bf16 on CUDA, fp32 on CPU), float32 or bfloat16
+    optimizer_offload: bool = False  # fp32 masters, their grads and AdamW state in CPU RAM; AdamW steps on CPU
     grad_checkpointing: str = "auto"  # on, off, or auto = on for models above checkpointing_min_params
     checkpointing_min_params: int = 100_000_000  # the size above which auto turns checkpointing on
     head_chunk: int = 128         # with checkpointing: output layer + log-softmax in chunks of this many positions
@@ -305,17 +425,29 @@ class Config:
 # Applied under --preset and explicit flags. A real model without a preset uses the Config defaults.
 # threads=1: the toy model is so small that a second CPU thread only adds synchronisation; on a busy
 # 2-core machine 2 threads made sampling 10-40x slower than 1 (OpenMP threads waiting for each other).
+# mini_batch_size 32 = a quarter of the 16 x 8 batch (the paper's ratio); critic_lr = 10 x lr (the paper's).
 TOY_DEFAULTS = dict(out_dir="runs/nsr-toy", steps=100, batch_prompts=16, group_size=8, max_new_tokens=64,
-                    lr=2e-4, micro_batch_size=64, eval_n=64, eval_temperature=1.0, eval_top_p=1.0, threads=1)
+                    lr=2e-4, critic_lr=2e-3, mini_batch_size=32, micro_batch_size=64, eval_n=64,
+                    eval_temperature=1.0, eval_top_p=1.0, threads=1)
+
+
+def kl_coef(cfg: Config) -> float:
+    """The KL coefficient in force: --kl-coef, or the paper's (-1): 0.001 for ppo, 0 otherwise."""
+    return cfg.kl_coef if cfg.kl_coef >= 0 else (0.001 if cfg.objective == "ppo" else 0.0)
 
 
 def _field_help() -> dict[str, str]:
     """The comment after each Config field, for --help (read from the source: one place to document)."""
-    help_text = {}
+    help_text, name = {}, None
     for line in inspect.getsource(Config).splitlines():
         m = re.match(r"\s+(\w+): [^=]+=.*?#\s*(.*)$", line)
+        more = re.match(r"\s+#\s*(.*)$", line)
         if m:
-            help_text[m.group(1)] = m.group(2)
+            name, help_text[m.group(1)] = m.group(1), m.group(2)
+        elif more and name and not more.group(1).startswith("----"):
+            help_text[name] += " " + more.group(1)     # a comment continued on the next line
+        else:
+            name = None
     return help_text
 
 
@@ -324,7 +456,7 @@ def parse_config(argv=None) -> Config:
     < explicit flags. Every Config field is a flag (--batch-prompts for batch_prompts)."""
 
     parser = argparse.ArgumentParser(
-        prog="nsr.py", description="PSR / NSR / W-REINFORCE / REINFORCE / GRPO with verifiable rewards. "
+        prog="nsr.py", description="PSR / NSR / W-REINFORCE / REINFORCE / GRPO / PPO with verifiable rewards. "
         "No arguments: the main job on the toy world.", argument_default=argparse.SUPPRESS)
     help_text = _field_help()
     for f in dataclasses.fields(Config):
@@ -363,16 +495,24 @@ def config_problems(cfg: Config) -> list[str]:
     if cfg.objective == "grpo" and cfg.group_size < 2:
         bad.append(f"--group-size must be >= 2 for grpo (a group std needs two samples), got {cfg.group_size}")
     for name in ("steps", "batch_prompts", "group_size", "max_new_tokens", "chunk_size", "micro_batch_size",
-                 "ppo_mini_batches", "max_nonfinite"):
+                 "max_nonfinite"):
         if getattr(cfg, name) < 1:
             bad.append(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
     for name in ("max_prompt_len", "eval_n", "eval_every", "eval_limit", "eval_max_new_tokens", "save_every",
-                 "grad_clip", "weight_decay", "entropy_coef", "kl_coef", "clip_eps", "checkpointing_min_params",
-                 "head_chunk", "threads"):
+                 "grad_clip", "weight_decay", "entropy_coef", "clip_eps", "checkpointing_min_params",
+                 "head_chunk", "threads", "mini_batch_size", "value_clip"):
         if getattr(cfg, name) < 0:
             bad.append(f"--{name.replace('_', '-')} must be >= 0, got {getattr(cfg, name)}")
-    if not cfg.lr > 0:
-        bad.append(f"--lr must be > 0, got {cfg.lr}")
+    if cfg.kl_coef < 0 and cfg.kl_coef != -1:
+        bad.append(f"--kl-coef must be >= 0, or -1 for the paper's default, got {cfg.kl_coef}")
+    for name in ("lr", "critic_lr"):
+        if not getattr(cfg, name) > 0:
+            bad.append(f"--{name.replace('_', '-')} must be > 0, got {getattr(cfg, name)}")
+    for name in ("gae_gamma", "gae_lam"):
+        if not 0 <= getattr(cfg, name) <= 1:
+            bad.append(f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(cfg, name)}")
+    if cfg.objective == "ppo" and cfg.clip_eps == 0:
+        bad.append("--objective ppo needs --clip-eps > 0 (the paper: 0.2)")
     if not 0 < cfg.temperature:
         bad.append(f"--temperature must be > 0 for training (the loss needs a sampling distribution), "
                    f"got {cfg.temperature}")
@@ -392,13 +532,11 @@ def config_problems(cfg: Config) -> list[str]:
         bad.append(f"--grad-checkpointing must be auto, on or off, got {cfg.grad_checkpointing!r}")
     if cfg.template not in sample.TEMPLATES:
         bad.append(f"--template {cfg.template!r} is unknown; choose one of {', '.join(sample.TEMPLATES)}")
-    if cfg.ppo_mini_batches > 1 and cfg.clip_eps == 0:
-        bad.append("--ppo-mini-batches > 1 needs --clip-eps > 0: later mini-batches are off-policy")
+    if cfg.mini_batch_size > 0 and cfg.clip_eps == 0:
+        bad.append("--mini-batch-size > 0 needs --clip-eps > 0: every mini-batch after the first is off-policy "
+                   "(use --mini-batch-size 0 for one on-policy step)")
     if cfg.clip_eps > 0 and cfg.top_p < 1:
         bad.append("--clip-eps needs --top-p 1: the ratio uses the sampler's log-probs, which top-p truncates")
-    if cfg.batch_prompts * cfg.group_size % cfg.ppo_mini_batches:
-        bad.append(f"--ppo-mini-batches {cfg.ppo_mini_batches} must divide batch_prompts x group_size "
-                   f"= {cfg.batch_prompts * cfg.group_size}")
     if cfg.train and not pathlib.Path(cfg.train).is_file():
         bad.append(f"--train {cfg.train}: no such file")
     for path in cfg.eval:
@@ -500,47 +638,50 @@ def response_logprobs(model, input_ids, attention_mask, position_ids, response_l
 
 
 def grads_to_master(params: list, master: list) -> None:
-    """Add each model grad (bf16) into its fp32 master's grad and free it. No-op for an fp32 model."""
+    """Add each model grad into its fp32 master's grad (on the master's device: the GPU, or the CPU with
+    --optimizer-offload) and free it. No-op where the model's weights are their own master (fp32)."""
     for p, m in zip(params, master):
         if p is m or p.grad is None:
             continue
-        m.grad = p.grad.float() if m.grad is None else m.grad.add_(p.grad)   # accumulate in fp32
+        g = p.grad.to(m.device, torch.float32)                               # bf16 -> fp32 is exact
+        m.grad = g if m.grad is None else m.grad.add_(g)                     # accumulate in fp32
         p.grad = None
 
 
 def backward_on_batch(model, prompts, responses, weights, normalizer: float, *, micro_batch_size: int,
                       temperature: float = 1.0, clip_eps: float = 0.0, old_logprobs=None,
                       entropy_coef: float = 0.0, kl_coef: float = 0.0, ref_model=None,
-                      params=None, master=None, pad_id: int = 0, head_chunk: int = 0):
-    """Accumulate the gradient of the batch's loss, micro-batch by micro-batch. Returns the loss
+                      params=None, master=None, pad_id: int = 0, head_chunk: int = 0, scale: float = 1.0):
+    """Accumulate the gradient of one mini-batch's loss, micro-batch by micro-batch. Returns the loss
     (a float), or None if it was not finite (the caller then discards the gradient).
 
-    prompts/responses: token-id lists (n rows); weights (n,); normalizer Z for the WHOLE batch, so the
-    sum of the micro-batch losses is the full-batch loss and its gradient is independent of
-    micro_batch_size. old_logprobs: per-row lists of the sampler's log-probs (for clip_eps > 0).
-    head_chunk: see response_logprobs (0 = plain forward).
+    prompts/responses: token-id lists (n rows); weights (n,) per sample or (n, T) per token (ppo);
+    normalizer Z for the WHOLE mini-batch, so the sum of the micro-batch losses is the mini-batch loss and
+    its gradient is independent of micro_batch_size. old_logprobs: per-row lists of the sampler's
+    log-probs (for clip_eps > 0). scale: m / M for a last, partial mini-batch of m < M responses (the
+    official code's len(micro) / ppo_mini_batch_size). head_chunk: see response_logprobs (0 = plain forward).
     """
     device = next(model.parameters()).device
-    n = len(prompts)
-    lengths = [len(r) for r in responses]
-    num_tokens = float(sum(lengths))                                         # for entropy / KL means
+    num_tokens = float(sum(len(r) for r in responses))                      # for entropy / KL means
     total = torch.zeros((), device=device)
-    for start in range(0, n, micro_batch_size):
+    for start in range(0, len(prompts), micro_batch_size):
         rows = slice(start, start + micro_batch_size)
         input_ids, attn, pos, mask = pack_sequences(prompts[rows], responses[rows], device, pad_id)
         R = mask.shape[1]
         logp, entropy = response_logprobs(model, input_ids, attn, pos, R, temperature,
                                           with_entropy=entropy_coef > 0, head_chunk=head_chunk)  # (m, R)
-        w = torch.as_tensor(weights[rows], dtype=torch.float32, device=device)  # (m,)
+        w = torch.as_tensor(weights[rows], dtype=torch.float32, device=device)  # (m,) or (m, T)
+        w = w if w.dim() == 1 else w[:, :R]                                   # (m, R) per-token weights
         old = None
         if clip_eps > 0:
             old = torch.zeros_like(logp)
             for b, row in enumerate(old_logprobs[rows]):
                 old[b, :len(row)] = torch.tensor(row, dtype=torch.float32)
+        # ---- ALGO LOGIC: the loss terms ----
         # the policy-gradient term (the objectives): -(1/Z) sum w_i sum_t log pi(y_i,t)
         loss = policy_loss(logp, w, mask, normalizer, old_logp=old, clip_eps=clip_eps)
         if entropy_coef > 0:
-            # entropy bonus: - c_H * (mean token entropy over the batch's response tokens)
+            # entropy bonus: - c_H * (mean token entropy over the mini-batch's response tokens)
             loss = loss - entropy_coef * (entropy * mask).sum() / num_tokens
         if kl_coef > 0:
             # KL(pi || pi_ref) per token with the non-negative "k3" estimator (Schulman 2020, as GRPO):
@@ -550,6 +691,7 @@ def backward_on_batch(model, prompts, responses, weights, normalizer: float, *, 
                                                 head_chunk=head_chunk)
             d = ref_logp - logp
             loss = loss + kl_coef * ((d.exp() - d - 1) * mask).sum() / num_tokens
+        loss = loss * scale                                                   # a partial chunk: m / M
         if not torch.isfinite(loss):
             return None
         loss.backward()
@@ -561,35 +703,55 @@ def backward_on_batch(model, prompts, responses, weights, normalizer: float, *, 
 
 # ---- step ---------------------------------------------------------------------------------------
 
-def make_master_weights(model) -> tuple[list, list]:
-    """(params, master): the model's trainable parameters and the fp32 tensors the optimizer updates.
-    For an fp32 model they are the same tensors; otherwise fp32 copies (see the section comment)."""
+@dataclass
+class Trainable:
+    """A model and what its optimizer owns: the policy, or the ppo critic."""
+    model: torch.nn.Module
+    params: list                  # the model's trainable parameters (bf16 or fp32)
+    master: list                  # the fp32 tensors AdamW updates: `params` itself for an fp32 model on-device
+    optimizer: torch.optim.Optimizer
+
+
+def make_trainable(model, cfg: Config, lr: float) -> Trainable:
+    """fp32 master weights (see the section comment) and their AdamW.
+
+    With cfg.optimizer_offload the masters live in CPU RAM (pinned when a GPU is there, so the copies can
+    run asynchronously): per step the GPU then sends P x 4 bytes of fp32 grads down (once per micro-batch,
+    as bf16 -> fp32 on arrival) and receives P x 2 bytes of bf16 weights back, and AdamW runs on the CPU
+    (measured for 1.54e9 parameters in `python bench.py offload`). The GPU keeps only the bf16 weights
+    and grads: 4 bytes/param instead of 20."""
     params = [p for p in model.parameters() if p.requires_grad]
-    if all(p.dtype == torch.float32 for p in params):
-        return params, params
-    master = [torch.nn.Parameter(p.detach().float().clone()) for p in params]
-    return params, master
+    if all(p.dtype == torch.float32 for p in params) and not cfg.optimizer_offload:
+        master = params
+    else:
+        where = "cpu" if cfg.optimizer_offload else params[0].device
+        pin = cfg.optimizer_offload and torch.cuda.is_available()
+        master = [torch.nn.Parameter(p.detach().to(where, torch.float32).clone().pin_memory() if pin else
+                                     p.detach().to(where, torch.float32).clone()) for p in params]
+    optimizer = torch.optim.AdamW(master, lr=lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                                  weight_decay=cfg.weight_decay)
+    return Trainable(model, params, master, optimizer)
 
 
-def optimizer_step(optimizer, params, master, grad_clip: float):
+def optimizer_step(t: Trainable, grad_clip: float):
     """Clip the master gradient, AdamW-update the master, copy it into the model.
     Returns the gradient norm before clipping (a 0-d tensor; non-finite = nothing was changed)."""
     # g <- g * min(1, grad_clip / ||g||); the returned norm is the one before clipping
-    grad_norm = torch.nn.utils.clip_grad_norm_(master, grad_clip if grad_clip > 0 else float("inf"))
+    grad_norm = torch.nn.utils.clip_grad_norm_(t.master, grad_clip if grad_clip > 0 else float("inf"))
     if torch.isfinite(grad_norm):
-        optimizer.step()
+        t.optimizer.step()
         with torch.no_grad():
-            for p, m in zip(params, master):
+            for p, m in zip(t.params, t.master):
                 if p is not m:
-                    p.copy_(m)                    # bf16 model <- round(fp32 master)
-    zero_grads(optimizer, params)
+                    p.copy_(m, non_blocking=True)      # model <- round(fp32 master), CPU -> GPU with offload
+    zero_grads(t)
     return grad_norm
 
 
-def zero_grads(optimizer, params) -> None:
+def zero_grads(t: Trainable) -> None:
     """Free the master grads (the optimizer's) and the model's own grads (bf16 leftovers, if any)."""
-    optimizer.zero_grad(set_to_none=True)
-    for p in params:
+    t.optimizer.zero_grad(set_to_none=True)
+    for p in t.params:
         p.grad = None
 
 
@@ -611,23 +773,39 @@ def all_finite(model) -> bool:
     return all(bool(torch.isfinite(p).all()) for p in model.parameters())
 
 
-def save_checkpoint(run_dir: pathlib.Path, step: int, model, tokenizer, optimizer, params, master,
-                    generator) -> pathlib.Path:
+def trainable_state(t: Trainable) -> dict:
+    """What a checkpoint needs beyond save_pretrained: AdamW's state and the fp32 masters (a bf16
+    save_pretrained alone would lose what was not yet rounded into the model)."""
+    return {"optimizer": t.optimizer.state_dict(),
+            "master": None if t.master is t.params else [m.detach().cpu() for m in t.master]}
+
+
+def load_trainable_state(t: Trainable, state: dict) -> None:
+    t.optimizer.load_state_dict(state["optimizer"])
+    if state["master"] is not None:
+        with torch.no_grad():
+            for m, saved in zip(t.master, state["master"]):
+                m.copy_(saved)
+
+
+def save_checkpoint(run_dir: pathlib.Path, step: int, policy: Trainable, tokenizer, generator,
+                    critic: Trainable | None = None) -> pathlib.Path:
     """Write run_dir/checkpoint-<step> atomically: everything goes to a temporary directory that is
     renamed into place only when complete, then the `latest` pointer is replaced (os.replace is
-    atomic), then older checkpoints are removed. A crash at any point leaves a complete checkpoint."""
-    if not all_finite(model):
+    atomic), then older checkpoints are removed. A crash at any point leaves a complete checkpoint.
+    Holds: the policy (save_pretrained), the tokenizer, critic/ (ppo), trainer_state.pt."""
+    if not all_finite(policy.model):
         raise RuntimeError(f"step {step}: the model has non-finite weights; refusing to save it "
                            f"(the last checkpoint in {run_dir} stays good)")
     final = run_dir / f"checkpoint-{step:06d}"
     tmp = run_dir / f".tmp-checkpoint-{step:06d}"
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
+    policy.model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    torch.save({"step": step,
-                "optimizer": optimizer.state_dict(),
-                # the fp32 masters (a bf16 save_pretrained alone would lose what was not yet rounded in)
-                "master": None if master is params else [m.detach().cpu() for m in master],
+    if critic is not None:
+        critic.model.save_pretrained(tmp / "critic")
+    torch.save({"step": step, **trainable_state(policy),
+                "critic": trainable_state(critic) if critic is not None else None,
                 "rng": {"sampler": generator.get_state(), "torch": torch.get_rng_state(),
                         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}},
                tmp / "trainer_state.pt")
@@ -681,7 +859,7 @@ def evaluate_all(model, tokenizer, eval_sets: dict, cfg: Config, step: int, run_
     return results
 
 
-# ---- the loop -----------------------------------------------------------------------------------
+# ---- the loop and its helpers -------------------------------------------------------------------
 
 def resolve_paths(cfg: Config) -> Config:
     """Fill in the toy world's model and data when --model / --train / --eval are not given."""
@@ -692,23 +870,10 @@ def resolve_paths(cfg: Config) -> Config:
                                eval=cfg.eval or [str(base / "test_easy.jsonl"), str(base / "test_hard.jsonl")])
 
 
-def train(cfg: Config) -> dict:
-    """Run the whole job: load, (resume), evaluate the start, train cfg.steps steps, evaluate the end.
-
-    Returns {"run_dir", "step", "metrics" (the last step's line), "evals" ({set: {step: result}}),
-    "table" (the Pass@k table of the first vs the last evaluation on every set)}.
-    """
-
-
-
-    problems = config_problems(cfg)
-    if problems:
-        raise ValueError("invalid configuration:\n  " + "\n  ".join(problems))
-    cfg = resolve_paths(cfg)
+def prepare_run_dir(cfg: Config) -> tuple[pathlib.Path, pathlib.Path | None]:
+    """The run directory and the checkpoint to resume from (None = a fresh run, which owns the directory:
+    old logs would otherwise interleave with the new ones). Writes config.json."""
     run_dir = pathlib.Path(cfg.out_dir)
-    print("config:\n" + json.dumps(dataclasses.asdict(cfg), indent=1))
-
-    # ---- resume or start fresh ----
     ckpt = latest_checkpoint(run_dir) if cfg.resume else None
     if cfg.resume and ckpt is None:
         raise FileNotFoundError(f"--resume: no checkpoint in {run_dir} (expected {run_dir}/latest)")
@@ -720,7 +885,6 @@ def train(cfg: Config) -> dict:
             print(f"WARNING: resuming with different settings than the stopped run: {', '.join(changed)} "
                   f"(the result will not equal an uninterrupted run)")
     if not cfg.resume and run_dir.exists():
-        # a fresh run owns its directory: old logs would otherwise interleave with the new ones
         print(f"fresh run: clearing old logs and checkpoints in {run_dir} (use --resume to continue it)")
         for name in ("metrics.jsonl", "eval.jsonl", "latest"):
             (run_dir / name).unlink(missing_ok=True)
@@ -728,37 +892,56 @@ def train(cfg: Config) -> dict:
             shutil.rmtree(old, ignore_errors=True)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1) + "\n")
+    return run_dir, ckpt
 
+
+@dataclass
+class Run:
+    """Everything the loop reads and updates, built by setup() (a plain record, no behaviour)."""
+    policy: Trainable
+    tokenizer: object
+    critic: Trainable | None      # ppo only
+    ref_model: object | None      # the frozen initial policy, when a KL term is on
+    generator: torch.Generator    # all training-rollout randomness
+    prompt_ids: list              # token ids of every training prompt
+    problems: list                # the training problems (gold answers), aligned with prompt_ids
+    eval_sets: dict               # {name: problems}
+    evals: dict                   # {name: {step: passk result}}
+    start_step: int
+    head_chunk: int               # response_logprobs' head_chunk (0 without gradient checkpointing)
+    pad_id: int
+
+
+def setup(cfg: Config, run_dir: pathlib.Path, ckpt: pathlib.Path | None) -> Run:
+    """Load the models (from the checkpoint when resuming), optimizers, random state and data."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto"
                           else cfg.device)
     model, tokenizer = sample.load_model(ckpt or cfg.model, dtype=cfg.dtype, device=device)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     num_params = sum(p.numel() for p in model.parameters())
     checkpointing = cfg.grad_checkpointing == "on" or (cfg.grad_checkpointing == "auto"
                                                        and num_params > cfg.checkpointing_min_params)
-    if checkpointing:
-        enable_gradient_checkpointing(model)
-    model.train()        # NOTE: Qwen/Llama have no dropout by default; train() only switches checkpointing on
+    critic_model = load_critic(ckpt / "critic" if ckpt else cfg.model, cfg, device) if cfg.objective == "ppo" else None
+    for m in (model, critic_model):
+        if m is not None:
+            if checkpointing:
+                enable_gradient_checkpointing(m)
+            m.train()    # NOTE: Qwen/Llama have no dropout by default; train() only switches checkpointing on
     ref_model = None
-    if cfg.kl_coef > 0:  # the frozen initial policy (always the original --model, also when resuming)
+    if kl_coef(cfg) > 0:  # the frozen initial policy (always the original --model, also when resuming)
         ref_model, _ = sample.load_model(cfg.model, dtype=cfg.dtype, device=device)
         ref_model.requires_grad_(False)
-
-    params, master = make_master_weights(model)
-    optimizer = torch.optim.AdamW(master, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
-                                  weight_decay=cfg.weight_decay)
-    generator = torch.Generator(device=device).manual_seed(cfg.seed)   # all training-rollout randomness
+    policy = make_trainable(model, cfg, cfg.lr)
+    critic = make_trainable(critic_model, cfg, cfg.critic_lr) if critic_model is not None else None
+    generator = torch.Generator(device=device).manual_seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     start_step = 0
     if ckpt is not None:
         state = torch.load(ckpt / "trainer_state.pt", map_location="cpu", weights_only=True)
-        optimizer.load_state_dict(state["optimizer"])
-        if state["master"] is not None:
-            with torch.no_grad():
-                for m, saved in zip(master, state["master"]):
-                    m.copy_(saved)
+        load_trainable_state(policy, state)
+        if critic is not None:
+            load_trainable_state(critic, state["critic"])
         generator.set_state(state["rng"]["sampler"])
         torch.set_rng_state(state["rng"]["torch"])
         if state["rng"]["cuda"] is not None and torch.cuda.is_available():
@@ -768,126 +951,208 @@ def train(cfg: Config) -> dict:
             truncate_jsonl(run_dir / name, start_step)
         print(f"resumed from {ckpt} at step {start_step}")
 
-    # ---- data ----
-    train_problems = sample.load_problems(cfg.train, cfg.problem_field, cfg.answer_field)
-    prompt_ids, kept, n_skipped = sample.encode_prompts(tokenizer, train_problems, cfg.template,
-                                                 cfg.max_prompt_len or None)
+    problems = sample.load_problems(cfg.train, cfg.problem_field, cfg.answer_field)
+    prompt_ids, kept, n_skipped = sample.encode_prompts(tokenizer, problems, cfg.template, cfg.max_prompt_len or None)
     if not kept:
         raise ValueError(f"{cfg.train}: every prompt is longer than --max-prompt-len {cfg.max_prompt_len}")
-    eval_sets = {}
-    if cfg.eval_n > 0:
-        for path in cfg.eval:
-            problems_ = sample.load_problems(path, cfg.problem_field, cfg.answer_field)
-            eval_sets[pathlib.Path(path).stem] = problems_[:cfg.eval_limit or None]
+    eval_sets = {pathlib.Path(path).stem: sample.load_problems(path, cfg.problem_field, cfg.answer_field)
+                 [:cfg.eval_limit or None] for path in (cfg.eval if cfg.eval_n > 0 else [])}
+    # a resumed run re-uses the evaluation of the start that is on disk
+    evals = {name: ({0: passk.load_result(run_dir / "eval" / f"step{0:06d}_{name}.json")}
+                    if ckpt is not None and (run_dir / "eval" / f"step{0:06d}_{name}.json").is_file() else {})
+             for name in eval_sets}
     print(f"model {cfg.model}: {num_params / 1e6:.1f}M parameters, {next(model.parameters()).dtype}, "
           f"{device}, gradient checkpointing {'on' if checkpointing else 'off'}, "
-          f"{'fp32 master weights' if master is not params else 'fp32 weights'}; "
-          f"{len(kept)} training problems ({n_skipped} skipped as too long)")
+          f"{'fp32 master weights' if policy.master is not policy.params else 'fp32 weights'}"
+          f"{' in CPU RAM' if cfg.optimizer_offload else ''}; {len(kept)} training problems "
+          f"({n_skipped} skipped as too long)" + ("; critic: a copy with a value head" if critic else ""))
+    return Run(policy, tokenizer, critic, ref_model, generator, prompt_ids, kept, eval_sets, evals, start_step,
+               cfg.head_chunk if checkpointing else 0,
+               tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
 
-    # ---- evaluate the start (kept on disk, so a resumed run reuses it) ----
-    evals = {name: {} for name in eval_sets}
-    for name in eval_sets:
-        saved = run_dir / "eval" / f"step{0:06d}_{name}.json"
-        if ckpt is not None and saved.is_file():
-            evals[name][0] = passk.load_result(saved)
-    if eval_sets and start_step == 0:
-        for name, result in evaluate_all(model, tokenizer, eval_sets, cfg, 0, run_dir).items():
-            evals[name][0] = result
 
-    # ---- train ----
-    B, G = cfg.batch_prompts, cfg.group_size
+def load_critic(name_or_dir, cfg: Config, device):
+    """The critic: the base model with a ONE-output head on every position instead of the LM head, loaded
+    as transformers' token-classification model, as verl does (the head starts random: its first values
+    are noise, which is why a healthy run's explained variance starts near 0). classifier_dropout = 0:
+    verl switches the head's dropout off too (values must not be random in train mode)."""
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(
+        cfg.dtype, torch.bfloat16 if device.type == "cuda" else torch.float32)
+    local = pathlib.Path(str(name_or_dir)).is_dir()
+    critic = AutoModelForTokenClassification.from_pretrained(str(name_or_dir), num_labels=1, dtype=dtype,
+                                                             classifier_dropout=0.0, local_files_only=local)
+    return critic.to(device)
+
+
+def sample_rollouts(run: Run, cfg: Config, step: int):
+    """B prompts x G rollouts, one prompt's G rows contiguous -> (prompts, golds, rollouts)."""
+    batch = prompt_batch(step, len(run.problems), cfg.batch_prompts, cfg.seed)
+    prompts = [run.prompt_ids[i] for i in batch for _ in range(cfg.group_size)]      # (B*G,) token lists
+    golds = [run.problems[i]["answer"] for i in batch for _ in range(cfg.group_size)]
+    diverged = (f"step {step + 1}: the policy produced non-finite logits while sampling. The model has "
+                f"diverged; the likely cause is a too-high learning rate (lr={cfg.lr}): NSR alone at a high "
+                f"lr keeps pushing the sampled tokens' logits down without bound. Lower --lr or use "
+                f"w-reinforce; the last good checkpoint (if any) is in {cfg.out_dir}.")
+    try:
+        rollouts = sample.generate(run.policy.model, prompts, cfg.max_new_tokens, temperature=cfg.temperature,
+                                   top_p=cfg.top_p, generator=run.generator, chunk_size=cfg.chunk_size)
+    except RuntimeError as e:
+        # non-finite logits normally come back as NaN log-probs (checked just below); an error raised
+        # while the weights are non-finite is divergence too (e.g. torch.multinomial's "probability
+        # tensor ..." if a student swaps the sampler back); anything else (out of memory) is re-raised
+        if "probability tensor" in str(e) or not all_finite(run.policy.model):
+            raise RuntimeError(diverged) from e
+        raise
+    if not all(math.isfinite(v) for row in rollouts.logprobs for v in row):
+        raise RuntimeError(diverged)
+    return prompts, golds, rollouts
+
+
+def minibatches(subset: list[int], size: int) -> list[list[int]]:
+    """The paper's update: consecutive chunks of `size` samples of the subset (0 = one chunk of all)."""
+    size = size or max(len(subset), 1)
+    return [subset[i:i + size] for i in range(0, len(subset), size)]
+
+
+def update(run: Run, cfg: Config, prompts, rollouts, weights, extra: dict) -> dict:
+    """Mini-batch by mini-batch: the critic's step (ppo), then the policy's. Returns the step's stats.
+
+    weights: (N,) per sample or (N, T) per token (ppo). extra: ppo's old values and returns (else {})."""
+    subset = training_subset(extra["rewards"], cfg.objective)
+    train_all = cfg.entropy_coef > 0 or kl_coef(cfg) > 0 or cfg.objective == "ppo"   # else w = 0 rows carry nothing
+    stats = {"losses": [], "grad_norms": [], "trained": 0, "updates": 0, "skipped": False, "critic": []}
+    for mini in minibatches(subset, cfg.mini_batch_size):
+        scale = len(mini) / cfg.mini_batch_size if cfg.mini_batch_size else 1.0    # a last partial chunk: m / M
+        if run.critic is not None:
+            stats["critic"].append(critic_update(run, cfg, prompts, rollouts, mini, extra, scale))
+        rows = [i for i in mini if train_all or bool((weights[i] != 0).any())]     # the ones with a gradient
+        if not rows:
+            continue
+        # Z from ALL samples of the mini-batch: "constant" = samples x max_new_tokens must not depend on
+        # how many samples happened to carry a weight; with only entropy/KL terms left: a token mean
+        Z = loss_normalizer(weights[mini], [len(rollouts.tokens[i]) for i in mini], cfg.normalizer,
+                            cfg.max_new_tokens) or float(sum(len(rollouts.tokens[i]) for i in rows))
+        loss = backward_on_batch(
+            run.policy.model, [prompts[i] for i in rows], [rollouts.tokens[i] for i in rows], weights[rows], Z,
+            micro_batch_size=cfg.micro_batch_size, temperature=cfg.temperature, clip_eps=cfg.clip_eps,
+            old_logprobs=[rollouts.logprobs[i] for i in rows], entropy_coef=cfg.entropy_coef,
+            kl_coef=0.0 if cfg.objective == "ppo" else kl_coef(cfg),     # ppo's KL is in its reward
+            ref_model=run.ref_model, params=run.policy.params, master=run.policy.master, pad_id=run.pad_id,
+            head_chunk=run.head_chunk, scale=scale)
+        grad_norm = optimizer_step(run.policy, cfg.grad_clip) if loss is not None else None
+        if loss is None or not torch.isfinite(grad_norm):
+            zero_grads(run.policy)             # drop what the failed micro-batches accumulated
+            stats["skipped"] = True
+            break
+        stats["losses"].append(loss)
+        stats["grad_norms"].append(grad_norm.item())
+        stats["trained"] += len(rows)
+        stats["updates"] += 1
+    return stats
+
+
+def log_step(run_dir: pathlib.Path, step: int, cfg: Config, rewards, rollouts, stats: dict, extra: dict,
+             seconds: tuple) -> dict:
+    """One JSON line per step with fixed keys (docs/training.md explains each one)."""
+    r = torch.tensor(rewards).view(cfg.batch_prompts, cfg.group_size)
+    n_tokens = sum(len(t) for t in rollouts.tokens)
+    skipped = stats["skipped"]
+
+    def mean(xs):
+        return None if skipped else (sum(xs) / len(xs) if xs else 0.0)
+
+    metrics = {
+        "step": step + 1,
+        "reward": r.mean().item(),
+        "all_correct": (r.min(dim=1).values == 1).float().mean().item(),
+        "all_wrong": (r.max(dim=1).values == 0).float().mean().item(),
+        "response_len": n_tokens / len(rollouts.tokens),
+        "truncated": sum(rollouts.truncated) / len(rollouts.tokens),
+        "entropy": math.fsum(v for row in rollouts.entropies for v in row) / max(n_tokens, 1),
+        "loss": mean(stats["losses"]),
+        "grad_norm": mean(stats["grad_norms"]),
+        "trained_samples": stats["trained"],
+        "updates": stats["updates"],
+        "skipped": skipped,
+        "sample_s": round(seconds[0], 3),
+        "train_s": round(seconds[1], 3),
+        "tokens_per_s": round(n_tokens / max(seconds[0] + seconds[1], 1e-9), 1),
+    }
+    if cfg.objective == "ppo":
+        critic = stats["critic"]
+        metrics.update(value_loss=sum(c["value_loss"] for c in critic) / max(len(critic), 1),
+                       critic_grad_norm=sum(c["grad_norm"] for c in critic) / max(len(critic), 1),
+                       explained_variance=extra["explained_variance"], adv_mean=extra["adv_mean"])
+    with (run_dir / "metrics.jsonl").open("a") as f:
+        f.write(json.dumps(metrics) + "\n")
+    return metrics
+
+
+def finish(run: Run, cfg: Config, run_dir: pathlib.Path) -> str:
+    """Evaluate the end (a run resumed after its last step re-uses the saved results) -> the Pass@k table."""
+    for name in run.eval_sets:
+        saved = run_dir / "eval" / f"step{cfg.steps:06d}_{name}.json"
+        if run.start_step == cfg.steps and saved.is_file():
+            run.evals[name][cfg.steps] = passk.load_result(saved)
+    if run.eval_sets and any(cfg.steps not in by_step for by_step in run.evals.values()):
+        truncate_jsonl(run_dir / "eval.jsonl", cfg.steps - 1)
+        for name, result in evaluate_all(run.policy.model, run.tokenizer, run.eval_sets, cfg, cfg.steps, run_dir).items():
+            run.evals[name][cfg.steps] = result
+    rows = {}
+    for name, by_step in run.evals.items():
+        first, last = min(by_step), max(by_step)
+        rows[f"{name} base" if first == 0 else f"{name} step {first}"] = by_step[first]
+        rows[f"{name} {cfg.objective} step {last}"] = by_step[last]
+    return passk.format_table(rows) if rows else ""
+
+
+def train(cfg: Config) -> dict:
+    """Run the whole job: load, (resume), evaluate the start, train cfg.steps steps, evaluate the end.
+
+    Returns {"run_dir", "step", "metrics" (the last step's line), "evals" ({set: {step: result}}),
+    "table" (the Pass@k table of the first vs the last evaluation on every set)}.
+    """
+    problems = config_problems(cfg)
+    if problems:
+        raise ValueError("invalid configuration:\n  " + "\n  ".join(problems))
+    cfg = resolve_paths(cfg)
+    print("config:\n" + json.dumps(dataclasses.asdict(cfg), indent=1))
+    run_dir, ckpt = prepare_run_dir(cfg)
+    run = setup(cfg, run_dir, ckpt)
+    if run.eval_sets and run.start_step == 0:       # ---- evaluate the start ----
+        for name, result in evaluate_all(run.policy.model, run.tokenizer, run.eval_sets, cfg, 0, run_dir).items():
+            run.evals[name][0] = result
+
     metrics, nonfinite_streak = {}, 0
-    bar = tqdm(range(start_step, cfg.steps), initial=start_step, total=cfg.steps, desc=cfg.objective,
+    bar = tqdm(range(run.start_step, cfg.steps), initial=run.start_step, total=cfg.steps, desc=cfg.objective,
                dynamic_ncols=True)
     for step in bar:
-        # ---- sample: B prompts x G rollouts, one prompt's G rows contiguous ----
+        # ---- sample: B prompts x G rollouts ----
         t0 = time.time()
-        batch = prompt_batch(step, len(kept), B, cfg.seed)
-        prompts = [prompt_ids[i] for i in batch for _ in range(G)]           # (B*G,) token lists
-        golds = [kept[i]["answer"] for i in batch for _ in range(G)]
-        diverged = (f"step {step + 1}: the policy produced non-finite logits while sampling. The model has "
-                    f"diverged; the likely cause is a too-high learning rate (lr={cfg.lr}): NSR alone at a high "
-                    f"lr keeps pushing the sampled tokens' logits down without bound. Lower --lr or use "
-                    f"w-reinforce; the last good checkpoint (if any) is in {run_dir}.")
-        try:
-            rollouts = sample.generate(model, prompts, cfg.max_new_tokens, temperature=cfg.temperature,
-                                top_p=cfg.top_p, generator=generator, chunk_size=cfg.chunk_size)
-        except RuntimeError as e:
-            # non-finite logits normally come back as NaN log-probs (checked just below); an error
-            # raised while the weights are non-finite is divergence too (e.g. torch.multinomial's
-            # "probability tensor ..." if a student swaps the sampler back); anything else (out of
-            # memory, ...) is not divergence and is re-raised as it is
-            if "probability tensor" in str(e) or not all_finite(model):
-                raise RuntimeError(diverged) from e
-            raise
-        if not all(math.isfinite(v) for row in rollouts.logprobs for v in row):
-            raise RuntimeError(diverged)
-        sample_s = time.time() - t0
+        prompts, golds, rollouts = sample_rollouts(run, cfg, step)
+        t1 = time.time()
 
         # ---- verify: r = 1 if the final answer matches the gold answer, else 0 ----
-        responses = [tokenizer.decode(t, skip_special_tokens=True) for t in rollouts.tokens]
+        responses = [run.tokenizer.decode(t, skip_special_tokens=True) for t in rollouts.tokens]
         rewards = [verifier.reward(text, gold) for text, gold in zip(responses, golds)]
 
-        # ---- weight: w_i from the objective ----
-        weights = sample_weights(rewards, cfg.objective, cfg.lam, G)        # (B*G,)
+        # ---- weight: w_i from the objective (ppo: per-token advantages from the critic) ----
+        if cfg.objective == "ppo":
+            weights, extra = ppo_advantages(run, cfg, prompts, rollouts, rewards)   # (N, T)
+        else:
+            weights, extra = sample_weights(rewards, cfg.objective, cfg.lam, cfg.group_size), {}   # (N,)
+        extra["rewards"] = rewards
 
-        # ---- loss + step (one or several mini-batches) ----
-        t1 = time.time()
-        train_all = cfg.entropy_coef > 0 or cfg.kl_coef > 0     # otherwise w = 0 rows carry no gradient
-        losses, grad_norms, trained, skipped = [], [], 0, False
-        per_mini = len(prompts) // cfg.ppo_mini_batches
-        for mb in range(cfg.ppo_mini_batches):
-            mini = list(range(mb * per_mini, (mb + 1) * per_mini))          # this mini-batch's samples
-            rows = [i for i in mini if train_all or weights[i] != 0]       # the ones with a gradient
-            if not rows:
-                continue
-            # Z from ALL samples of the mini-batch (not only `rows`): "constant" = samples x max_new_tokens
-            # must not depend on how many samples happened to carry a weight
-            Z = loss_normalizer(weights[mini], [len(rollouts.tokens[i]) for i in mini], cfg.normalizer,
-                                cfg.max_new_tokens) \
-                or float(sum(len(rollouts.tokens[i]) for i in rows))       # only entropy/KL terms: token mean
-            loss = backward_on_batch(
-                model, [prompts[i] for i in rows], [rollouts.tokens[i] for i in rows], weights[rows], Z,
-                micro_batch_size=cfg.micro_batch_size, temperature=cfg.temperature, clip_eps=cfg.clip_eps,
-                old_logprobs=[rollouts.logprobs[i] for i in rows], entropy_coef=cfg.entropy_coef,
-                kl_coef=cfg.kl_coef, ref_model=ref_model, params=params, master=master, pad_id=pad_id,
-                head_chunk=cfg.head_chunk if checkpointing else 0)
-            grad_norm = optimizer_step(optimizer, params, master, cfg.grad_clip) if loss is not None else None
-            if loss is None or not torch.isfinite(grad_norm):
-                zero_grads(optimizer, params)       # drop what the failed micro-batches accumulated
-                skipped = True
-                break
-            losses.append(loss)
-            grad_norms.append(grad_norm.item())
-            trained += len(rows)
-        nonfinite_streak = nonfinite_streak + 1 if skipped else 0
-        train_s = time.time() - t1
+        # ---- loss + step: the subset, in mini-batches of M (the paper's update) ----
+        stats = update(run, cfg, prompts, rollouts, weights, extra)
+        nonfinite_streak = nonfinite_streak + 1 if stats["skipped"] else 0
 
         # ---- log: one JSON line per step, fixed keys ----
-        r = torch.tensor(rewards).view(B, G)
-        n_tokens = sum(len(t) for t in rollouts.tokens)
-        metrics = {
-            "step": step + 1,
-            "reward": r.mean().item(),
-            "all_correct": (r.min(dim=1).values == 1).float().mean().item(),
-            "all_wrong": (r.max(dim=1).values == 0).float().mean().item(),
-            "response_len": n_tokens / len(prompts),
-            "truncated": sum(rollouts.truncated) / len(prompts),
-            "entropy": math.fsum(v for row in rollouts.entropies for v in row) / max(n_tokens, 1),
-            "loss": None if skipped else (sum(losses) / len(losses) if losses else 0.0),
-            "grad_norm": None if skipped else (sum(grad_norms) / len(grad_norms) if grad_norms else 0.0),
-            "trained_samples": trained,
-            "skipped": skipped,
-            "sample_s": round(sample_s, 3),
-            "train_s": round(train_s, 3),
-            "tokens_per_s": round(n_tokens / max(sample_s + train_s, 1e-9), 1),
-        }
-        with (run_dir / "metrics.jsonl").open("a") as f:
-            f.write(json.dumps(metrics) + "\n")
-        bar.set_postfix(reward=f"{metrics['reward']:.3f}", all_wrong=f"{metrics['all_wrong']:.2f}",
-                        len=f"{metrics['response_len']:.0f}", ent=f"{metrics['entropy']:.2f}",
-                        gnorm="skip" if skipped else f"{metrics['grad_norm']:.3f}")
-        if skipped:
+        metrics = log_step(run_dir, step, cfg, rewards, rollouts, stats, extra, (t1 - t0, time.time() - t1))
+        bar.set_postfix(reward=f"{metrics['reward']:.3f}", len=f"{metrics['response_len']:.0f}",
+                        ent=f"{metrics['entropy']:.2f}", updates=metrics["updates"],
+                        gnorm="skip" if stats["skipped"] else f"{metrics['grad_norm']:.3f}")
+        if stats["skipped"]:
             tqdm.write(f"step {step + 1}: non-finite loss or gradient; step skipped ({nonfinite_streak} in a row)")
             if nonfinite_streak >= cfg.max_nonfinite:
                 raise RuntimeError(
@@ -897,31 +1162,70 @@ def train(cfg: Config) -> dict:
 
         # ---- evaluate / checkpoint ----
         done = step + 1
-        if eval_sets and cfg.eval_every and done % cfg.eval_every == 0 and done != cfg.steps:
-            for name, result in evaluate_all(model, tokenizer, eval_sets, cfg, done, run_dir).items():
-                evals[name][done] = result
+        if run.eval_sets and cfg.eval_every and done % cfg.eval_every == 0 and done != cfg.steps:
+            for name, result in evaluate_all(run.policy.model, run.tokenizer, run.eval_sets, cfg, done,
+                                             run_dir).items():
+                run.evals[name][done] = result
         if (cfg.save_every and done % cfg.save_every == 0) or done == cfg.steps:
-            save_checkpoint(run_dir, done, model, tokenizer, optimizer, params, master, generator)
+            save_checkpoint(run_dir, done, run.policy, run.tokenizer, run.generator, run.critic)
     bar.close()
+    table = finish(run, cfg, run_dir)
+    return {"run_dir": str(run_dir), "step": cfg.steps, "metrics": metrics, "evals": run.evals, "table": table}
 
-    # ---- evaluate the end (a run resumed after its last step re-uses the saved results) ----
-    for name in eval_sets:
-        saved = run_dir / "eval" / f"step{cfg.steps:06d}_{name}.json"
-        if start_step == cfg.steps and saved.is_file():
-            evals[name][cfg.steps] = passk.load_result(saved)
-    if eval_sets and any(cfg.steps not in by_step for by_step in evals.values()):
-        truncate_jsonl(run_dir / "eval.jsonl", cfg.steps - 1)
-        for name, result in evaluate_all(model, tokenizer, eval_sets, cfg, cfg.steps, run_dir).items():
-            evals[name][cfg.steps] = result
-    table = ""
-    if eval_sets:
-        rows = {}
-        for name, by_step in evals.items():
-            first, last = min(by_step), max(by_step)
-            rows[f"{name} base" if first == 0 else f"{name} step {first}"] = by_step[first]
-            rows[f"{name} {cfg.objective} step {last}"] = by_step[last]
-        table = passk.format_table(rows)
-    return {"run_dir": str(run_dir), "step": cfg.steps, "metrics": metrics, "evals": evals, "table": table}
+
+# ---- ppo: the critic's side of a step (STUDENT REGION with the CRITIC section) -------------------
+
+def ppo_advantages(run: Run, cfg: Config, prompts, rollouts, rewards) -> tuple[torch.Tensor, dict]:
+    """The critic's values of the rollouts, the per-token rewards and GAE -> (whitened A (N, T), extra).
+
+    extra: old_values and returns (N, T) for the value loss, explained_variance and adv_mean (before
+    whitening) for the log. All under no_grad: these are the targets and weights of the update."""
+    device = next(run.policy.model.parameters()).device
+    N, T = len(prompts), max(len(t) for t in rollouts.tokens)
+    values, ref_logp = torch.zeros(N, T, device=device), torch.zeros(N, T, device=device)
+    with torch.no_grad():
+        for start in range(0, N, cfg.micro_batch_size):
+            rows = slice(start, start + cfg.micro_batch_size)
+            input_ids, attn, pos, mask = pack_sequences(prompts[rows], rollouts.tokens[rows], device, run.pad_id)
+            R = mask.shape[1]
+            values[rows, :R] = critic_values(run.critic.model, input_ids, attn, pos, R) * mask
+            if run.ref_model is not None:
+                ref_logp[rows, :R] = response_logprobs(run.ref_model, input_ids, attn, pos, R, cfg.temperature,
+                                                       head_chunk=run.head_chunk)[0] * mask
+    lengths = torch.tensor([len(t) for t in rollouts.tokens], device=device)
+    mask = (torch.arange(T, device=device)[None, :] < lengths[:, None]).float()        # (N, T)
+    old_logp = torch.zeros(N, T, device=device)
+    for i, row in enumerate(rollouts.logprobs):
+        old_logp[i, :len(row)] = torch.tensor(row, dtype=torch.float32)
+    # r_i,t = -beta (log pi_old - log pi_ref) on every token, + the 0/1 outcome on the last one
+    token_rewards = -kl_coef(cfg) * (old_logp - ref_logp) * mask if run.ref_model is not None else torch.zeros(N, T, device=device)
+    token_rewards[torch.arange(N, device=device), lengths - 1] += torch.tensor(rewards, dtype=torch.float32, device=device)
+    advantages, returns = gae_advantages(token_rewards, values, mask, cfg.gae_gamma, cfg.gae_lam)
+    extra = {"old_values": values, "returns": returns,
+             "explained_variance": explained_variance(values, returns, mask),
+             "adv_mean": float((advantages * mask).sum() / mask.sum())}
+    return masked_whiten(advantages, mask), extra
+
+
+def critic_update(run: Run, cfg: Config, prompts, rollouts, mini: list[int], extra: dict, scale: float) -> dict:
+    """One optimizer step of the critic on one mini-batch: the clipped value loss, token mean over the
+    mini-batch (times m / M for a partial one, as the policy's)."""
+    device = next(run.critic.model.parameters()).device
+    Z = float(sum(len(rollouts.tokens[i]) for i in mini))
+    total = 0.0
+    for start in range(0, len(mini), cfg.micro_batch_size):
+        rows = mini[start:start + cfg.micro_batch_size]
+        input_ids, attn, pos, mask = pack_sequences([prompts[i] for i in rows], [rollouts.tokens[i] for i in rows],
+                                                    device, run.pad_id)
+        R = mask.shape[1]
+        values = critic_values(run.critic.model, input_ids, attn, pos, R)                # (m, R)
+        loss = value_loss(values, extra["old_values"][rows, :R], extra["returns"][rows, :R], mask, Z,
+                          cfg.value_clip) * scale
+        loss.backward()
+        grads_to_master(run.critic.params, run.critic.master)
+        total += loss.item()
+    grad_norm = optimizer_step(run.critic, cfg.grad_clip)
+    return {"value_loss": total, "grad_norm": grad_norm.item()}
 
 
 # =================================================================================================

@@ -992,9 +992,9 @@ def test_bf16_training_with_fp32_master_weights_keeps_updates_that_a_bf16_only_u
 
     model = tiny_model("qwen2", dtype=torch.bfloat16).train()
     start = [p.detach().float().clone() for p in model.parameters()]
-    params, master = nsr.make_master_weights(model)
+    policy = nsr.make_trainable(model, nsr.Config(), lr)          # AdamW betas (0.9, 0.999), decay 0.01
+    params, master = policy.params, policy.master
     assert all(m.dtype == torch.float32 for m in master) and master[0] is not params[0]
-    opt = torch.optim.AdamW(master, lr=lr, betas=(0.9, 0.999), weight_decay=0.01)
     nsr.backward_on_batch(model, prompts, responses, weights, Z, micro_batch_size=2, params=params, master=master)
     assert all(p.grad is None for p in params)                  # grads moved into the fp32 masters
     grad = [m.grad.clone() for m in master]
@@ -1002,7 +1002,7 @@ def test_bf16_training_with_fp32_master_weights_keeps_updates_that_a_bf16_only_u
         # (the same gradient every step, to keep the test fast: a steady push, as a consistent signal gives)
         for m, g in zip(master, grad):
             m.grad = g.clone()
-        nsr.optimizer_step(opt, params, master, grad_clip=0.0)
+        nsr.optimizer_step(policy, grad_clip=0.0)
         if step == 0:   # after one step every weight that got a gradient moved by about lr in the master
             moved = torch.cat([(m.detach() - s).abs().flatten() for m, s in zip(master, start)])
             assert (moved > 0.5 * lr).float().mean() > 0.9 and moved.max() < 3 * lr
@@ -1040,12 +1040,11 @@ def test_nsr_training_steps_lower_the_log_prob_of_the_penalised_samples():
         return (logp * mask).sum(dim=1)                                  # (8,) log pi(y_i)
 
     before = total_logp()
-    params, master = nsr.make_master_weights(model)
-    opt = torch.optim.AdamW(master, lr=1e-3)
+    policy = nsr.make_trainable(model, nsr.Config(weight_decay=0.0), 1e-3)
     for _ in range(3):
         nsr.backward_on_batch(model, prompts, rollouts.tokens, weights, Z, micro_batch_size=4,
-                              params=params, master=master)
-        nsr.optimizer_step(opt, params, master, grad_clip=1.0)
+                              params=policy.params, master=policy.master)
+        nsr.optimizer_step(policy, grad_clip=1.0)
     after = total_logp()
     assert (after < before).all(), (before, after)
 
@@ -1058,7 +1057,7 @@ def test_train_two_steps_write_a_checkpoint_two_metrics_lines_and_a_loadable_mod
     lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in lines] == [1, 2]
     keys = {"step", "reward", "all_correct", "all_wrong", "response_len", "truncated", "entropy", "loss",
-            "grad_norm", "trained_samples", "skipped", "sample_s", "train_s", "tokens_per_s"}
+            "grad_norm", "trained_samples", "updates", "skipped", "sample_s", "train_s", "tokens_per_s"}
     assert all(set(m) == keys for m in lines)
     ckpt = nsr.latest_checkpoint(run)
     assert ckpt is not None and ckpt.name == "checkpoint-000002"
@@ -1121,7 +1120,11 @@ def test_train_config_rejects_bad_values_with_clear_messages_before_any_work(tmp
     cases = [(["--objective", "ppo2"], "--objective 'ppo2' is unknown; choose one of psr, nsr"),
              (["--lam", "-0.5"], "--lam must be >= 0"),
              (["--objective", "grpo", "--group-size", "1"], "--group-size must be >= 2 for grpo"),
-             (["--ppo-mini-batches", "2"], "needs --clip-eps > 0"),
+             (["--clip-eps", "0", "--mini-batch-size", "8"], "--mini-batch-size > 0 needs --clip-eps > 0"),
+             (["--objective", "ppo", "--clip-eps", "0", "--mini-batch-size", "0"], "ppo needs --clip-eps > 0"),
+             (["--kl-coef", "-0.5"], "--kl-coef must be >= 0, or -1"),
+             (["--critic-lr", "0"], "--critic-lr must be > 0"),
+             (["--gae-lam", "1.5"], "--gae-lam must be in [0, 1]"),
              (["--train", str(tmp_path / "missing.jsonl")], "missing.jsonl: no such file"),
              (["--preset", "gpt-9"], "unknown --preset 'gpt-9'")]
     for argv, message in cases:

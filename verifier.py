@@ -72,7 +72,10 @@ _BOX_TOKEN_RE = re.compile(r"\s*(-?[A-Za-z0-9.]+|\\[A-Za-z]+)")
 # what may sit between two boxes that together give one list answer: "\boxed{2}, \boxed{3}"
 _BOX_SEP_RE = re.compile(r"(?:\s|\$|,|;|\\quad|\\qquad|\\[,;:! ]|\\[()\[\]]|\band\b|\\text\{\s*and\s*\})*")
 _BOX_HEDGE_RE = re.compile(r"\bor\b|\\text\{\s*or\s*\}")
-_PHRASE_RE = re.compile(r"final answer is|the answer is|final answer:|answer is:|####")
+# The LAST final-answer phrase of the whole response, in one pass: the greedy ".*" runs to the end and
+# backs off to the last position where a phrase starts (at one position the longer phrase is listed first).
+_LAST_PHRASE_RE = re.compile(r".*(final answer is|the answer is|answer is:|final answer|answer:|####)",
+                             re.DOTALL | re.IGNORECASE)
 
 
 def _box_at(text: str, start: int, end_of_name: int):
@@ -130,22 +133,24 @@ def extract_answer(text) -> str | None:
         if len(set(parts)) == 1:         # the same box repeated is one answer
             return parts[0].strip()
         return ", ".join(reversed(parts)).strip()
-    # No box: the last final-answer phrase, e.g. Minerva's "Final Answer: The final answer is $X$."
-    lower = text[-MAX_ANSWER_CHARS:].lower()
-    matches = list(_PHRASE_RE.finditer(lower))
-    if not matches:
+    # No box: the last final-answer phrase anywhere in the response (the length cap is on the answer,
+    # not on the response), followed by the value on the same line or, after a heading such as
+    # "**Final Answer**", on the next non-empty line:
+    #   "Answer: 42" -> "42";  "**Final Answer**\n\n$42$" -> "42";
+    #   Minerva's "Final Answer: The final answer is $X$. I hope it is correct." -> "X"
+    m = _LAST_PHRASE_RE.match(text)
+    if not m:
         return None
-    offset = len(text) - len(lower)
-    rest = text[offset + matches[-1].end():].lstrip(" \t:*")
-    rest = rest.split("\n", 1)[0].strip()
+    rest = text[m.end(1):].lstrip(" \t\r\n:*")
     for open_, close in (("$$", "$$"), ("$", "$"), ("\\(", "\\)"), ("\\[", "\\]")):
         if rest.startswith(open_):
-            end = rest.find(close, len(open_))
+            end = rest.find(close, len(open_), len(open_) + MAX_ANSWER_CHARS + len(close))
             if end < 0:
                 return None
             rest = rest[len(open_):end]
             break
     else:
+        rest = rest.split("\n", 1)[0]
         cut = rest.find(". ")                            # end of the sentence, not a decimal point
         if cut >= 0:
             rest = rest[:cut]
