@@ -78,7 +78,7 @@ from dataclasses import dataclass, field
 import torch
 from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
-from transformers import AutoModelForTokenClassification
+from transformers import AutoConfig, AutoModelForTokenClassification
 
 import passk
 import sample
@@ -979,8 +979,10 @@ def load_critic(name_or_dir, cfg: Config, device):
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(
         cfg.dtype, torch.bfloat16 if device.type == "cuda" else torch.float32)
     local = pathlib.Path(str(name_or_dir)).is_dir()
-    critic = AutoModelForTokenClassification.from_pretrained(str(name_or_dir), num_labels=1, dtype=dtype,
-                                                             classifier_dropout=0.0, local_files_only=local)
+    config = AutoConfig.from_pretrained(str(name_or_dir), num_labels=1, local_files_only=local)
+    config.classifier_dropout = 0.0
+    critic = AutoModelForTokenClassification.from_pretrained(str(name_or_dir), config=config, dtype=dtype,
+                                                             local_files_only=local)
     return critic.to(device)
 
 

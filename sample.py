@@ -10,7 +10,14 @@ the files import one way:   verifier.py, sample.py  <-  passk.py  <-  toy.py  <-
     encode_prompts(tokenizer, problems)      -> prompt token ids (the paper's prompt template)
     generate(model, prompt_ids, max_new)     -> Rollouts(tokens, logprobs, truncated, entropies)
 
-Run nothing here directly; `python -m pytest -q test_nsr.py -k sampling` tests it.
+What is ours and what is transformers': for Qwen2, Qwen3 and Llama the whole sampler is ours -- the
+decode loop, the KV cache (KVCache) and the forward pass (forward), written out in torch and reading
+the transformers model's own parameters. transformers only builds the model and holds its weights.
+Any other architecture falls back to transformers' forward and DynamicCache (a warning says so).
+docs/sampling.md explains the design and lists the parity tests and speed measurements.
+
+Run nothing here directly; `python -m pytest -q test_nsr.py -k "kv_cache or generate or top_p or forward"`
+tests it.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ import warnings
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
 import verifier
@@ -36,8 +44,9 @@ import verifier
 #    output only needs its own query q against the keys/values of all EARLIER tokens, and those never
 #    change (causal attention: token i cannot see j > i). So we run the prompt once ("prefill"),
 #    keep every layer's keys and values, shape (B, n_kv_heads, T, head_dim), and afterwards feed ONE
-#    token per step, appending its k, v. Each step then costs O(T) instead of a full O(T^2) forward,
-#    and gives the same logits as a full forward pass over the whole sequence (tested).
+#    token per step, writing its k, v into the next slot. Each step then costs O(T) instead of a full
+#    O(T^2) forward, and gives the same logits as a full forward pass over the whole sequence (tested).
+#    See KVCache and forward() in the DECODER section below.
 # 2. Left padding. Prompts have different lengths; to batch them we pad on the LEFT so every row's
 #    newest token sits in the last column. Two things keep padding invisible:
 #      attention_mask[b, j] = 0 for pad slots   -> no real token attends to a pad key;
@@ -52,8 +61,9 @@ import verifier
 #    We record log q(y_t) (what the sampler actually did) and the policy's own entropy
 #    H_t = -sum_y pi_1(y) log pi_1(y) at temperature 1 without top-p (the paper's entropy metric).
 #
-# NOTE cache choice: transformers' DynamicCache (grows by torch.cat) vs a preallocated StaticCache;
-# see the measurement in the comment inside `_generate_chunk`.
+# Speed tricks, each visible and switched off by generate(..., fast=False) (tested to change nothing
+# but speed): one prefill per DISTINCT prompt, eviction of finished rows, fused attention
+# (scaled_dot_product_attention instead of the written-out softmax(q k^T / sqrt(d)) v).
 
 
 @dataclass
@@ -78,11 +88,14 @@ def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
     if top_p == 1.0:
         return logits
     sorted_logits, order = logits.sort(dim=-1, descending=True)            # (..., V) most likely first
-    probs = sorted_logits.softmax(dim=-1)
-    # mass of the strictly more likely tokens; a token is in N_p iff that mass has not yet reached p.
-    # (The most likely token has mass_before = 0 exactly, so N_p is never empty.)
-    mass_before = probs.cumsum(dim=-1) - probs                              # (..., V)
-    drop_sorted = mass_before >= top_p
+    mass = sorted_logits.softmax(dim=-1).cumsum(dim=-1)                     # (..., V) mass of tokens 0..i
+    # token i is in N_p iff the tokens before it have not yet reached p: mass[i - 1] < p. At an exact
+    # boundary (mass[i - 1] == p) token i is dropped, so N_p is the SMALLEST set reaching p. The most likely
+    # token has nothing before it and is always kept (p > 0), so N_p is never empty.
+    # NOTE: mass[i] - probs[i] would be the same number in exact arithmetic, but in float32 it is often one
+    # rounding step off mass[i - 1], which keeps or drops a token at the boundary by accident (tested).
+    drop_sorted = torch.zeros_like(mass, dtype=torch.bool)
+    drop_sorted[..., 1:] = mass[..., :-1] >= top_p
     drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)   # back to vocabulary order
     return logits.masked_fill(drop, float("-inf"))
 
@@ -98,13 +111,15 @@ def default_eos_token_ids(model) -> list[int]:
 
 def generate(model, prompt_ids: list[list[int]], max_new_tokens: int, temperature: float = 1.0,
              top_p: float = 1.0, eos_token_ids=None, generator: torch.Generator | None = None,
-             chunk_size: int = 256) -> Rollouts:
+             chunk_size: int = 256, fast: bool = True) -> Rollouts:
     """Sample one continuation per prompt with a KV cache (see the comment block above).
 
     prompt_ids: token-id lists of any lengths (left-padded here). Rows are processed in chunks of at most
     chunk_size rows, which bounds memory (the cache is chunk_size x (prompt + max_new_tokens) tokens).
     temperature 0 = greedy. generator: a torch.Generator on the model's device (None = torch's global RNG).
     Each row stops at its FIRST GENERATED EOS (an EOS inside the prompt does not count).
+    fast=False switches the speed tricks off (every row prefilled, finished rows kept in the batch,
+    written-out attention): the plain path, for reading and for checking that the tricks change nothing.
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -121,6 +136,11 @@ def generate(model, prompt_ids: list[list[int]], max_new_tokens: int, temperatur
         eos_token_ids = default_eos_token_ids(model)
     elif isinstance(eos_token_ids, int):
         eos_token_ids = [eos_token_ids]
+    fallback = why_not_our_decoder(model)
+    if fallback is not None:
+        # the one branch where transformers runs the model; Python shows a given warning once per process
+        warnings.warn(f"sample.generate: {fallback}, so it samples with transformers' forward and "
+                      f"DynamicCache instead of our decoder", stacklevel=2)
 
     out = Rollouts(tokens=[], logprobs=[], truncated=[], entropies=[])
     # NOTE: sampling must not use dropout, and gradient checkpointing switches the cache off in train
@@ -131,7 +151,7 @@ def generate(model, prompt_ids: list[list[int]], max_new_tokens: int, temperatur
         with torch.inference_mode():
             for start in range(0, len(prompt_ids), chunk_size):
                 chunk = _generate_chunk(model, prompt_ids[start:start + chunk_size], max_new_tokens,
-                                        temperature, top_p, eos_token_ids, generator)
+                                        temperature, top_p, eos_token_ids, generator, fast, ours=fallback is None)
                 for name in ("tokens", "logprobs", "truncated", "entropies"):
                     getattr(out, name).extend(getattr(chunk, name))
     finally:
@@ -158,20 +178,7 @@ def left_pad(prompt_ids: list[list[int]], max_new_tokens: int, device, pad_id: i
     return input_ids, mask, position_ids
 
 
-def next_token_logits(model, input_ids, attention_mask, position_ids, cache) -> torch.Tensor:
-    """Run new tokens (B, S) through the model on top of the cache; return the last position's logits.
-
-    attention_mask covers the cached tokens plus the new ones: (B, cache_len + S). The cache is updated
-    in place with the new tokens' keys and values. Returns (B, V) in float32 (sampling math in fp32 even
-    for a bf16 model: a bf16 softmax over 150k tokens loses the tail).
-    """
-    # logits_to_keep=1: only the last position's logits are needed (saves a (B, S, V) projection at prefill)
-    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                past_key_values=cache, use_cache=True, logits_to_keep=1)
-    return out.logits[:, -1].float()
-
-
-def _generate_chunk(model, prompt_ids, max_new_tokens, temperature, top_p, eos_token_ids, generator):
+def _generate_chunk(model, prompt_ids, max_new_tokens, temperature, top_p, eos_token_ids, generator, fast, ours):
     """One batch of rows through prefill + cached decoding. Called under inference_mode by generate()."""
     device = next(model.parameters()).device
     B, P, N = len(prompt_ids), max(len(row) for row in prompt_ids), max_new_tokens
@@ -187,35 +194,38 @@ def _generate_chunk(model, prompt_ids, max_new_tokens, temperature, top_p, eos_t
     # rows[i] = which output row the i-th row of the shrinking batch belongs to.
     rows = torch.arange(B, device=device)                                  # (b,), b <= B live rows
 
-    # The cache holds, for every layer, keys and values of all tokens seen so far: (b, kv_heads, T, hd).
-    # NOTE: DynamicCache (torch.cat per step) vs a StaticCache preallocated to P + N: on bench.py's models
-    # (CPU, 1 thread, median of 4) we measured 6255 vs 6043 tok/s on the 1M model (256 rows) and 178 vs
-    # 172 tok/s on the 100M model (16 rows) -- no clear difference, so we keep the simpler dynamic one
-    # (it also lets us evict finished rows with one call).
-    cache = DynamicCache(config=model.config)
     # Stopping (and evicting) needs to know which rows are done: a device->host sync. On CPU that sync is
     # free (ops are synchronous); on a GPU it stops the CPU from queueing the next step's kernels ahead,
     # so there we only look every few steps (a finished row then rides along for <= 3 unrecorded steps).
     check_every = 1 if device.type == "cpu" else 4
 
-    # ---- prefill: each DISTINCT prompt once, then copy its cache rows to all its rollouts ---------------
-    # An RL step samples G rollouts per problem and Pass@k samples n per problem, so most rows share a
-    # prompt; the prompt's keys/values do not depend on what is sampled later, so computing them once
-    # per distinct prompt gives the same cache at a fraction of the cost.
-    distinct = list(dict.fromkeys(tuple(row) for row in prompt_ids))      # U distinct prompts, in order
-    index = {row: u for u, row in enumerate(distinct)}
-    inverse = torch.tensor([index[tuple(row)] for row in prompt_ids], device=device)   # (B,) row -> u
+    # ---- prefill: the prompts through the model, filling the cache's first P slots ------------------
+    # Plain: every row is prefilled. Fast: each DISTINCT prompt once, then its cache rows are copied to all
+    # its rollouts. An RL step samples G rollouts per problem and Pass@k samples n per problem, so most rows
+    # share a prompt; the prompt's keys/values do not depend on what is sampled later, so computing them
+    # once per distinct prompt gives the same cache at a fraction of the cost.
+    distinct = list(dict.fromkeys(tuple(row) for row in prompt_ids)) if fast else prompt_ids   # U prompts
+    index = {row: u for u, row in enumerate(distinct)} if fast else None
+    inverse = (torch.tensor([index[tuple(row)] for row in prompt_ids], device=device) if fast
+               else torch.arange(B, device=device))                                     # (B,) row -> u
     input_ids, mask, position_ids = left_pad(distinct, N, device)         # (U, P), (U, P + N), (U, P)
-    logits = next_token_logits(model, input_ids, mask[:, :P], position_ids, cache)[inverse]   # (B, V)
+    if ours:
+        # our decoder: our preallocated cache, our forward (both in the DECODER section below)
+        cache, logits_of = KVCache(model, batch=len(distinct), max_len=P + N), forward
+    else:
+        # the fallback (generate() warned): transformers' forward and its growing DynamicCache
+        cache, logits_of = DynamicCache(config=model.config), next_token_logits
+    logits = logits_of(model, input_ids, mask[:, :P], position_ids, cache, fast=fast)[inverse]   # (B, V)
     if len(distinct) < B:
         cache.batch_select_indices(inverse)                  # (U, kv_heads, P, hd) -> (B, kv_heads, P, hd)
     mask, step_pos = mask[inverse], position_ids[inverse, -1:]          # (B, P + N), (B, 1) last position
 
+    # ----- STUDENT REGION: the decode step -- feed y_{t-1}, get the logits of y_t, sample y_t. -----
     for t in range(N):
         if t > 0:
-            # feed y_{t-1} at the next position of each row; the cache holds P + t - 1 tokens and the
-            # mask column P + t - 1 (the new token) is already 1
-            logits = next_token_logits(model, next_ids[:, None], mask[:, :P + t], step_pos, cache)  # (b, V)
+            # feed y_{t-1} at the next position of each row: its k, v go to cache slot P + t - 1, and the
+            # mask column P + t - 1 (the new token) is already 1. One token per row, not the whole sequence.
+            logits = logits_of(model, next_ids[:, None], mask[:, :P + t], step_pos, cache, fast=fast)  # (b, V)
 
         # H_t = -sum_y pi_1(y) log pi_1(y): the policy's entropy at temperature 1, no top-p
         logp_policy = logits.log_softmax(dim=-1)                              # (b, V)
@@ -250,12 +260,13 @@ def _generate_chunk(model, prompt_ids, max_new_tokens, temperature, top_p, eos_t
             keep = alive[rows].nonzero().squeeze(1)          # host sync: which batch rows are still live
             if keep.numel() == 0:
                 break                                        # every row has produced its EOS
-            # evict finished rows from batch and cache once they are >= 1/8 of the batch: an eviction
-            # copies the whole cache, so evicting rows one by one would cost about as much as it saves
-            if rows.numel() - keep.numel() >= max(1, rows.numel() // 8):
+            # fast: evict finished rows from batch and cache once they are >= 1/8 of the batch (an eviction
+            # copies the whole cache, so evicting rows one by one would cost about as much as it saves)
+            if fast and rows.numel() - keep.numel() >= max(1, rows.numel() // 8):
                 cache.batch_select_indices(keep)
                 rows, mask, step_pos, next_ids = rows[keep], mask[keep], step_pos[keep], next_ids[keep]
         step_pos = step_pos + 1                                                # (b, 1) position of y_t
+    # ----- END OF STUDENT REGION -----
 
     lengths, truncated = lengths.tolist(), alive.tolist()    # the only other host syncs: once per chunk
     tokens, logprobs, entropies = tokens.tolist(), logprobs.tolist(), entropies.tolist()
@@ -264,6 +275,180 @@ def _generate_chunk(model, prompt_ids, max_new_tokens, temperature, top_p, eos_t
                     truncated=truncated,
                     entropies=[row[:n] for row, n in zip(entropies, lengths)])
 
+
+# =================================================================================================
+# DECODER: Qwen2 / Qwen3 / Llama written out in torch, on the transformers model's own parameters
+# =================================================================================================
+#
+# For the three architectures this project trains, one forward pass is a few dozen lines of torch. We
+# write them out, reading the parameters of the transformers model we are given (layer.self_attn.q_proj
+# .weight, ...: the very tensors the trainer updates, no copy, no extra memory), so a student sees every
+# operation between a token id and its logits. One decoder layer (pre-norm, x: (B, S, D)):
+#
+#   x = x + Attn(RMSNorm(x));   x = x + MLP(RMSNorm(x))
+#   RMSNorm(x) = w * x / sqrt(mean(x^2) + eps)               computed in fp32, as transformers does
+#   q, k, v = x Wq + bq, x Wk + bk, x Wv + bv                 biases: Qwen2 always, Llama/Qwen3 if configured
+#   q, k = RMSNorm_q(q), RMSNorm_k(k), over each head          Qwen3 only
+#   q, k = RoPE(q, pos), RoPE(k, pos)                          rotate pair (i, i + d/2) by pos * inv_freq_i
+#   Attn = softmax(q k^T / sqrt(d) + mask) v  Wo               n_heads / n_kv_heads query heads share a kv head
+#   MLP(x) = (silu(x Wgate) * (x Wup)) Wdown                   SwiGLU
+#   logits = RMSNorm(x_L) Whead                                Whead IS Wembed when the embeddings are tied
+#
+# inv_freq and the attention scaling of RoPE come from the model's own rotary module (transformers
+# computed them from the config: for Llama 3.1/3.2's rope_type "llama3" the long wavelengths are already
+# stretched by `factor`). Anything else -- another architecture, sliding-window layers, a rope type whose
+# frequencies change with the sequence length -- falls back to transformers (why_not_our_decoder).
+
+OUR_ARCHITECTURES = ("qwen2", "qwen3", "llama")     # config.model_type values forward() is written for
+OUR_ROPE_TYPES = ("default", "llama3")              # rope types whose inv_freq is fixed and tested
+
+
+def why_not_our_decoder(model) -> str | None:
+    """None when forward() below computes this model exactly, else why generate() falls back."""
+    config = model.config
+    if config.model_type not in OUR_ARCHITECTURES:
+        return f"model_type {config.model_type!r} is not one of {', '.join(OUR_ARCHITECTURES)}"
+    if config.hidden_act != "silu":
+        return f"hidden_act {config.hidden_act!r} is not silu"
+    rope_type = model.model.rotary_emb.rope_type
+    if rope_type not in OUR_ROPE_TYPES:
+        return f"rope_type {rope_type!r} is not one of {', '.join(OUR_ROPE_TYPES)}"
+    if any(kind != "full_attention" for kind in getattr(config, "layer_types", None) or []):
+        return "the model has sliding-window attention layers"
+    return None
+
+
+# ----- STUDENT REGION: the KV cache -- what it holds, where a step writes, what attention reads. -----
+class KVCache:
+    """Keys and values of every token seen so far, for every layer, preallocated.
+
+    k[layer], v[layer]: (B, kv_heads, max_len, head_dim). Slot j of row b holds the key / value of column j
+    of the left-padded batch: a pad (masked out), a prompt token, or generated token j - P. Prefill writes
+    slots [0, P); decoding step t writes slot P + t - 1. Slots beyond the last write are never read.
+
+    Why a cached step equals a full forward pass: in causal attention token j only looks at tokens <= j,
+    so its k_j and v_j -- computed from x_j after j's own attention -- never change once written. A full
+    forward over the sequence would recompute exactly these keys and values, then give the last token
+    softmax(q k_{<=j}^T / sqrt(d)) v_{<=j}; a cached step computes only the last token's q, k, v and reads
+    the rest from here. Same numbers, O(T) work instead of O(T^2).
+    """
+
+    def __init__(self, model, batch: int, max_len: int):
+        attn, weight = model.model.layers[0].self_attn, model.model.embed_tokens.weight
+        shape = (batch, model.config.num_key_value_heads, max_len, attn.head_dim)
+        self.k = [torch.zeros(shape, dtype=weight.dtype, device=weight.device) for _ in model.model.layers]
+        self.v = [torch.zeros(shape, dtype=weight.dtype, device=weight.device) for _ in model.model.layers]
+
+    def update(self, layer: int, slot: int, k: torch.Tensor, v: torch.Tensor):
+        """Write the new tokens' k, v (B, kv_heads, S, hd) at slots [slot, slot + S); return the keys and
+        values of every token so far, (B, kv_heads, slot + S, hd) each (views, not copies)."""
+        end = slot + k.shape[2]
+        self.k[layer][:, :, slot:end] = k
+        self.v[layer][:, :, slot:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+    def batch_select_indices(self, rows: torch.Tensor):
+        """Keep (or repeat) batch rows, rows: (b,) indices. Named as DynamicCache's method, so the decode
+        loop above drives both caches the same way."""
+        self.k = [k[rows] for k in self.k]
+        self.v = [v[rows] for v in self.v]
+# ----- END OF STUDENT REGION -----
+
+
+def linear(x: torch.Tensor, layer) -> torch.Tensor:
+    """x W^T + b with an nn.Linear's own weight and bias (bias None = no bias)."""
+    return F.linear(x, layer.weight, layer.bias)
+
+
+def rms_norm(x: torch.Tensor, norm) -> torch.Tensor:
+    """RMSNorm(x) = w * x / sqrt(mean(x^2) + eps) over the last dim, in fp32 and back to x's dtype before
+    the weight multiplies (transformers' order: it matters in bf16)."""
+    x32 = x.float()
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(dim=-1, keepdim=True) + norm.variance_epsilon)
+    return norm.weight * x32.to(x.dtype)
+
+
+def rope(rotary_emb, position_ids: torch.Tensor, dtype):
+    """cos, sin of RoPE's angles, each (B, 1, S, head_dim), from the model's rotary module's inv_freq."""
+    angles = position_ids[..., None].float() * rotary_emb.inv_freq.float()     # (B, S, hd / 2): pos * inv_freq_i
+    angles = torch.cat([angles, angles], dim=-1)[:, None]                       # (B, 1, S, hd): pair i <-> i + hd/2
+    scale = rotary_emb.attention_scaling                                        # 1.0 for default and llama3
+    return (angles.cos() * scale).to(dtype), (angles.sin() * scale).to(dtype)
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE on x (B, H, S, hd): (x_i, x_{i + hd/2}) -> (x_i cos - x_{i + hd/2} sin, x_{i + hd/2} cos + x_i sin)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+def attention(attn, x, cos, sin, mask, cache: KVCache, layer: int, slot: int, fused: bool) -> torch.Tensor:
+    """Grouped-query self-attention of the new tokens x (B, S, D) over every cached token and themselves."""
+    B, S, _ = x.shape
+    q = linear(x, attn.q_proj).view(B, S, -1, attn.head_dim)                # (B, S, H, hd)
+    k = linear(x, attn.k_proj).view(B, S, -1, attn.head_dim)                # (B, S, Hkv, hd)
+    v = linear(x, attn.v_proj).view(B, S, -1, attn.head_dim)                # (B, S, Hkv, hd)
+    if hasattr(attn, "q_norm"):                                             # Qwen3: RMSNorm of each head
+        q, k = rms_norm(q, attn.q_norm), rms_norm(k, attn.k_norm)
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)       # (B, heads, S, hd)
+    q, k = rotate(q, cos, sin), rotate(k, cos, sin)
+    k, v = cache.update(layer, slot, k, v)                                  # (B, Hkv, T, hd), T = slot + S
+    if not fused:
+        # the plain path: query head h reads kv head h // G (repeat each kv head G times), then
+        # softmax(q k^T / sqrt(d) + mask) v with the softmax in fp32, as transformers does
+        G = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(G, dim=1), v.repeat_interleave(G, dim=1)  # (B, H, T, hd)
+        scores = (q @ k.transpose(-1, -2)) * attn.scaling                   # (B, H, S, T), scaling = 1/sqrt(hd)
+        scores = scores.masked_fill(~mask, float("-inf"))
+        out = scores.softmax(dim=-1, dtype=torch.float32).to(q.dtype) @ v   # (B, H, S, hd)
+    else:
+        # fast path: the same math in one fused kernel, without materialising the repeated kv heads
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=attn.scaling, enable_gqa=True)
+    return linear(out.transpose(1, 2).reshape(B, S, -1), attn.o_proj)      # (B, S, D)
+
+
+def mlp(m, x: torch.Tensor) -> torch.Tensor:
+    """SwiGLU: (silu(x Wgate) * (x Wup)) Wdown."""
+    return linear(F.silu(linear(x, m.gate_proj)) * linear(x, m.up_proj), m.down_proj)
+
+
+def forward(model, input_ids, attention_mask, position_ids, cache: KVCache, fast: bool = True) -> torch.Tensor:
+    """Our forward pass: new tokens (B, S) on top of the cache -> the last position's logits (B, V), fp32.
+
+    The same contract as next_token_logits (transformers' forward): attention_mask (B, slot + S) covers
+    the cached slots plus the new tokens (0 = pad), position_ids (B, S) are the new tokens' positions, and
+    the cache gets the new tokens' keys and values at slots [slot, slot + S). fast = fused attention.
+    """
+    B, S = input_ids.shape
+    slot = attention_mask.shape[1] - S                  # slots already filled = where the new tokens go
+    base = model.model                                   # the decoder stack inside ...ForCausalLM
+    x = F.embedding(input_ids, base.embed_tokens.weight)                    # (B, S, D)
+    cos, sin = rope(base.rotary_emb, position_ids, x.dtype)                 # (B, 1, S, hd) each
+    # mask[b, 0, i, j]: new token i (at slot slot + i) may read slot j iff j is not in its future and j is
+    # a real token. A pad may also read itself: a pad with nothing to read would give softmax(all -inf) =
+    # NaN, and 0 * NaN in the next layer's attention would leak into real tokens.
+    new = torch.arange(slot, slot + S, device=input_ids.device)[:, None]    # (S, 1)
+    seen = torch.arange(slot + S, device=input_ids.device)[None]            # (1, T)
+    mask = ((seen <= new) & (attention_mask.bool()[:, None] | (seen == new)))[:, None]   # (B, 1, S, T)
+    for i, layer in enumerate(base.layers):
+        x = x + attention(layer.self_attn, rms_norm(x, layer.input_layernorm), cos, sin, mask, cache, i, slot, fast)
+        x = x + mlp(layer.mlp, rms_norm(x, layer.post_attention_layernorm))
+    x = rms_norm(x[:, -1], base.norm)                   # (B, D): only the last position is sampled from
+    # fp32 logits: the sampling math runs in fp32 even for a bf16 model (a bf16 softmax over 150k tokens
+    # loses the tail)
+    return linear(x, model.lm_head).float()             # (B, V); lm_head.weight IS embed_tokens.weight if tied
+
+
+def next_token_logits(model, input_ids, attention_mask, position_ids, cache, fast: bool = True) -> torch.Tensor:
+    """The fallback: transformers' own forward and DynamicCache, with forward()'s contract.
+
+    Runs new tokens (B, S) through model(...) on top of the cache (updated in place) and returns the last
+    position's logits (B, V) in float32. `fast` is unused (transformers picks its own attention kernel).
+    """
+    # logits_to_keep=1: only the last position's logits are needed (saves a (B, S, V) projection at prefill)
+    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                past_key_values=cache, use_cache=True, logits_to_keep=1)
+    return out.logits[:, -1].float()
 
 
 # =================================================================================================
