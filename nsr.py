@@ -17,16 +17,23 @@ THE IDEA
       W-REINFORCE  w_i = lam * r_i - (1 - r_i)      = lam * PSR + NSR, lam = 0.1
       REINFORCE    w_i = 2 r_i - 1                  = PSR + NSR (+1 / -1)
       GRPO         w_i = (r_i - mean_g r) / (std_g r + 1e-6) over the G samples g of the same prompt
-    Z = number of response tokens of the samples with w_i != 0 (a token mean, as the official code),
-        fixed before micro-batching; or a constant (--normalizer constant).
+      PPO          w_i,t = A_i,t: a learned critic's GAE advantage per token, whitened (section CRITIC)
+    Z = number of response tokens of the samples with w_i != 0 in the mini-batch (a token mean, as the
+        official code), fixed before micro-batching; or a constant (--normalizer constant).
+    The paper's update (section TRAINING): PSR trains on the correct samples only, NSR on the wrong ones;
+    that subset is cut into mini-batches of M responses, each one optimizer step on the PPO-clipped
+    surrogate of this loss (clip 0.2), minus an entropy bonus.
 
   The token-level gradient (the paper's analysis): at one position with logits z, pi = softmax(z)
   and sampled token y,   dL/dz_v = -w * (1[v = y] - pi_v).
   NSR (w = -1) lowers z_y by (1 - pi_y) and raises every other z_v by pi_v: the freed probability
   goes where the model's prior already puts it. PSR (w = +1) sharpens onto y. See --demo-gradient.
 
-THE PIPELINE (one banner per stage): sample (generate) -> verify (verifier.reward) -> weight
-  (sample_weights) -> loss (policy_loss) -> step (AdamW on fp32 master weights) -> evaluate (passk).
+THE PIPELINE (one banner per stage in train()): sample (sample.generate) -> verify (verifier.reward)
+  -> weight (sample_weights; ppo: ppo_advantages) -> loss (policy_loss, in update()) -> step (AdamW on
+  fp32 master weights) -> log / evaluate (passk.evaluate) / checkpoint.
+READ IN THIS ORDER: OBJECTIVES (sample_weights, policy_loss), CRITIC (ppo only), TRAINING (train(),
+  then the helpers it calls: sample_rollouts, update, backward_on_batch, optimizer_step), PRESETS.
 
 DEVIATIONS from the paper and its official code (github.com/TianHongZXY/RLVR-Decomposed, built on verl):
   1. One GPU, one process: a hand-written KV-cache sampler instead of vLLM; no FSDP, no Ray.
@@ -47,15 +54,20 @@ DEVIATIONS from the paper and its official code (github.com/TianHongZXY/RLVR-Dec
      TRAINING) instead of FSDP mixed precision; both update fp32 weights.
   6. The main job (`python nsr.py`) runs on the toy world (toy.py) with toy-sized settings
      (TOY_DEFAULTS: 100 steps of 16 prompts x 8 at lr 2e-4, 64 response tokens, ...), not the paper's (lr 1e-6, MATH, long responses).
-  7. Options the official code has and we keep off by default: entropy bonus (--entropy-coef), KL to
-     the initial model (--kl-coef, k3 estimator as GRPO). Weight decay applies to every parameter.
+  7. KL: none for PSR, NSR, W-REINFORCE, REINFORCE and GRPO by default (the paper's GRPO uses a k3 KL
+     loss of 0.001: --kl-coef 0.001); PPO's is a reward penalty of 0.001, as the paper's. The KL
+     reward uses the sampler's log-probs as log pi_old. Weight decay applies to every parameter.
+  8. PPO's critic takes one optimizer step per policy mini-batch (verl's critic mini-batches are
+     counted differently; docs/scaling.md), and its value head starts random (seeded).
 
 COMMANDS
   python nsr.py                          # main job: toy world, NSR, Pass@k table of base vs trained
-  python nsr.py --objective psr          # or nsr, w-reinforce, reinforce, grpo
+  python nsr.py --objective psr          # or nsr, w-reinforce, reinforce, grpo, ppo
+  python nsr.py --clip-eps 0 --mini-batch-size 0 --entropy-coef 0   # one on-policy -w log pi step per batch
   python nsr.py --demo-gradient          # one PSR / NSR / W-REINFORCE step on 5 tokens, as numbers
   python nsr.py --preset qwen2.5-0.5b-instruct --train math_train.jsonl --eval math_test.jsonl \\
                 --out-dir runs/qwen-nsr     # a real model on one 24 GB GPU (see PRESETS, --dry-run)
+  python nsr.py --preset qwen2.5-math-1.5b --dry-run   # the paper's family on 24 GB (--optimizer-offload)
   python nsr.py ... --resume             # continue a stopped run exactly (same flags)
   python nsr.py --help                   # every Config field, with its comment
   python -m pytest -q test_nsr.py        # the tests
@@ -981,6 +993,7 @@ def load_critic(name_or_dir, cfg: Config, device):
     local = pathlib.Path(str(name_or_dir)).is_dir()
     config = AutoConfig.from_pretrained(str(name_or_dir), num_labels=1, local_files_only=local)
     config.classifier_dropout = 0.0
+    torch.manual_seed(cfg.seed)                      # the head's random init: the same seed, the same critic
     critic = AutoModelForTokenClassification.from_pretrained(str(name_or_dir), config=config, dtype=dtype,
                                                              local_files_only=local)
     return critic.to(device)
@@ -1056,7 +1069,7 @@ def update(run: Run, cfg: Config, prompts, rollouts, weights, extra: dict) -> di
 def log_step(run_dir: pathlib.Path, step: int, cfg: Config, rewards, rollouts, stats: dict, extra: dict,
              seconds: tuple) -> dict:
     """One JSON line per step with fixed keys (docs/training.md explains each one)."""
-    r = torch.tensor(rewards).view(cfg.batch_prompts, cfg.group_size)
+    r = torch.tensor(rewards, dtype=torch.float32).view(cfg.batch_prompts, cfg.group_size)
     n_tokens = sum(len(t) for t in rollouts.tokens)
     skipped = stats["skipped"]
 
@@ -1234,30 +1247,23 @@ def critic_update(run: Run, cfg: Config, prompts, rollouts, mini: list[int], ext
 # PRESETS AND MEMORY PLAN: one consumer GPU (24 GB)
 # =================================================================================================
 #
-# Everything a 24 GB card has to hold, per preset: `python nsr.py --preset NAME --dry-run` prints it.
-# The numbers are ESTIMATES from the formulas below until someone measures them on a GPU.
+# `python nsr.py --preset NAME --dry-run` prints the plan of a preset. The numbers are ESTIMATES from
+# the formulas in memory_plan() until measured on a GPU (docs/real-models.md says what was measured).
 #
 # Bytes per parameter with the training section's precision scheme (see TRAINING):
 #   bf16 model:  2 (bf16 weights) + 2 (bf16 grads) + 4 (fp32 master) + 4 (fp32 master grads)
-#                + 8 (fp32 AdamW m and v) = 20 bytes/param
-#   fp32 model:  4 (weights = master) + 4 (grads) + 8 (AdamW) = 16 bytes/param
-# What that means on one 24 GiB card (P = parameters):
-#   Qwen2.5-0.5B-Instruct (0.49e9): 9.2 GiB        Qwen3-0.6B (0.60e9): 11.1 GiB      -> bf16 fits
-#   Llama-3.2-1B-Instruct (1.24e9): 23.0 GiB bf16  -> only the fp32 scheme (18.4 GiB) fits, tightly
-#   Qwen2.5-Math-1.5B     (1.54e9): 28.8 GiB bf16, 23.0 GiB fp32 -> does NOT fit with this trainer.
-#     It would with the fp32 master weights, master grads and AdamW state in CPU RAM (the GPU then
-#     holds 4 bytes/param = 5.8 GiB; memory_plan(..., optimizer_offload=True) shows the plan), which
-#     train() does not implement. So there is no 1.5B preset; its numbers are in ARCHITECTURES.
-#   Qwen2.5-Math-7B       (7.62e9): 142 GiB -> full fine-tuning is out of reach of one 24 GB card by
-#     a factor of six before any activation; the paper trains it on 8 GPUs with FSDP.
+#                + 8 (fp32 AdamW m and v) = 20 bytes/param        (--optimizer-offload: 4 on the GPU,
+#   fp32 model:  4 (weights = master) + 4 (grads) + 8 (AdamW) = 16     16 in CPU RAM)
+# ppo doubles the model state: its critic is a second copy with its own optimizer (same scheme).
+# On one 24 GiB card (P = parameters): Qwen2.5-0.5B 9.2 GiB and Qwen3-0.6B 11.1 GiB fit in bf16;
+# Llama-3.2-1B only in fp32 (18.4 GiB); Qwen2.5-Math-1.5B (28.8 GiB in bf16) only with
+# --optimizer-offload (5.8 GiB of weights and grads on the GPU, 23 GiB of fp32 state in CPU RAM);
+# Qwen2.5-Math-7B (142 GiB) not at all: the paper trains it on 8 GPUs with FSDP (docs/scaling.md).
 #
-# The paper's own settings (official code github.com/TianHongZXY/RLVR-Decomposed,
-# run_qwen2.5-math-7b_psr_nsr.sh, run_qwen3-4b_psr_nsr.sh, eval.sh), on 8 GPUs: 1024 prompts x 8
-# rollouts per step, prompts <= 1024 tokens, responses <= 3072 tokens (31744 for Qwen3-4B), lr 1e-6,
-# AdamW, rollout temperature 1.0 (verl's default), PPO mini-batches of 256 prompts (4 updates per
-# rollout batch), no KL (kl_coef 0), gradient checkpointing on; evaluation at temperature 0.6, top-p
-# 0.95, 256 samples, <= 4096 new tokens. On one GPU the presets keep G = 8, lr 1e-6 and temperature
-# 1.0 and shrink the prompts per step (32) and the lengths (prompt 512, response 1024-1536).
+# The paper's own settings (official-recipe.md): 1024 prompts x 8 rollouts per step, prompts <= 1024
+# and responses <= 3072 tokens, lr 1e-6, mini-batches of 1/4 of the batch, clip 0.2, gradient
+# checkpointing. The presets keep G = 8, lr 1e-6, temperature 1 and the paper's update, and shrink the
+# prompts per step (32) and, below 1.5B, the lengths.
 
 # Published architecture numbers: each model's config.json on the Hugging Face hub
 # (huggingface.co/<name>/blob/main/config.json). Hard-coded because nothing can be downloaded here;
@@ -1293,12 +1299,18 @@ PRESETS = {
                        group_size=8, max_prompt_len=512, max_new_tokens=1536, micro_batch_size=2,
                        grad_checkpointing="on", chunk_size=32, lr=1e-6, temperature=1.0),
     # Beyond Qwen. fp32 weights are their own master (16 instead of 20 bytes/param): the only way
-    # 1.24e9 params fit this trainer on 24 GiB; fp32 compute is slower. "llama3" renders Llama 3's
-    # header format without the date lines of the 3.1+ templates (see MODELS, PROMPTS AND DATA).
+    # 1.24e9 params fit on 24 GiB without offload; fp32 compute is slower. "llama3" renders Llama 3's
+    # header format without the date lines of the 3.1+ templates (see sample.py's templates).
     "llama-3.2-1b-instruct": dict(model="meta-llama/Llama-3.2-1B-Instruct", template="llama3",
                                   dtype="float32", batch_prompts=32, group_size=8, max_prompt_len=512,
                                   max_new_tokens=1024, micro_batch_size=1, grad_checkpointing="on",
                                   chunk_size=16, lr=1e-6, temperature=1.0),
+    # The paper's model family: its lengths (prompt <= 1024, response <= 3072), G = 8, lr 1e-6, the
+    # paper's update (mini-batches of 64 = 1/4 of 32 x 8), and the fp32 state offloaded to CPU RAM.
+    "qwen2.5-math-1.5b": dict(model="Qwen/Qwen2.5-Math-1.5B", template="qwen2.5-math", dtype="bfloat16",
+                              batch_prompts=32, group_size=8, max_prompt_len=1024, max_new_tokens=3072,
+                              micro_batch_size=1, grad_checkpointing="on", chunk_size=32, lr=1e-6,
+                              temperature=1.0, mini_batch_size=64, clip_eps=0.2, optimizer_offload=True),
 }
 
 GIB = 2 ** 30
@@ -1334,26 +1346,21 @@ def num_params(arch: dict) -> int:
     return embed + arch["layers"] * layer + h                      # + final RMSNorm
 
 
-def memory_plan(preset, arch: dict | None = None, gpu_gib: float = 24.0,
-                optimizer_offload: bool = False) -> dict:
-    """Estimated GPU bytes of one training run, per component (formulas in the comments below).
+def memory_plan(preset, arch: dict | None = None, gpu_gib: float = 24.0) -> dict:
+    """Estimated GPU bytes of one training run, per component (the formulas are in the comments).
 
-    preset: a PRESETS name, or a Config / dict with Config's fields (model, dtype, batch_prompts,
-        group_size, max_prompt_len, max_new_tokens, micro_batch_size, grad_checkpointing, chunk_size).
+    preset: a PRESETS name, or a Config / dict of Config fields (a missing key takes Config's default).
     arch: architecture numbers; default ARCHITECTURES[model], or the model dir's local config.json.
-    optimizer_offload: what-if only (train() does not implement it): master weights, master grads and
-        AdamW state in CPU RAM instead of on the GPU.
+    Returns the components, "peak", "fits" (peak <= gpu_gib), "cpu_ram" (offloaded state) and
+    "ppo_peak" / "ppo_fits" / "ppo_cpu_ram": the same run with ppo's critic added.
     """
-
+    name = preset if isinstance(preset, str) else None
     if isinstance(preset, str):
         if preset not in PRESETS:
             raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
-        name, cfg = preset, PRESETS[preset]
-    else:
-        cfg = preset if isinstance(preset, dict) else dataclasses.asdict(preset)
-        name = cfg.get("preset") or cfg["model"]
-    # a key the preset or dict does not set takes Config's default (the same fallback parse_config applies)
-    cfg = {**dataclasses.asdict(Config()), **cfg}
+        preset = PRESETS[preset]
+    cfg = {**dataclasses.asdict(Config()), **(preset if isinstance(preset, dict) else dataclasses.asdict(preset))}
+    name = name or cfg.get("preset") or cfg["model"]
     if arch is None:
         if cfg["model"] in ARCHITECTURES:
             arch = ARCHITECTURES[cfg["model"]]
@@ -1362,102 +1369,79 @@ def memory_plan(preset, arch: dict | None = None, gpu_gib: float = 24.0,
         else:
             raise ValueError(f"no architecture numbers for {cfg['model']!r}: add it to ARCHITECTURES, "
                              f"or pass a local model directory")
-
     n = num_params(arch)
-    dtype = cfg.get("dtype", "auto")
-    act = 4 if dtype == "float32" else 2          # bytes per weight/activation ("auto" = bf16 on a GPU)
+    act = 4 if cfg["dtype"] == "float32" else 2          # bytes per weight/activation ("auto" = bf16 on a GPU)
     h, L, V, I = arch["hidden"], arch["layers"], arch["vocab"], arch["intermediate"]
     q_dim, kv_dim = arch["heads"] * arch["head_dim"], arch["kv_heads"] * arch["head_dim"]
-    prompt_len = cfg.get("max_prompt_len") or 1024               # 0 = no limit: assume 1024 (paper)
-    T = prompt_len + cfg["max_new_tokens"]                      # longest sequence (tokens)
-    b = cfg["micro_batch_size"]                                 # sequences per forward/backward
-    # a key a preset does not set takes Config's default (the same fallback parse_config applies)
-    rows = min(cfg.get("chunk_size", Config.chunk_size), cfg["batch_prompts"] * cfg["group_size"])  # at once
-    ckpt = cfg.get("grad_checkpointing", Config.grad_checkpointing)
-    ckpt = ckpt is True or ckpt == "on" or (
-        ckpt == "auto" and n > cfg.get("checkpointing_min_params", Config.checkpointing_min_params))
-    head_chunk = cfg.get("head_chunk", Config.head_chunk)
-
+    prompt_len = cfg["max_prompt_len"] or 1024           # 0 = no limit: assume 1024 (the paper's)
+    T = prompt_len + cfg["max_new_tokens"]               # the longest sequence (tokens)
+    b = cfg["micro_batch_size"]                          # sequences per forward/backward
+    rows = min(cfg["chunk_size"], cfg["batch_prompts"] * cfg["group_size"])   # rows sampled at once
+    ckpt = cfg["grad_checkpointing"] == "on" or (cfg["grad_checkpointing"] == "auto"
+                                                  and n > cfg["checkpointing_min_params"])
+    offload = bool(cfg["optimizer_offload"])
     plan = {"preset": name, "model": cfg["model"], "params": n, "dtype": "float32" if act == 4 else "bfloat16",
             "seq_len": T, "micro_batch": b, "rows_in_flight": rows, "grad_checkpointing": ckpt,
-            "optimizer_offload": optimizer_offload}
+            "optimizer_offload": offload}
     # weights and their gradients in the compute dtype: P x 2 bytes each in bf16 (P x 4 in fp32)
-    plan["weights"] = n * act
-    plan["gradients"] = n * act
-    # bf16 only: fp32 master weights and their fp32 gradients (P x 4 each)
-    plan["master_weights"] = n * 4 if act == 2 else 0
-    plan["master_grads"] = n * 4 if act == 2 else 0
-    # AdamW's fp32 m and v: P x 8
-    plan["optimizer_state"] = n * 8
-    # Activations kept for backward, per token and layer (elements): the block input and its RMSNorm
-    # output (2h), q, k, v (q_dim + 2 kv_dim), the attention output (q_dim), the residual and its
-    # RMSNorm output (2h), SwiGLU's gate, silu(gate), up and their product (4 I). Attention is SDPA
-    # (no T x T matrix kept).
+    plan["weights"] = plan["gradients"] = n * act
+    # fp32 state: masters + their grads (bf16 or offloaded models only) + AdamW's m and v: P x (8 + 8)
+    plan["fp32_state"] = n * (8 if act == 2 or offload else 0) + n * 8
+    # Activations kept for backward, per token and layer: the block input and its RMSNorm (2h), q, k, v,
+    # the attention output (2 q_dim + 2 kv_dim), the residual and its RMSNorm (2h), SwiGLU's gate,
+    # silu(gate), up and their product (4 I); SDPA keeps no T x T matrix. With checkpointing: each
+    # block's input (h) plus ONE block recomputed in backward.
     per_token_layer = 4 * h + 2 * q_dim + 2 * kv_dim + 4 * I
-    # without checkpointing: b x T x L x per_token_layer x bytes
-    plan["activations_no_ckpt"] = b * T * L * per_token_layer * act
-    # with checkpointing: each block's input only (b x T x L x h), plus one block recomputed in backward
-    plan["activations_ckpt"] = b * T * L * h * act + b * T * per_token_layer * act
-    plan["activations"] = plan["activations_ckpt"] if ckpt else plan["activations_no_ckpt"]
-    # Logits, as train() computes them (response_logprobs): only the R = max_new_tokens response
-    # positions get logits (logits_to_keep), and with checkpointing the output layer + log-softmax run
-    # over checkpointed chunks of head_chunk positions, so only ONE chunk's logits exist at a time:
-    #   positions = R                     (checkpointing off: the whole response at once)
-    #   positions = min(head_chunk, R)    (checkpointing on: one chunk, recomputed in backward)
-    #   logits    = b x positions x V x (act + 4 + 4)  bytes
-    # per element: the lm_head output (act bytes) + its fp32 copy / log-softmax (4) + that one's
-    # gradient in backward (4). Off, with a 152k vocabulary, this is the largest activation of all
-    # (2 x 1536 x 151936 x 10 B = 4.3 GiB); on, it is 2 x 128 x 151936 x 10 B = 0.36 GiB.
-    positions = min(head_chunk, cfg["max_new_tokens"]) if ckpt and head_chunk > 0 else cfg["max_new_tokens"]
+    plan["activations"] = (b * T * L * h + b * T * per_token_layer) * act if ckpt else b * T * L * per_token_layer * act
+    # logits: b x positions x V x (act + 4 + 4) -- the lm_head output, its fp32 log-softmax and that one's
+    # gradient; positions = the response (logits_to_keep), or one head_chunk with checkpointing
+    positions = min(cfg["head_chunk"], cfg["max_new_tokens"]) if ckpt and cfg["head_chunk"] > 0 else cfg["max_new_tokens"]
     plan["logits"] = b * positions * V * (act + 4 + 4)
-    plan["logit_positions"] = positions
-    # KV cache while sampling: layers x 2 (k, v) x kv_heads x head_dim x T x rows x bytes
+    # sampling: the KV cache, layers x 2 (k, v) x kv_dim x T x rows, and one block's prefill transient
     plan["kv_cache"] = L * 2 * kv_dim * T * rows * act
-    # prefill transient of one block over the prompts: rows x prompt_len x 3 I (gate, up, product)
     plan["prefill"] = rows * prompt_len * 3 * I * act
-    # CUDA context + allocator fragmentation: a guess, to be replaced by a measurement
-    plan["overhead"] = GIB
-
-    optimizer = plan["master_weights"] + plan["master_grads"] + plan["optimizer_state"]
-    plan["cpu_ram"] = optimizer if optimizer_offload else 0
-    on_gpu = 0 if optimizer_offload else optimizer
-    # sampling: model AND master grads are freed (zero_grads, set_to_none); the rest stays resident
-    plan["peak_sampling"] = (plan["weights"] + on_gpu - (0 if optimizer_offload else plan["master_grads"])
-                             + plan["kv_cache"] + plan["prefill"] + plan["overhead"])
-    # training: everything at the end of a micro-batch's backward
+    plan["overhead"] = GIB                                # CUDA context + allocator fragmentation: a guess
+    on_gpu = 0 if offload else plan["fp32_state"]
+    # while sampling every gradient is freed (zero_grads); while training, everything at the end of a
+    # micro-batch's backward. ppo adds a critic of the same size, trained one model at a time.
+    master_grads = n * 4 if act == 2 and not offload else 0                  # freed while sampling
+    plan["peak_sampling"] = (plan["weights"] + on_gpu - master_grads + plan["kv_cache"] + plan["prefill"]
+                             + plan["overhead"])
     plan["peak_training"] = (plan["weights"] + plan["gradients"] + on_gpu + plan["activations"]
                              + plan["logits"] + plan["overhead"])
     plan["peak"] = max(plan["peak_sampling"], plan["peak_training"])
+    plan["cpu_ram"] = plan["fp32_state"] if offload else 0
+    critic = plan["weights"] + on_gpu                     # the critic's weights and its fp32 state
+    plan["ppo_peak"] = max(plan["peak_sampling"], plan["peak_training"]) + critic
+    plan["ppo_cpu_ram"] = 2 * plan["cpu_ram"]
     plan["budget"] = int(gpu_gib * GIB)
-    plan["fits"] = plan["peak"] <= plan["budget"]
+    plan["fits"], plan["ppo_fits"] = plan["peak"] <= plan["budget"], plan["ppo_peak"] <= plan["budget"]
     return plan
 
 
 def format_memory_plan(plan: dict) -> str:
     """The plan as a small text table (what --dry-run prints)."""
     rows = [(f"weights ({plan['dtype']})", "weights"), ("gradients", "gradients"),
-            ("fp32 master weights", "master_weights"), ("fp32 master grads", "master_grads"),
-            ("AdamW state (fp32 m, v)", "optimizer_state"),
-            ("activations, checkpointing on", "activations_ckpt"),
-            ("activations, checkpointing off", "activations_no_ckpt"),
-            (f"logits, {plan['logit_positions']} positions at once", "logits"),
-            ("KV cache while sampling", "kv_cache"),
-            ("prefill transient", "prefill"), ("CUDA context etc. (guess)", "overhead"),
+            ("fp32 masters + grads + AdamW m, v", "fp32_state"),
+            (f"activations (checkpointing {'on' if plan['grad_checkpointing'] else 'off'})", "activations"),
+            ("logits (a head_chunk or the response)", "logits"),
+            ("KV cache while sampling", "kv_cache"), ("prefill transient", "prefill"),
+            ("CUDA context etc. (guess)", "overhead"),
             ("PEAK while sampling", "peak_sampling"), ("PEAK while training", "peak_training")]
     lines = [f"memory plan (ESTIMATE until measured on a GPU): {plan['preset']}",
              f"  {plan['params'] / 1e9:.3f}B params, {plan['seq_len']}-token sequences, micro-batch "
              f"{plan['micro_batch']}, {plan['rows_in_flight']} rows sampled at once"]
     for label, key in rows:
-        note = ""
-        if key in ("master_weights", "master_grads", "optimizer_state") and plan["optimizer_offload"]:
-            note = "  (CPU RAM)"
-        elif key.startswith("activations_") and (key == "activations_ckpt") != plan["grad_checkpointing"]:
-            note = "  (not used)"
-        lines.append(f"  {label:<32}{plan[key] / GIB:>8.2f} GiB{note}")
+        note = "  (CPU RAM)" if key == "fp32_state" and plan["optimizer_offload"] else ""
+        lines.append(f"  {label:<36}{plan[key] / GIB:>8.2f} GiB{note}")
     verdict = "fits" if plan["fits"] else "DOES NOT FIT"
-    lines.append(f"  {'budget':<32}{plan['budget'] / GIB:>8.2f} GiB  -> {verdict}")
+    lines.append(f"  {'budget':<36}{plan['budget'] / GIB:>8.2f} GiB  -> {verdict}")
+    if plan["cpu_ram"]:
+        lines.append(f"  {'CPU RAM for the offloaded state':<36}{plan['cpu_ram'] / GIB:>8.2f} GiB")
+    lines.append(f"  {'with --objective ppo (+ critic)':<36}{plan['ppo_peak'] / GIB:>8.2f} GiB  -> "
+                 f"{'fits' if plan['ppo_fits'] else 'DOES NOT FIT'}"
+                 + (f", CPU RAM {plan['ppo_cpu_ram'] / GIB:.2f} GiB" if plan["ppo_cpu_ram"] else ""))
     return "\n".join(lines)
-
 
 
 # =================================================================================================

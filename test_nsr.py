@@ -21,6 +21,7 @@ import time
 import warnings
 from fractions import Fraction
 
+import numpy as np
 import pytest
 import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
@@ -29,6 +30,7 @@ from transformers import (AutoModelForCausalLM, AutoTokenizer, DynamicCache, Lla
 
 import nsr
 import passk
+import reproduce
 import sample
 import toy
 import verifier
@@ -103,6 +105,60 @@ VERIFIER_REJECT = [
     ("9" * 5000, "9" * 4999 + "8"),
 ]
 
+# Families of notations a careful grader accepts (issue 11), each with near-misses that must stay wrong:
+# family -> (accepted (answer, gold) pairs, rejected (answer, gold) pairs). Checked in both directions.
+VERIFIER_FAMILIES = {
+    "relations": (
+        [("x \\geq 3", "x \\ge 3"), ("x >= 3", "x \\geqslant 3"), ("x \\leq 3", "x<=3"), ("x ≤ 3", "x \\le 3"),
+         ("x \\neq 3", "x != 3"), ("x ≠ 3", "x\\ne 3")],
+        [("x \\ge 3", "x > 3"), ("x \\le 3", "x < 3"), ("x \\neq 3", "x = 3"), ("x \\ge 3", "x \\le 3")]),
+    "inequality_as_interval": (
+        [("-2 \\le x \\le 5", "x \\in [-2, 5]"), ("-2 \\leq x \\leq 5", "[-2,5]"), ("-2 < x \\le 5", "(-2, 5]"),
+         ("5 \\geq x > -2", "(-2,5]"), ("x \\ge 3", "[3, \\infty)"), ("3 < x", "x \\in (3,\\infty)"),
+         ("x < 0", "(-\\infty, 0)")],
+        [("-2 < x \\le 5", "[-2, 5]"), ("x > 3", "[3,\\infty)"), ("x \\le 0", "(-\\infty, 0)"), ("x \\ge 3", "y \\ge 3"),
+         ("x \\ge 3", "3"), ("x < y", "(-\\infty, y)"), ("x<1 \\text{ or } x>3", "(-\\infty,1)")]),
+    "empty_and_universal_sets": (
+        [("\\varnothing", "\\emptyset"), ("\\{\\}", "\\emptyset"), ("∅", "\\varnothing"),
+         ("(-\\infty, \\infty)", "\\mathbb{R}"), ("\\mathbb R", "(-\\infty,+\\infty)"), ("ℝ", "\\mathbb{R}"),
+         ("\\text{all real numbers}", "\\mathbb{R}"), ("x \\in \\mathbb{R}", "(-\\infty, \\infty)")],
+        [("\\emptyset", "0"), ("\\emptyset", "\\{0\\}"), ("(0, \\infty)", "\\mathbb{R}"), ("\\mathbb{Z}", "\\mathbb{R}"),
+         ("R", "\\mathbb{R}")]),
+    "number_words_scales_mixed_numbers_separators": (
+        [("five", "5"), ("\\text{Twenty-one}", "21"), ("3 \\text{ million}", "3000000"), ("3.5 million", "3{,}500{,}000"),
+         ("7 3/4", "7\\frac{3}{4}"), ("7 3/4", "\\frac{31}{4}"), ("-7 3/4", "-7.75"), ("14{,}916", "14916"),
+         ("14 {, }916", "14916"), ("11,\\!111,\\!100", "11111100")],
+        [("five", "4"), ("fifty", "5"), ("five", "15"), ("5 \\text{ million}", "5"), ("3 million", "3000"),
+         ("7 3/4", "73/4"), ("7 3/4", "\\frac{21}{4}"), ("7 3/4", "7, \\frac{3}{4}"), ("14, 916", "14916"),
+         ("14 {, }916", "14, 916")]),
+    "matrices": (
+        [("\\left[\\begin{array}{cc}1&2\\\\3&4\\end{array}\\right]", "\\begin{pmatrix}1&2\\\\3&4\\end{pmatrix}"),
+         ("\\begin{pmatrix}1/2&0\\\\0&1\\end{pmatrix}", "\\begin{pmatrix}\\frac{1}{2}&0\\\\0&1\\end{pmatrix}")],
+        [("\\left[\\begin{array}{cc}1&2\\\\3&4\\end{array}\\right]", "\\begin{pmatrix}1&2\\\\4&3\\end{pmatrix}"),
+         ("\\left|\\begin{array}{cc}1&2\\\\3&4\\end{array}\\right|", "\\begin{pmatrix}1&2\\\\3&4\\end{pmatrix}"),
+         ("\\begin{pmatrix}1/2&0\\\\0&1\\end{pmatrix}", "\\begin{pmatrix}2&0\\\\0&1\\end{pmatrix}")]),
+    "parentheses_and_symbolic_slash": (
+        [("\\left( 5 \\right)", "5"), ("\\left(\\frac{1}{2}\\right)", "0.5"), ("\\sqrt{3}/2", "\\frac{\\sqrt{3}}{2}"),
+         ("-\\sqrt3/2", "-\\frac{\\sqrt{3}}{2}"), ("(1+\\sqrt{5})/2", "\\frac{1+\\sqrt{5}}{2}"),
+         ("(\\sqrt{3}/2, 1/2)", "\\left( \\frac{\\sqrt{3}}{2}, \\frac{1}{2} \\right)")],
+        [("\\left( 5, 6 \\right)", "5"), ("\\sqrt{3}/2", "\\sqrt{3/2}"), ("\\sqrt{3}/2", "\\frac{3}{2}"),
+         ("1+\\sqrt{5}/2", "\\frac{1+\\sqrt{5}}{2}"), ("1/2\\pi", "\\frac{1}{2\\pi}")]),
+    "base_subscript_on_one_side": (
+        [("204_5", "204"), ("204_{5}", "204"), ("A3_{16}", "A3")],
+        [("204_5", "205"), ("204_6", "204_5"), ("204_5", "54"), ("29_5", "29"), ("x_1", "x")]),
+    "unsimplified_fractions_by_value": (
+        [("\\frac{2}{4}", "\\frac{1}{2}"), ("\\frac{10}{4}", "2\\frac{1}{2}")],
+        [("\\frac{2}{4}", "\\frac{2}{3}")]),
+    "nothing_that_changes_the_answer_is_dropped": (
+        [("7 \\text{ apples}", "7"), ("14 \\text{ right triangles}", "14"), ("x = 2 + 1 = 3", "3")],
+        [("5 \\text{ is wrong}", "5"), ("5 \\text{ I think}", "5"), ("5 \\text{ maybe}", "5"), ("7?", "7"),
+         ("7\ud800", "7"), ("7\ufffd", "7"), ("7\x00", "7"), ("x = 5 \\text{ or } x = 6", "6"), ("x=5 or y=6", "6")]),
+}
+VERIFIER_FAMILY_ACCEPT = [pytest.param(a, g, id=f"{family}-{i}") for family, (accept, _) in VERIFIER_FAMILIES.items()
+                          for i, (a, g) in enumerate(accept)]
+VERIFIER_FAMILY_REJECT = [pytest.param(a, g, id=f"{family}-{i}") for family, (_, reject) in VERIFIER_FAMILIES.items()
+                          for i, (a, g) in enumerate(reject)]
+
 
 @pytest.mark.parametrize("answer,gold", VERIFIER_ACCEPT)
 def test_verifier_accepts_every_notation_of_the_same_answer_in_both_directions(answer, gold):
@@ -114,6 +170,36 @@ def test_verifier_accepts_every_notation_of_the_same_answer_in_both_directions(a
 def test_verifier_rejects_a_different_value_structure_or_hedge_in_both_directions(answer, gold):
     assert not verifier.is_correct(f"\\boxed{{{answer}}}", gold)
     assert not verifier.is_correct(f"\\boxed{{{gold}}}", answer)
+
+
+@pytest.mark.parametrize("answer,gold", VERIFIER_FAMILY_ACCEPT)
+def test_verifier_accepts_each_family_of_equivalent_notations_in_both_directions(answer, gold):
+    assert verifier.is_correct(f"So the answer is $\\boxed{{{answer}}}$.", gold)
+    assert verifier.is_correct(f"Thus \\boxed{{{gold}}}", answer)
+
+
+@pytest.mark.parametrize("answer,gold", VERIFIER_FAMILY_REJECT)
+def test_verifier_rejects_the_near_miss_of_each_family_in_both_directions(answer, gold):
+    assert not verifier.is_correct(f"\\boxed{{{answer}}}", gold)
+    assert not verifier.is_correct(f"\\boxed{{{gold}}}", answer)
+
+
+def test_verifier_reads_an_unboxed_final_answer_phrase_and_the_last_box_of_a_very_long_response():
+    cases = {
+        "Answer: 42": "42", "**Answer:** $42$": "42", "## Final Answer\n\\[ 42 \\]": "42",
+        "so we are done.\n\n**Final Answer**\n\n$\\frac{1}{2}$\n": "\\frac{1}{2}",
+        "Final Answer: The final answer is $\\frac{3}{4}$. I hope it is correct.": "\\frac{3}{4}",   # Minerva
+        "x" * 20_000 + " The answer is 5.": "5", "The answer is 5." + " " * 20_000: "5",
+        # 40,000 boxes in 280,002 characters: the last complete box decides
+        "\\boxed{" * 39_999 + "\\boxed{5}": "5", "\\boxed{9} " + "a" * 300_000 + " \\boxed{5}": "5",
+        "\\boxed{5}" + "\\boxed{" * 40_000: None,               # an unclosed last box is still no answer
+        "\\boxed{" + "1" * 10_001 + "}": None,                   # the length cap is on the answer itself
+    }
+    for text, expected in cases.items():
+        start = time.perf_counter()
+        assert verifier.extract_answer(text) == expected, text[:60]
+        assert verifier.is_correct(text, expected or "1") is (expected is not None), text[:60]
+        assert time.perf_counter() - start < 1.0, text[:60]       # linear: milliseconds on a quiet machine
 
 
 def test_verifier_extracts_the_last_complete_box_or_the_final_answer_phrase_and_nothing_else():
@@ -142,6 +228,10 @@ def test_normalize_answer_applies_each_named_rule():
         "a^{2}": "a^2", "3/4": "\\frac{3}{4}", "x²": "x^2", "½": "\\frac{1}{2}", "π": "\\pi", "∞": "\\infty",
         "√3": "\\sqrt{3}", "2×3": "2\\times3", "5.": "5", "€5": "5", "\\{1,2\\}": "1,2", "(C)": "C",
         "infinity": "\\infty", "10 cm": "10", "5\\text{ apples}": "5",
+        # issue 11: relations, intervals, sets, number words, separators, parentheses, kept characters
+        "x \\geq 3": "[3,\\infty)", "x\\neq 3": "x!=3", "-2 \\le x \\le 5": "[-2,5]", "\\varnothing": "\\emptyset",
+        "\\{\\}": "\\emptyset", "\\mathbb{R}": "(-\\infty,\\infty)", "14 {, }916": "14916", "\\left( 5 \\right)": "5",
+        "five": "5", "7?": "7?", "5 \\text{ is wrong}": "5iswrong", "7\ud800": "7\ufffd",
     }
     for before, after in cases.items():
         assert verifier.normalize_answer(before) == after, before
@@ -699,6 +789,242 @@ def test_generate_rejects_bad_arguments_with_a_clear_error():
         sample.generate(model, [[1, 2], []], max_new_tokens=4)
 
 
+def test_top_p_at_an_exact_boundary_keeps_exactly_the_tokens_whose_mass_equals_p():
+    # powers of two: softmax, sort and cumsum are exact, so the two most likely tokens have mass exactly
+    # 0.75 = p. The nucleus is those two; a `>` where `>=` belongs (drop a token only once the mass before
+    # it EXCEEDS p) would keep all three.
+    logits = torch.tensor([[0.25, 0.5, 0.25]]).log()
+    assert logits.softmax(-1).tolist() == [[0.25, 0.5, 0.25]]                # the premise: exact in float32
+    kept = torch.isfinite(sample.top_p_filter(logits, 0.75))[0]
+    assert kept.sum().item() == 2 and kept[1]
+    assert torch.isfinite(sample.top_p_filter(logits, 0.7501)).all()        # just past the boundary: all three
+    assert torch.isfinite(sample.top_p_filter(logits, 0.5)).sum().item() == 1
+
+
+def test_top_p_at_an_exact_boundary_holds_under_float32_rounding_of_the_running_mass():
+    # p = the float32 mass of the k most likely tokens, summed the way the filter sums it: the nucleus
+    # must be exactly those k tokens. (mass[i] - prob[i], "the mass before token i" in exact arithmetic,
+    # is often one rounding step below mass[i - 1] in float32 and then keeps a (k+1)-th token.)
+    g = torch.Generator().manual_seed(0)
+    for row in torch.randn(100, 6, generator=g) * 2:
+        mass = row.sort(descending=True).values.softmax(-1).cumsum(-1)      # (6,) as the filter computes it
+        for k in range(1, 6):
+            kept = torch.isfinite(sample.top_p_filter(row[None], mass[k - 1].item())).sum().item()
+            assert kept == k, (row.tolist(), k)
+
+
+def test_sample_from_draws_each_token_with_its_probability_and_never_a_zero_one():
+    q = torch.tensor([0.5, 0.0, 0.3, 0.15, 0.05, 0.0])       # zeros in the middle and at the end
+    n = 200_000
+    draws = sample.sample_from(q.expand(n, -1), torch.Generator().manual_seed(0))    # (n,)
+    counts = torch.bincount(draws, minlength=6).double()
+    assert counts[1] == 0 and counts[5] == 0
+    # each count is Binomial(n, q_v): within 5 standard deviations (a false alarm has probability ~1e-6)
+    sd = (n * q * (1 - q)).double().sqrt()
+    assert ((counts - n * q.double()).abs() <= 5 * sd).all(), counts.tolist()
+
+
+# Tiny configs covering every feature our forward() handles, each at least once: Qwen2's qkv biases and an
+# odd head count (5 query heads, 1 kv head), tied and untied output heads, Qwen3's per-head q/k RMSNorm,
+# Llama with attention/MLP biases and Llama 3.1/3.2's "llama3" rope scaling (original context 16 tokens,
+# so the scaling changes all 4 frequencies of head_dim 8).
+LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 16}
+PARITY_CONFIGS = {
+    "qwen2": ("qwen2", {}),
+    "qwen2-5-heads-1-kv-head-tied": ("qwen2", dict(hidden_size=40, num_attention_heads=5, num_key_value_heads=1,
+                                                   tie_word_embeddings=True)),
+    "qwen3-qk-norm": ("qwen3", dict(head_dim=8)),
+    "llama": ("llama", {}),
+    "llama3-rope-biases-tied": ("llama", dict(rope_parameters=LLAMA3_ROPE, attention_bias=True, mlp_bias=True,
+                                              tie_word_embeddings=True)),
+}
+
+
+def _parity_model(name: str, dtype=torch.float32):
+    """A tiny random model of PARITY_CONFIGS[name] whose biases and norm weights are random too (transformers
+    initialises them to 0 and 1, which would let a forward that skips them pass)."""
+    arch, overrides = PARITY_CONFIGS[name]
+    config_cls, model_cls = {"qwen2": (Qwen2Config, Qwen2ForCausalLM), "qwen3": (Qwen3Config, Qwen3ForCausalLM),
+                             "llama": (LlamaConfig, LlamaForCausalLM)}[arch]
+    fields = dict(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=512, bos_token_id=1, eos_token_id=2,
+                  pad_token_id=0, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = model_cls(config_cls(**{**fields, **overrides})).eval()
+    with torch.no_grad():
+        for name_, p in model.named_parameters():
+            if name_.endswith("bias") or "norm" in name_:
+                p.add_(0.5 * torch.randn_like(p))
+    return model.to(dtype)
+
+
+def _our_cached_logits(model, prompts, continuation, fast=True):
+    """Our forward + KVCache on the left-padded prompts, then each continuation column one step at a time:
+    the logits after the prompt and after each fed token, (B, n + 1, V)."""
+    n = len(continuation[0])
+    ids, mask, pos = sample.left_pad(prompts, n, torch.device("cpu"))
+    P = ids.shape[1]
+    cache = sample.KVCache(model, batch=len(prompts), max_len=P + n)
+    with torch.inference_mode():
+        steps = [sample.forward(model, ids, mask[:, :P], pos, cache, fast=fast)]                 # prefill
+        for t in range(n):
+            step_ids = torch.tensor([[row[t]] for row in continuation])                           # (B, 1)
+            steps.append(sample.forward(model, step_ids, mask[:, :P + t + 1], pos[:, -1:] + 1 + t, cache,
+                                        fast=fast))
+    return torch.stack(steps, dim=1)
+
+
+@pytest.mark.parametrize("fast", [True, False], ids=["fused-attention", "written-out-attention"])
+@pytest.mark.parametrize("name", list(PARITY_CONFIGS))
+def test_our_forward_with_our_kv_cache_equals_transformers_full_forward_on_a_left_padded_batch(name, fast):
+    model = _parity_model(name)
+    assert sample.why_not_our_decoder(model) is None
+    if PARITY_CONFIGS[name][1].get("tie_word_embeddings"):
+        assert model.lm_head.weight is model.model.embed_tokens.weight       # really tied: one tensor
+    continuation = [[40, 41, 42], [50, 51, 52], [60, 61, 62], [70, 71, 72]]
+    ours = _our_cached_logits(model, SAMPLING_PROMPTS, continuation, fast=fast)   # (B, 4, V)
+    for b, prompt in enumerate(SAMPLING_PROMPTS):
+        full = _continuation_logits(model, prompt, continuation[b] + [0])    # transformers, unpadded, no cache
+        assert (ours[b] - full).abs().max().item() <= 1e-4, f"row {b}"
+
+
+def test_llama3_rope_scaling_really_changes_the_frequencies_our_forward_uses():
+    # guards the parity test above: if the config's rope scaling were ignored, both sides would use the
+    # default frequencies and agree for the wrong reason
+    scaled = _parity_model("llama3-rope-biases-tied").model.rotary_emb.inv_freq
+    plain = 1.0 / LLAMA3_ROPE["rope_theta"] ** (torch.arange(0, 8, 2).float() / 8)   # head_dim 8
+    # wavelengths 2 pi / inv_freq above the original context (16) are stretched by `factor`, the shortest
+    # (2 pi, between 16 / high_freq_factor and 16) smoothly between the two
+    assert torch.allclose(scaled[1:], plain[1:] / LLAMA3_ROPE["factor"])
+    assert plain[0] / LLAMA3_ROPE["factor"] < scaled[0] < plain[0]
+
+
+def test_our_forward_feeding_several_tokens_on_top_of_the_cache_equals_one_at_a_time():
+    model = _parity_model("qwen3-qk-norm")
+    continuation = [[40, 41, 42], [50, 51, 52], [60, 61, 62], [70, 71, 72]]
+    one_at_a_time = _our_cached_logits(model, SAMPLING_PROMPTS, continuation)[:, -1]   # (B, V)
+    ids, mask, pos = sample.left_pad(SAMPLING_PROMPTS, 3, torch.device("cpu"))
+    P = ids.shape[1]
+    cache = sample.KVCache(model, batch=4, max_len=P + 3)
+    with torch.inference_mode():
+        sample.forward(model, ids, mask[:, :P], pos, cache)
+        # 3 new tokens at once at slots P..P+2: the causal mask inside the new block matters here
+        logits = sample.forward(model, torch.tensor(continuation), mask, pos[:, -1:] + torch.arange(1, 4), cache)
+    assert (logits - one_at_a_time).abs().max().item() <= 1e-5
+
+
+def test_our_forward_reads_the_models_own_parameters_so_an_update_is_seen_at_once():
+    model = _parity_model("qwen2")
+    before = _our_cached_logits(model, SAMPLING_PROMPTS, [[40]] * 4)
+    with torch.no_grad():                                      # what an optimizer step does: in place
+        model.model.layers[0].mlp.down_proj.weight.mul_(3.0)
+        model.model.norm.weight.add_(1.0)
+    after = _our_cached_logits(model, SAMPLING_PROMPTS, [[40]] * 4)
+    assert (after - before).abs().max().item() > 1e-2
+    assert (after[0] - _continuation_logits(model, SAMPLING_PROMPTS[0], [40, 0])).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_bf16_forward_agrees_with_fp32_as_closely_as_transformers_own_bf16(arch):
+    # Tolerance: bf16 keeps 8 significant bits, so every rounding is off by up to 2^-9 = 0.2% relative. A
+    # logit passes through ~10 roundings per layer (norms, projections, attention, residual adds) and they
+    # partly cancel: we measured 0.6-0.7% of the largest |logit| on these 2-layer models, for transformers'
+    # own bf16 forward as for ours. We allow 2% of the largest |logit| -- 3x the measured error, and far
+    # below what a real bug does (a wrong rotation, norm or mask moves logits by tens of percent) -- and,
+    # sharper, at most 1.5x the error of transformers' own bf16 forward on the same weights.
+    model = _parity_model({"qwen2": "qwen2", "qwen3": "qwen3-qk-norm", "llama": "llama"}[arch])
+    model16 = _parity_model({"qwen2": "qwen2", "qwen3": "qwen3-qk-norm", "llama": "llama"}[arch], torch.bfloat16)
+    continuation = [[40, 41, 42], [50, 51, 52], [60, 61, 62], [70, 71, 72]]
+    ours16 = _our_cached_logits(model16, SAMPLING_PROMPTS, continuation)                     # (B, 4, V)
+    for b, prompt in enumerate(SAMPLING_PROMPTS):
+        fp32 = _continuation_logits(model, prompt, continuation[b] + [0])                    # (4, V)
+        theirs16 = _continuation_logits(model16, prompt, continuation[b] + [0])
+        ours_err = (ours16[b] - fp32).abs().max().item()
+        assert ours_err <= 0.02 * fp32.abs().max().item(), f"row {b}"
+        assert ours_err <= 1.5 * (theirs16 - fp32).abs().max().item() + 1e-6, f"row {b}"
+
+
+@pytest.mark.parametrize("name", list(PARITY_CONFIGS))
+def test_greedy_generate_with_our_decoder_matches_transformers_generate_for_every_supported_config(name):
+    model = _parity_model(name)
+    rollouts = sample.generate(model, SAMPLING_PROMPTS, max_new_tokens=10, temperature=0.0)
+    for b, prompt in enumerate(SAMPLING_PROMPTS):
+        assert rollouts.tokens[b] == _transformers_greedy(model, prompt, 10), f"row {b}"
+
+
+def _count_transformers_calls(monkeypatch, model):
+    """Count calls of transformers' cache updates and of the model's own forward, from now on."""
+    import functools
+    from transformers import cache_utils
+    calls = {"cache": 0, "forward": 0}
+    for cls in (cache_utils.Cache, cache_utils.DynamicLayer):
+        def counting(self, *args, _orig=cls.update, **kwargs):
+            calls["cache"] += 1
+            return _orig(self, *args, **kwargs)
+        monkeypatch.setattr(cls, "update", counting)
+    orig_forward = model.forward
+    @functools.wraps(orig_forward)                          # keeps forward's signature visible
+    def counting_forward(*args, **kwargs):
+        calls["forward"] += 1
+        return orig_forward(*args, **kwargs)
+    monkeypatch.setattr(model, "forward", counting_forward)
+    return calls
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_our_sampler_never_calls_transformers_forward_or_updates_its_cache(arch, monkeypatch):
+    model = tiny_model(arch)
+    calls = _count_transformers_calls(monkeypatch, model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                      # and it does not warn about falling back
+        sample.generate(model, SAMPLING_PROMPTS * 2, max_new_tokens=6, temperature=1.0, top_p=0.9,
+                        generator=torch.Generator().manual_seed(0))
+    assert calls == {"cache": 0, "forward": 0}
+
+
+def _tiny_unsupported_model(kind: str):
+    """A tiny model our forward does not cover: GPT-2 (another architecture) or Qwen2 with sliding-window
+    layers (a supported architecture with a feature forward() does not implement)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+    torch.manual_seed(0)
+    if kind == "gpt2":
+        config = GPT2Config(vocab_size=97, n_positions=64, n_embd=32, n_layer=2, n_head=4, bos_token_id=1,
+                            eos_token_id=2, pad_token_id=0)
+        return GPT2LMHeadModel(config).eval()
+    config = Qwen2Config(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, bos_token_id=1,
+                         eos_token_id=2, pad_token_id=0, use_sliding_window=True, sliding_window=4,
+                         max_window_layers=1)
+    return Qwen2ForCausalLM(config).eval()
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "qwen2-sliding-window"])
+def test_an_unsupported_model_falls_back_to_transformers_with_a_warning_and_matches_its_greedy_generate(
+        kind, monkeypatch):
+    model = _tiny_unsupported_model(kind)
+    assert sample.why_not_our_decoder(model) is not None
+    calls = _count_transformers_calls(monkeypatch, model)
+    with pytest.warns(UserWarning, match="transformers' forward and DynamicCache"):
+        rollouts = sample.generate(model, SAMPLING_PROMPTS, max_new_tokens=8, temperature=0.0)
+    assert calls["cache"] > 0 and calls["forward"] > 0                # the fallback really ran transformers
+    for b, prompt in enumerate(SAMPLING_PROMPTS):
+        assert rollouts.tokens[b] == _transformers_greedy(model, prompt, 8), f"row {b}"
+
+
+def test_plain_path_without_speed_tricks_gives_the_same_rollouts_as_the_fast_path():
+    model = tiny_model("qwen3")
+    prompts = SAMPLING_PROMPTS * 3                            # repeated prompts: one prefill each when fast
+    full = sample.generate(model, prompts, max_new_tokens=10, temperature=0.0, eos_token_ids=[])
+    eos = full.tokens[0][2]                                   # row 0 (and its copies) stop early: eviction
+    fast = sample.generate(model, prompts, max_new_tokens=10, temperature=0.0, eos_token_ids=[eos])
+    plain = sample.generate(model, prompts, max_new_tokens=10, temperature=0.0, eos_token_ids=[eos], fast=False)
+    assert not all(fast.truncated)
+    assert fast.tokens == plain.tokens and fast.truncated == plain.truncated
+    for a, b in zip(fast.entropies, plain.entropies):
+        assert torch.allclose(torch.tensor(a), torch.tensor(b), atol=1e-5)
+
+
 # =================================================================================================
 # TOY WORLD (toy.py)
 # =================================================================================================
@@ -722,10 +1048,10 @@ def test_toy_generator_is_deterministic_per_seed_and_differs_across_seeds():
 
 
 def test_toy_splits_are_disjoint_and_hard_problems_are_down_only():
-    recipe = toy.ToyRecipe(num_train=2000, num_test=64)
+    recipe = toy.ToyRecipe()
     splits = toy.make_splits(recipe)
     texts = {name: {p["problem"] for p in split} for name, split in splits.items()}
-    assert len(texts["train"]) == 2000 and len(texts["test_easy"]) == len(texts["test_hard"]) == 64
+    assert len(texts["train"]) == recipe.num_train and len(texts["test_easy"]) == len(texts["test_hard"]) == 64
     assert not texts["train"] & texts["test_easy"]
     assert not texts["train"] & texts["test_hard"]
     assert not texts["test_easy"] & texts["test_hard"]
@@ -740,7 +1066,7 @@ def test_toy_splits_are_disjoint_and_hard_problems_are_down_only():
 
 
 def test_toy_every_reference_solution_verifies_against_its_gold_answer():
-    recipe = toy.ToyRecipe(num_train=1000, num_test=64)
+    recipe = toy.ToyRecipe()
     for split in toy.make_splits(recipe).values():
         for p in split:
             assert verifier.is_correct(p["solution"], p["answer"]), p
@@ -1142,6 +1468,202 @@ def test_train_config_rejects_bad_values_with_clear_messages_before_any_work(tmp
     assert cfg.model == preset["model"] and cfg.lr == 3e-6 and cfg.out_dir == nsr.Config().out_dir
 
 
+# ---- the paper's update: subset, mini-batches of M, partial-chunk scaling, the clipped surrogate ----
+
+def test_the_paper_update_trains_psr_on_correct_nsr_on_wrong_and_the_rest_on_every_sample():
+    rewards = [1, 0, 0, 1, 0]
+    assert nsr.training_subset(rewards, "psr") == [0, 3]
+    assert nsr.training_subset(rewards, "nsr") == [1, 2, 4]
+    for objective in ("w-reinforce", "reinforce", "grpo", "ppo"):
+        assert nsr.training_subset(rewards, objective) == [0, 1, 2, 3, 4]
+    # mini-batches are counted AFTER the subset: 11 samples in chunks of 4 -> 4, 4, 3 (3 optimizer steps)
+    assert [len(c) for c in nsr.minibatches(list(range(11)), 4)] == [4, 4, 3]
+    assert nsr.minibatches(list(range(11)), 0) == [list(range(11))]          # 0 = one step on all of it
+    assert nsr.minibatches([], 4) == []                                        # nothing to train on: no step
+
+
+def _fake_rewards(monkeypatch, pattern):
+    """Make the verifier return rewards[i] = pattern[i % len(pattern)] in sampling order, per call."""
+    calls = {"i": 0}
+
+    def reward(text, gold):
+        calls["i"] += 1
+        return float(pattern[(calls["i"] - 1) % len(pattern)])
+    monkeypatch.setattr(verifier, "reward", reward)
+
+
+@pytest.mark.parametrize("objective", ["nsr", "w-reinforce"])
+def test_updates_equal_ceil_of_trained_samples_over_the_mini_batch_size_with_clip_and_entropy(
+        tmp_path, monkeypatch, objective):
+    # 3 prompts x 4 rollouts = 12 samples; 5 of every 12 correct -> NSR trains on 7 (M = 3: 3 steps),
+    # W-REINFORCE on all 12 (4 steps)
+    _fake_rewards(monkeypatch, [1, 0, 0, 1, 0, 0, 1, 0, 1, 0, 0, 1])
+    world = _tiny_world(tmp_path)
+    nsr.train(_tiny_config(world, tmp_path / "run", objective=objective, batch_prompts=3, group_size=4,
+                           clip_eps=0.2, mini_batch_size=3, entropy_coef=1e-3))
+    for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines():
+        m = json.loads(line)
+        assert m["trained_samples"] == (7 if objective == "nsr" else 12)
+        assert m["updates"] == math.ceil(m["trained_samples"] / 3)
+
+
+def test_a_last_partial_mini_batch_steps_too_with_its_loss_scaled_by_its_size_over_m(tmp_path, monkeypatch):
+    _fake_rewards(monkeypatch, [1, 0, 0, 1, 0, 0, 1, 0, 1, 0, 0, 1])       # 7 wrong of 12
+    calls, real = [], nsr.backward_on_batch
+
+    def spy(model, prompts, responses, weights, normalizer, **kwargs):
+        calls.append((len(prompts), kwargs["scale"]))
+        return real(model, prompts, responses, weights, normalizer, **kwargs)
+    monkeypatch.setattr(nsr, "backward_on_batch", spy)
+    world = _tiny_world(tmp_path)
+    nsr.train(_tiny_config(world, tmp_path / "run", objective="nsr", steps=1, batch_prompts=3, group_size=4,
+                           clip_eps=0.2, mini_batch_size=3, entropy_coef=0.0))
+    assert calls == [(3, 1.0), (3, 1.0), (1, 1 / 3)]     # chunks 3, 3, 1: the last one's loss x 1/3
+
+
+def test_the_first_mini_batch_gradient_is_the_on_policy_gradient_of_the_sampled_tokens():
+    # old log-probs = the sampler's own: at the first chunk the ratio is 1 and the clipped surrogate's
+    # gradient equals the plain -w log pi gradient (in fp32, up to the sampler's rounding)
+    model = tiny_model("qwen2")
+    prompts = [[5, 6, 7], [8, 9]]
+    rollouts = sample.generate(model, prompts, 5, generator=torch.Generator().manual_seed(0))
+    weights = torch.tensor([-1.0, 0.1])
+    Z = nsr.loss_normalizer(weights, [len(t) for t in rollouts.tokens])
+    grads = []
+    for clip in (0.0, 0.2):
+        model.zero_grad(set_to_none=True)
+        nsr.backward_on_batch(model, prompts, rollouts.tokens, weights, Z, micro_batch_size=2, clip_eps=clip,
+                              old_logprobs=rollouts.logprobs)
+        grads.append(_grads(model))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
+
+
+def test_the_clipped_surrogate_gradient_vanishes_exactly_where_ppos_does():
+    # d loss / d log pi is 0 exactly when ratio > 1 + eps under w > 0 or ratio < 1 - eps under w < 0
+    # (`torch.maximum` in place of `torch.minimum` would vanish in the other two corners instead)
+    eps = 0.2
+    ratios = torch.tensor([0.5, 0.79, 0.81, 1.0, 1.19, 1.21, 2.0])
+    for w in (1.0, -1.0, 0.1, -0.3):
+        logp = ratios.log().clone().requires_grad_(True)[None, :]             # old log-probs = 0
+        logp.retain_grad()
+        nsr.policy_loss(logp, torch.tensor([w]), torch.ones(1, 7), 1.0, old_logp=torch.zeros(1, 7),
+                        clip_eps=eps).backward()
+        vanishes = (logp.grad[0] == 0).tolist()
+        expected = [(r > 1 + eps and w > 0) or (r < 1 - eps and w < 0) for r in ratios.tolist()]
+        assert vanishes == expected, (w, vanishes)
+        # where it does not vanish it is the policy gradient -w * ratio (d ratio / d log pi = ratio)
+        live = ~torch.tensor(expected)
+        torch.testing.assert_close(logp.grad[0][live], -w * ratios[live])
+
+
+# ---- PPO: GAE, whitening, the clipped value loss, a smoke run and exact resume ----
+
+def _reference_gae(rewards, values, lengths, gamma, lam):
+    """GAE written the textbook way, one row at a time, over the real tokens only (V after the end = 0)."""
+    out = []
+    for r, v, n in zip(rewards, values, lengths):
+        adv, running = [0.0] * n, 0.0
+        for t in reversed(range(n)):
+            nxt = v[t + 1] if t + 1 < n else 0.0
+            running = r[t] + gamma * nxt - v[t] + gamma * lam * running
+            adv[t] = running
+        out.append(adv)
+    return out
+
+
+def test_gae_equals_a_hand_computed_example_and_the_return_minus_value_at_gamma_lam_one():
+    # one row by hand: rewards (0, 0, 1), values (0.5, 0.2, 0.4), gamma 0.9, lam 0.8:
+    #   d2 = 1 - 0.4 = 0.6;  d1 = 0 + 0.9*0.4 - 0.2 = 0.16;  d0 = 0 + 0.9*0.2 - 0.5 = -0.32
+    #   A2 = 0.6;  A1 = 0.16 + 0.72*0.6 = 0.592;  A0 = -0.32 + 0.72*0.592 = 0.10624
+    rewards = torch.tensor([[0.0, 0.0, 1.0, 9.0], [0.3, 1.0, 9.0, 9.0]])      # 9 = padding, must be ignored
+    values = torch.tensor([[0.5, 0.2, 0.4, 9.0], [0.1, -0.2, 9.0, 9.0]])
+    mask = torch.tensor([[1.0, 1, 1, 0], [1, 1, 0, 0]])
+    adv, ret = nsr.gae_advantages(rewards, values, mask, gamma=0.9, lam=0.8)
+    torch.testing.assert_close(adv[0, :3], torch.tensor([0.10624, 0.592, 0.6]))
+    ref = _reference_gae(rewards.tolist(), values.tolist(), [3, 2], 0.9, 0.8)
+    torch.testing.assert_close(adv[1, :2], torch.tensor(ref[1]))
+    assert (adv[mask == 0] == 0).all() and (ret[mask == 0] == 0).all()
+    torch.testing.assert_close(ret, (adv + values) * mask)
+    # gamma = lam = 1: A_t = (sum of the rewards from t on) - V_t
+    adv, ret = nsr.gae_advantages(rewards, values, mask)
+    to_go = torch.tensor([[1.0, 1.0, 1.0, 0.0], [1.3, 1.0, 0.0, 0.0]])
+    torch.testing.assert_close(adv, (to_go - values) * mask)
+    torch.testing.assert_close(ret, to_go)
+
+
+def test_masked_whiten_has_mean_zero_and_std_one_over_the_masked_tokens_only():
+    x = torch.tensor([[1.0, 2.0, 3.0, 100.0], [4.0, 5.0, -50.0, 7.0]])
+    mask = torch.tensor([[1.0, 1, 1, 0], [1, 1, 0, 1]])
+    w = nsr.masked_whiten(x, mask)
+    real = w[mask == 1]
+    assert abs(float(real.mean())) < 1e-6 and abs(float(real.std()) - 1) < 1e-4   # unbiased std, as verl
+    assert (w[mask == 0] == 0).all()
+
+
+def test_value_clipping_stops_the_gradient_exactly_past_half_a_unit_from_the_old_value():
+    # V_old = 0, R = 2: moving V towards R past V_old + 0.5 no longer lowers the clipped error, so the max
+    # of the two errors is the clipped one and the gradient is 0; inside the band it is V - R
+    old, ret, mask = torch.zeros(1, 4), torch.full((1, 4), 2.0), torch.ones(1, 4)
+    values = torch.tensor([[0.3, 0.49, 0.51, 0.9]], requires_grad=True)
+    nsr.value_loss(values, old, ret, mask, normalizer=1.0, clip=0.5).backward()
+    torch.testing.assert_close(values.grad[0, :2], values.detach()[0, :2] - 2.0)   # 0.5 * d(V-R)^2 = V - R
+    assert (values.grad[0, 2:] == 0).all()
+
+
+def test_explained_variance_is_one_for_a_perfect_critic_and_zero_for_the_mean():
+    ret = torch.tensor([[1.0, 2.0, 3.0, 0.0]])
+    mask = torch.tensor([[1.0, 1, 1, 0]])
+    assert nsr.explained_variance(ret.clone(), ret, mask) == pytest.approx(1.0)
+    assert nsr.explained_variance(torch.full((1, 4), 2.0), ret, mask) == pytest.approx(0.0)
+
+
+def test_ppo_trains_a_critic_logs_its_metrics_and_resumes_exactly(tmp_path, monkeypatch):
+    _fake_rewards(monkeypatch, [1, 0, 0, 1, 0, 0, 1, 0])
+    world = _tiny_world(tmp_path)
+    ppo = dict(objective="ppo", clip_eps=0.2, mini_batch_size=4, critic_lr=1e-2, kl_coef=0.01)
+    nsr.train(_tiny_config(world, tmp_path / "full", steps=2, **ppo))
+    lines = [json.loads(line) for line in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
+    for m in lines:
+        assert {"value_loss", "explained_variance", "adv_mean", "critic_grad_norm"} <= set(m)
+        assert m["value_loss"] > 0 and m["critic_grad_norm"] > 0 and m["updates"] == 2   # 8 samples / M = 4
+    ckpt = nsr.latest_checkpoint(tmp_path / "full")
+    assert (ckpt / "critic" / "config.json").is_file()
+    # stopped after step 1, resumed: the same metrics (but timing) and the same policy and critic weights
+    nsr.train(_tiny_config(world, tmp_path / "cut", steps=1, **ppo))
+    nsr.train(_tiny_config(world, tmp_path / "cut", steps=2, resume=True, **ppo))
+    timing = {"sample_s", "train_s", "tokens_per_s"}
+    cut = [json.loads(line) for line in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
+    assert [{k: v for k, v in m.items() if k not in timing} for m in cut] == \
+           [{k: v for k, v in m.items() if k not in timing} for m in lines]
+    for sub in ("", "critic"):
+        a = AutoModelForCausalLM if not sub else nsr.AutoModelForTokenClassification
+        full, resumed = (a.from_pretrained(nsr.latest_checkpoint(tmp_path / r) / sub) for r in ("full", "cut"))
+        for p, q in zip(full.parameters(), resumed.parameters()):
+            assert torch.equal(p, q)
+
+
+# ---- optimizer offload: the same computation with the fp32 state in CPU RAM ----
+
+def test_optimizer_offload_gives_bit_identical_weights_to_on_device_fp32_masters_and_resumes(tmp_path, monkeypatch):
+    _fake_rewards(monkeypatch, [1, 0, 0, 1, 0, 0, 1, 0])
+    world = _tiny_world(tmp_path)
+    bf16 = dict(dtype="bfloat16", steps=3, objective="w-reinforce", clip_eps=0.2, mini_batch_size=4, lr=1e-2)
+    nsr.train(_tiny_config(world, tmp_path / "device", **bf16))
+    nsr.train(_tiny_config(world, tmp_path / "offload", optimizer_offload=True, **bf16))
+    nsr.train(_tiny_config(world, tmp_path / "cut", optimizer_offload=True, **{**bf16, "steps": 2}))
+    nsr.train(_tiny_config(world, tmp_path / "cut", optimizer_offload=True, resume=True, **bf16))
+    runs = {r: torch.load(nsr.latest_checkpoint(tmp_path / r) / "trainer_state.pt", weights_only=True)
+            for r in ("device", "offload", "cut")}
+    start = AutoModelForCausalLM.from_pretrained(world)
+    moved = False
+    for i, m in enumerate(runs["device"]["master"]):
+        assert torch.equal(m, runs["offload"]["master"][i]) and torch.equal(m, runs["cut"]["master"][i])
+        moved = moved or not torch.equal(m, list(start.parameters())[i].float())
+    assert moved                                                    # the 3 steps did change the weights
+
+
+
 # =================================================================================================
 # REAL MODELS, PROMPTS AND DATA (nsr.py)
 # =================================================================================================
@@ -1416,9 +1938,10 @@ def test_memory_plan_of_every_preset_fits_24_gib_and_sets_only_config_fields(pre
     n, cfg = plan["params"], nsr.PRESETS[preset]
     bf16 = cfg["dtype"] == "bfloat16"
     assert plan["weights"] == plan["gradients"] == (2 if bf16 else 4) * n
-    assert plan["master_weights"] == plan["master_grads"] == (4 * n if bf16 else 0)   # fp32 master + grads
-    assert plan["optimizer_state"] == 8 * n                                           # fp32 AdamW m, v
-    assert plan["activations_ckpt"] < plan["activations_no_ckpt"] / 5
+    # fp32 masters + their grads (bf16 or offloaded) + AdamW m, v: 16 or 8 bytes/param
+    assert plan["fp32_state"] == (16 if bf16 or cfg.get("optimizer_offload") else 8) * n
+    no_ckpt = nsr.memory_plan(dict(cfg, grad_checkpointing="off"))
+    assert plan["activations"] < no_ckpt["activations"] / 5
     assert plan["fits"] and plan["peak"] <= 24 * 2 ** 30
     assert cfg["lr"] == 1e-6 and cfg["temperature"] == 1.0 and cfg["group_size"] == 8
     assert plan["seq_len"] <= nsr.ARCHITECTURES[cfg["model"]]["max_positions"]
@@ -1440,9 +1963,16 @@ def test_memory_plan_matches_a_by_hand_estimate_and_shows_why_1_5b_and_7b_do_not
     assert nsr.memory_plan(dict(run, grad_checkpointing="off"))["logits"] == 3072 * 151936 * 10
     # 20 bytes/param for bf16 + fp32 master: 1.54e9 x 20 = 28.8 GiB before any activation
     assert not plan["fits"] and plan["peak"] > 20 * plan["params"]
-    offloaded = nsr.memory_plan(run, optimizer_offload=True)            # the what-if: GPU keeps 4 B/param
+    offloaded = nsr.memory_plan(dict(run, optimizer_offload=True))      # the GPU keeps 4 B/param
     assert offloaded["fits"] and offloaded["cpu_ram"] == 16 * plan["params"]
-    assert not nsr.memory_plan(dict(run, model="Qwen/Qwen2.5-Math-7B"), optimizer_offload=True)["fits"]
+    assert offloaded["peak_training"] == (offloaded["weights"] + offloaded["gradients"] + offloaded["activations"]
+                                          + offloaded["logits"] + 2 ** 30)
+    # ppo's critic is a second copy: its weights on the GPU, its fp32 state in CPU RAM as well
+    assert offloaded["ppo_peak"] == offloaded["peak"] + offloaded["weights"] and offloaded["ppo_fits"]
+    assert offloaded["ppo_cpu_ram"] == 2 * offloaded["cpu_ram"]
+    assert not nsr.memory_plan(dict(run, model="Qwen/Qwen2.5-Math-7B", optimizer_offload=True))["fits"]
+    # the preset is exactly this run with the paper's update, and fits
+    assert nsr.memory_plan("qwen2.5-math-1.5b")["fits"]
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -1476,10 +2006,87 @@ def test_load_model_and_template_auto_run_one_training_step_and_an_evaluation_en
 
 def test_format_memory_plan_prints_every_component_and_the_verdict():
     text = nsr.format_memory_plan(nsr.memory_plan("qwen3-0.6b"))
-    for label in ("weights", "gradients", "fp32 master weights", "AdamW state", "checkpointing on",
-                  "checkpointing off", "logits", "KV cache while sampling", "PEAK while training", "fits"):
+    for label in ("weights", "gradients", "fp32 masters + grads + AdamW", "checkpointing on", "logits",
+                  "KV cache while sampling", "PEAK while training", "fits", "with --objective ppo"):
         assert label in text
+    assert "CPU RAM" in nsr.format_memory_plan(nsr.memory_plan("qwen2.5-math-1.5b"))
     assert "ESTIMATE" in text
 
 
 
+
+
+# =================================================================================================
+# REPRODUCTION (reproduce.py)
+# =================================================================================================
+#
+# Select with:  python -m pytest -q test_nsr.py -k reproduce
+
+def _summary(counts: dict, entropy: dict, seeds=(0, 1)) -> dict:
+    """A synthetic summary.json: counts[method] = per-problem correct counts (out of 256), the same for
+    every training seed and split; entropy[method] = mean_entropy."""
+    runs = []
+    for method, c in counts.items():
+        for t in ([None] if method == "base" else seeds):
+            for split in reproduce.SPLITS:
+                runs.append({"method": method, "recipe_seed": 0, "train_seed": t, "split": split,
+                             "counts": list(c), "mean_entropy": entropy[method]})
+    return {"n": 256, "ks": reproduce.KS, "runs": runs}
+
+
+def test_reproduce_verdicts_hold_for_the_papers_pattern_and_fail_for_its_opposite():
+    base = [2, 5, 10, 40, 120, 200] * 8                 # a spread of easy and hard problems
+    better = [4, 9, 20, 60, 160, 230] * 8               # higher at every k
+    narrow = [0, 0, 0, 90, 250, 256] * 8                # Pass@1 up, three problems lost at k = 256
+    both = [3, 8, 25, 110, 250, 256] * 8                # the best Pass@1, and every problem kept
+    paper = _summary({"base": base, "nsr": better, "psr": narrow, "w-reinforce": both},
+                     {"base": 0.5, "nsr": 0.55, "psr": 0.3, "w-reinforce": 0.5})
+    found = {f["finding"]: f["verdict"] for f in reproduce.verdicts(paper, reproduce.bootstrap(paper, 300))}
+    assert found == {"a": "holds", "b": "holds", "c": "holds", "d": "holds"}
+    opposite = _summary({"base": base, "nsr": narrow, "psr": better, "w-reinforce": narrow},
+                        {"base": 0.5, "nsr": 0.3, "psr": 0.6, "w-reinforce": 0.5})
+    found = {f["finding"]: f["verdict"] for f in reproduce.verdicts(opposite, reproduce.bootstrap(opposite, 300))}
+    assert found == {"a": "fails", "b": "fails", "c": "fails", "d": "fails"}
+
+
+def test_reproduce_bootstrap_is_paired_so_identical_models_differ_by_exactly_zero():
+    base = [1, 30, 100, 255] * 10
+    same = _summary({"base": base, "nsr": base}, {"base": 0.5, "nsr": 0.5})
+    draws = reproduce.bootstrap(same, 100)
+    assert reproduce.verdicts(same, draws)[0]["verdict"] == "holds"       # (a): equal is >= (margin 1 point)
+    for split in reproduce.SPLITS:
+        np.testing.assert_allclose(draws[("nsr", split)], draws[("base", split)], rtol=0, atol=1e-9)
+        assert not np.allclose(draws[("base", split)][:, 0], draws[("base", split)][0, 0])   # it does resample
+    # the point estimate of the table is the mean over runs: a method's counts of all runs concatenated
+    assert "Base" in reproduce.tables(same) and "NSR" in reproduce.tables(same)
+
+
+def test_reproduce_runs_every_method_on_the_quick_toy_writes_summary_json_and_resumes(tmp_path, capsys):
+    argv = ["--quick", "--bases", str(tmp_path / "bases"), "--out", str(tmp_path / "out"), "--jobs", "1",
+            "--seeds", "0", "--set", "steps=2", "--set", "batch_prompts=2", "--set", "group_size=4"]
+    assert reproduce.main(argv) == 0
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["n"] == 256 and summary["ks"] == [1, 2, 4, 8, 16, 32, 64, 128, 256]
+    assert {(r["method"], r["split"]) for r in summary["runs"]} == \
+           {(m, s) for m in ("base",) + reproduce.METHODS for s in reproduce.SPLITS}
+    base_runs = [r for r in summary["runs"] if r["method"] == "base"]
+    assert all(r["train_seed"] is None and len(r["counts"]) == 4 for r in base_runs)
+    assert {f["finding"] for f in summary["verdicts"]} == {"a", "b", "c", "d"}
+    out = capsys.readouterr().out
+    assert "(a) NSR >= base" in out and "PPO" in out
+    # a second call finds every result on disk and runs nothing again
+    stamp = {p: p.stat().st_mtime for p in (tmp_path / "out").glob("*/result.json")}
+    assert reproduce.main(argv) == 0
+    assert {p: p.stat().st_mtime for p in (tmp_path / "out").glob("*/result.json")} == stamp
+
+
+@pytest.mark.parametrize("extra, message", [(["--set", "lr"], "expected FIELD=VALUE"),
+                                            (["--set", "nope=1"], "expected FIELD=VALUE"),
+                                            (["--set", "lr=-1"], "--lr must be > 0"),
+                                            (["--seeds", "0", "0"], "must be distinct"),
+                                            (["--jobs", "0"], "--jobs must be >= 1")])
+def test_reproduce_rejects_bad_flags_before_any_work(tmp_path, capsys, extra, message):
+    with pytest.raises(SystemExit):
+        reproduce.main(["--out", str(tmp_path / "never"), *extra])
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "never").exists()

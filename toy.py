@@ -111,6 +111,7 @@ import pathlib
 import random
 import shutil
 import string
+import subprocess
 import sys
 import time
 
@@ -125,7 +126,7 @@ import verifier
 
 # Bump when the task format or the build procedure changes in a way the recipe fields do not show:
 # it is part of the recipe hash, so every cached base model is rebuilt.
-RECIPE_VERSION = "toy-v3"
+RECIPE_VERSION = "toy-v5"
 
 
 # =================================================================================================
@@ -153,12 +154,15 @@ class ToyRecipe:
     """the share of "down" the base model should open with. The corpus EXECUTES "down" on ~41% of its
     solutions (every down-only problem), so its first token ("D") gets a smaller loss weight,
     first_token_weights(), making the learned strategy prior ~down_prior while execution stays practised"""
-    train_digits: tuple = (3,)
-    """numbers of known digits in train / test_easy problems (uniform)"""
-    hard_digits: tuple = (3,)
+    train_digits: tuple = (2,)
+    """numbers of known digits in train / test_easy problems (uniform). 2, not 3: with 3 the running sums
+    are learned in a sudden jump whose step varies with the seed (seed 0 at ~1,000 steps, seed 1 not by
+    1,500), so no fixed step count gave every seed a finished base; with 2 the loss falls smoothly"""
+    hard_digits: tuple = (2,)
     """numbers of known digits in test_hard problems (which are all down-only)"""
-    num_train: int = 4000
-    """problems in train.jsonl (the pre-training corpus AND the RL training set)"""
+    num_train: int = 360
+    """problems in train.jsonl (the pre-training corpus AND the RL training set); 2 known digits allow
+    1,000 distinct problems, of which make_splits may use half"""
     num_test: int = 64
     """problems in each of test_easy.jsonl and test_hard.jsonl"""
     layers: int = 3
@@ -169,10 +173,12 @@ class ToyRecipe:
     """AdamW peak learning rate of pre-training (linear warm-up over 50 steps, then constant)"""
     batch_size: int = 32
     """sequences per pre-training step"""
-    max_steps: int = 4000
-    """safety cap; the build normally stops earlier on measured competence"""
-    check_every: int = 100
-    """steps between cheap Pass@1 checks (n = check_n samples on check_problems problems per split)"""
+    pretrain_steps: int = 1200
+    """supervised steps, FIXED: one recipe seed gives the same base on any machine (up to floating point)
+    and a predictable build time. Chosen so the competence check passes for recipe seeds 0-4 (docs/toy.md)"""
+    check_every: int = 250
+    """steps between cheap Pass@1 checks (n = check_n samples on check_problems problems per split), kept
+    in base_eval.json "history" to show the learning curve; they do not stop the build"""
     check_n: int = 8
     check_problems: int = 32
     eval_n: int = 256
@@ -181,14 +187,14 @@ class ToyRecipe:
     """samples per problem of the strategy-share measurement saved in base_eval.json"""
     max_new_tokens: int = 64
     """response budget, ample for the longest reference solution (~50 characters)"""
-    stop_easy_pass1: float = 0.45
-    """the cheap check must see easy Pass@1 >= this before the full measurement (and the stop): easy
-    Pass@1 ~ 0.6 x execution accuracy here, so 0.45 stops once execution is ~75% right, not at the first
-    in-range point of the rise (a sloppier base makes RL mostly about execution, not strategy)"""
-    easy_pass1: tuple = (0.30, 0.70)
+    easy_pass1: tuple = (0.30, 0.80)
+    """the competence targets, checked (and saved) after pre-training: a base that solves a fair share ..."""
     easy_pass64_min: float = 0.90
-    hard_pass1_max: float = 0.15
-    hard_pass256_min: float = 0.40
+    """... whose samples cover almost every easy problem ..."""
+    hard_pass1_max: float = 0.50
+    """... that leaves RL headroom on the hard split (it rarely opens with the minority strategy there) ..."""
+    hard_pass256_min: float = 0.90
+    """... and whose support already holds the right behaviour there: RL can reweight, it need not teach"""
     quick: bool = False
     """the tiny, seconds-long build for tests: no competence target, tiny model and splits"""
 
@@ -197,7 +203,7 @@ def quick_recipe(seed: int = 0) -> ToyRecipe:
     """A seconds-long build: a 2-layer width-32 model, 10 steps of 16 sequences, 4 test problems, n = 4.
     It checks the plumbing (files, reload, formats), not competence: its Pass@k is ~0."""
     return ToyRecipe(seed=seed, num_train=64, num_test=4, layers=2, hidden=32, heads=4, kv_heads=2,
-                     batch_size=16, max_steps=10, check_every=10**9, check_problems=4, check_n=2,
+                     batch_size=16, pretrain_steps=10, check_every=10**9, check_problems=4, check_n=2,
                      eval_n=4, strategy_n=4, max_new_tokens=24, quick=True)
 
 
@@ -479,24 +485,18 @@ def competence(easy: dict, hard: dict, recipe: ToyRecipe) -> tuple[bool, list[st
 
 
 def pretrain(model, tokenizer, splits: dict, recipe: ToyRecipe, log=print) -> dict:
-    """Supervised pre-training until measured competence (or recipe.max_steps). Returns the final
-    evaluation {"easy": passk result, "hard": passk result, "steps": s, "seconds": t, "met": bool, ...}."""
+    """Supervised pre-training for recipe.pretrain_steps steps, then the competence measurement.
+    Returns {"easy": passk result, "hard": passk result, "steps", "seconds", "met", "misses", "history"}."""
     rng = random.Random(f"toy-corpus-{recipe.seed}")
     prompt_ids, kept, _ = sample.encode_prompts(tokenizer, splits["train"] + splits["test_easy"]
-                                             + splits["test_hard"])
+                                                + splits["test_hard"])
     prompt_cache = {p["problem"]: ids for p, ids in zip(kept, prompt_ids)}
     train = splits["train"]
     check_easy = splits["test_easy"][:recipe.check_problems]
     check_hard = splits["test_hard"][:recipe.check_problems]
-    evaluate = dict(n=recipe.eval_n, max_new_tokens=recipe.max_new_tokens, seed=recipe.seed,
-                    ks=[k for k in (1, 2, 4, 8, 16, 32, 64, 128, 256) if k <= recipe.eval_n])
-
     optimizer = torch.optim.AdamW(model.parameters(), lr=recipe.lr, betas=(0.9, 0.98), weight_decay=0.0)
-    start = time.time()
-    history = []
-    result = None
-    rising = False                      # has the cheap check seen easy Pass@1 start to rise (>= 0.15)?
-    bar = tqdm(range(1, recipe.max_steps + 1), desc="toy pre-training", unit="step", dynamic_ncols=True)
+    start, history = time.time(), []
+    bar = tqdm(range(1, recipe.pretrain_steps + 1), desc="toy pre-training", unit="step", dynamic_ncols=True)
     for step in bar:
         # ---- one supervised step: -sum_t w_t log pi(reference token t) / sum_t w_t (response tokens) ----
         model.train()
@@ -514,40 +514,26 @@ def pretrain(model, tokenizer, splits: dict, recipe: ToyRecipe, log=print) -> di
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         bar.set_postfix(loss=f"{loss.item():.3f}")
-
-        # ---- measure: a cheap Pass@1 check, and when it is in range the full Pass@k curves ----
-        # The rise is sharp (measured on the default recipe: easy Pass@1 ~0.10 at step 900, 0.26 at 1,000,
-        # 0.45 at 1,150; base_eval.json "history"), so once the check sees it starting (>= 0.15) we check
-        # four times as often, to stop inside the target window.
-        every = max(1, recipe.check_every // 4) if rising else recipe.check_every
-        if step % every != 0 and step != recipe.max_steps:
-            continue
-        model.eval()
-        easy1 = sampled_accuracy(model, tokenizer, check_easy, recipe.check_n, recipe.max_new_tokens, step)
-        hard1 = sampled_accuracy(model, tokenizer, check_hard, recipe.check_n, recipe.max_new_tokens, step)
-        rising = rising or easy1 >= 0.15
-        history.append({"step": step, "loss": round(loss.item(), 4), "easy_pass1_est": easy1,
-                        "hard_pass1_est": hard1, "seconds": round(time.time() - start, 1)})
-        log(f"step {step}: loss {loss.item():.3f}  easy Pass@1~{easy1:.2f}  hard Pass@1~{hard1:.2f}")
-        lo, hi = recipe.easy_pass1
-        in_range = max(lo + 0.05, recipe.stop_easy_pass1) <= easy1 <= hi and hard1 <= recipe.hard_pass1_max
-        if not (in_range or step == recipe.max_steps):
-            if easy1 > hi + 0.1:
-                raise RuntimeError(f"toy pre-training overshot: easy Pass@1 ~{easy1:.2f} > {hi} at step "
-                                   f"{step}; lower the lr or check more often (check_every)")
-            continue
-        easy = passk.evaluate(model, tokenizer, splits["test_easy"], desc="base eval easy", **evaluate)
-        hard = passk.evaluate(model, tokenizer, splits["test_hard"], desc="base eval hard", **evaluate)
-        met, misses = competence(easy, hard, recipe) if not recipe.quick else (True, [])
-        log(f"step {step}: full eval easy {fmt_curve(easy['curve'])} | hard {fmt_curve(hard['curve'])}"
-            + ("" if met else "  -- not yet: " + "; ".join(misses)))
-        result = {"easy": easy, "hard": hard, "steps": step, "met": met, "misses": misses}
-        if met:
-            break
+        if step % recipe.check_every == 0:
+            # ---- a cheap sampled Pass@1 estimate: the learning curve, for the record ----
+            model.eval()
+            easy1 = sampled_accuracy(model, tokenizer, check_easy, recipe.check_n, recipe.max_new_tokens, step)
+            hard1 = sampled_accuracy(model, tokenizer, check_hard, recipe.check_n, recipe.max_new_tokens, step)
+            history.append({"step": step, "loss": round(loss.item(), 4), "easy_pass1_est": easy1,
+                            "hard_pass1_est": hard1, "seconds": round(time.time() - start, 1)})
+            log(f"step {step}: loss {loss.item():.3f}  easy Pass@1~{easy1:.2f}  hard Pass@1~{hard1:.2f}")
     bar.close()
-    result["seconds"] = round(time.time() - start, 1)
-    result["history"] = history
-    return result
+    # ---- the competence measurement: full Pass@k curves, checked against the targets ----
+    model.eval()
+    evaluate = dict(n=recipe.eval_n, max_new_tokens=recipe.max_new_tokens, seed=recipe.seed,
+                    ks=[k for k in (1, 2, 4, 8, 16, 32, 64, 128, 256) if k <= recipe.eval_n])
+    easy = passk.evaluate(model, tokenizer, splits["test_easy"], desc="base eval easy", **evaluate)
+    hard = passk.evaluate(model, tokenizer, splits["test_hard"], desc="base eval hard", **evaluate)
+    met, misses = competence(easy, hard, recipe) if not recipe.quick else (True, [])
+    log(f"full eval easy {fmt_curve(easy['curve'])} | hard {fmt_curve(hard['curve'])}"
+        + ("  competence met" if met else "  -- competence NOT met: " + "; ".join(misses)))
+    return {"easy": easy, "hard": hard, "steps": recipe.pretrain_steps, "met": met, "misses": misses,
+            "seconds": round(time.time() - start, 1), "history": history}
 
 
 def fmt_curve(curve: dict) -> str:
@@ -584,7 +570,12 @@ def is_built(out_dir: pathlib.Path, recipe: ToyRecipe) -> bool:
     return stored == recipe_hash(recipe) and all((out_dir / f).is_file() for f in needed)
 
 
-def ensure_base(out_dir="runs/toy-base", recipe: ToyRecipe | None = None, quick: bool = False,
+def base_dir(recipe_seed: int = 0) -> pathlib.Path:
+    """Where the base of a recipe seed is cached: runs/toy-base-s<seed> (the main job uses seed 0)."""
+    return pathlib.Path("runs") / f"toy-base-s{recipe_seed}"
+
+
+def ensure_base(out_dir=None, recipe: ToyRecipe | None = None, quick: bool = False,
                 force: bool = False, log=print) -> pathlib.Path:
     """Build the toy base model into out_dir unless a build of the same recipe is already there.
 
@@ -593,7 +584,7 @@ def ensure_base(out_dir="runs/toy-base", recipe: ToyRecipe | None = None, quick:
     Returns the directory (pathlib.Path).
     """
     recipe = recipe or (quick_recipe() if quick else ToyRecipe())
-    out_dir = pathlib.Path(out_dir)
+    out_dir = pathlib.Path(out_dir) if out_dir is not None else base_dir(recipe.seed)
     if not force and is_built(out_dir, recipe):
         return out_dir
     start = time.time()
@@ -651,8 +642,14 @@ def _build(out_dir: pathlib.Path, recipe: ToyRecipe, start: float, log) -> pathl
 # =================================================================================================
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description="Build (or reuse) the toy base model and print its Pass@k.")
-    parser.add_argument("--out", default="runs/toy-base", help="output directory (default runs/toy-base)")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["reproduce"]:
+        # `python toy.py reproduce ...` = `python reproduce.py ...`, run as a child process: reproduce.py sits
+        # ABOVE nsr.py, which imports this file, so importing it here would close an import circle
+        return subprocess.call([sys.executable, str(pathlib.Path(__file__).with_name("reproduce.py")), *argv[1:]])
+    parser = argparse.ArgumentParser(description="Build (or reuse) the toy base model and print its Pass@k. "
+                                     "`python toy.py reproduce ...` runs reproduce.py.")
+    parser.add_argument("--out", default=None, help="output directory (default runs/toy-base-s<seed>)")
     parser.add_argument("--quick", action="store_true", help="the seconds-long tiny build used by tests")
     parser.add_argument("--force", action="store_true", help="rebuild even if the cache matches the recipe")
     parser.add_argument("--seed", type=int, default=0, help="recipe seed (default 0)")

@@ -1,0 +1,362 @@
+"""
+reproduce.py -- the paper's comparison on the toy world, with verdicts that carry their uncertainty.
+
+    python reproduce.py                                    # recipe seed 0, training seeds 0 1, every method
+    python reproduce.py --recipe-seeds 0 1 2 --seeds 0 1   # one base per recipe seed (cached per seed)
+    python reproduce.py --methods psr nsr --set lr=1e-4    # any nsr.Config field: --set FIELD=VALUE
+
+THE LOOP (all of it):
+    for each recipe seed:  base = toy.ensure_base(seed)                     (built once, cached)
+        evaluate the base                                                   (passk.evaluate, n = 256)
+        for each training seed, each method:  nsr.train(from the base)  ->  evaluate its last checkpoint
+    -> summary.json: every run's per-problem correct counts and mean entropy on both test splits
+    -> the Pass@k tables (mean over seeds) and the verdicts of the paper's four findings
+
+FAIR BY CONSTRUCTION: every method trains from the same base with the same nsr.Config except `objective`
+(nsr.TOY_DEFAULTS: the main job's budget, the paper's update); every model, the base included, is
+evaluated with the SAME settings and ONE evaluation seed (common random numbers): temperature 1, top-p 1,
+64 new tokens, n = 256 samples per problem. The evaluation settings are fixed: tune the toy or the method,
+never the evaluation.
+
+VERDICTS (the paper's findings, `verdicts`): each difference to the base is bootstrapped, paired, over
+problems (the same resampled problems for every method), training seeds and recipe seeds (2,000
+resamples, 95% percentile intervals). A claim "X >= Y" is judged as a non-inferiority test with a margin
+of 1 point: holds when the interval's lower end is >= -1, fails when its upper end is < 0, else
+inconclusive. "X above Y" needs the whole interval above 0; "below", the whole interval below 0.
+  (a) NSR >= base at every k, on both splits
+  (b) PSR above the base at k = 1 and below it at k = 256, on at least one split
+  (c) W-REINFORCE's Pass@1 within 2 points of the best method's (non-inferiority, margin 2), and
+      W-REINFORCE >= base at k = 256, on both splits
+  (d) test entropy: PSR below the base and NSR above PSR (bootstrap over runs: mean_entropy is per run)
+
+Jobs run in --jobs processes (one torch thread each: the toy model is too small for two); each writes
+its result to <out>/<run>/result.json, and a job whose result is already there is not run again, so an
+interrupted reproduction continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import multiprocessing
+import os
+import pathlib
+import sys
+import time
+
+import numpy as np
+import torch
+
+import nsr
+import passk
+import sample
+import toy
+
+METHODS = ("psr", "nsr", "w-reinforce", "reinforce", "grpo", "ppo")   # the paper's Table 1 rows, Base first
+NAMES = {"base": "Base", "psr": "PSR", "nsr": "NSR", "w-reinforce": "W-REINFORCE", "reinforce": "REINFORCE",
+         "grpo": "GRPO", "ppo": "PPO"}
+SPLITS = ("test_easy", "test_hard")       # the roles of MATH and of AIME 2025
+N, EVAL_SEED, KS = 256, 0, [2 ** j for j in range(9)]               # k = 1, 2, 4, ..., 256
+MARGIN = 1.0                              # non-inferiority margin, in points of Pass@k
+
+
+# =================================================================================================
+# JOBS: build a base, train a method, evaluate a model (each a plain dict, so it crosses processes)
+# =================================================================================================
+
+def training_config(base: pathlib.Path, method: str, train_seed: int, run_dir: pathlib.Path,
+                    overrides: dict) -> nsr.Config:
+    """The main job's Config (nsr.TOY_DEFAULTS) on this base, with no evaluation inside nsr.train."""
+    values = {**nsr.TOY_DEFAULTS, **overrides, "model": str(base), "train": str(base / "train.jsonl"),
+              "eval": [], "eval_n": 0, "objective": method, "seed": train_seed, "out_dir": str(run_dir),
+              "save_every": 10}
+    return nsr.Config(**values)
+
+
+def evaluate(model_dir: pathlib.Path, base: pathlib.Path) -> dict:
+    """Both test splits with THE evaluation settings -> {split: {"counts", "mean_entropy"}}."""
+    model, tokenizer = sample.load_model(model_dir, dtype="float32", device="cpu")
+    cfg = nsr.Config(**nsr.TOY_DEFAULTS)
+    out = {}
+    for split in SPLITS:
+        problems = sample.load_problems(base / f"{split}.jsonl")
+        result = passk.evaluate(model, tokenizer, problems, N, temperature=cfg.eval_temperature,
+                                top_p=cfg.eval_top_p, max_new_tokens=cfg.max_new_tokens, seed=EVAL_SEED,
+                                desc=f"eval {split}")
+        out[split] = {"counts": result["counts"], "mean_entropy": result["mean_entropy"]}
+    return out
+
+
+def run_job(job: dict) -> dict:
+    """Train (unless it is a base job), evaluate, write result.json. stdout/stderr go to log.txt."""
+    torch.set_num_threads(1)
+    run_dir = pathlib.Path(job["run_dir"])
+    run_dir.mkdir(parents=True, exist_ok=True)
+    done = run_dir / "result.json"
+    if done.is_file() and json.loads(done.read_text()).get("key") == job["key"]:
+        return json.loads(done.read_text())                      # finished by an earlier, stopped run
+    start = time.time()
+    with open(run_dir / "log.txt", "w") as log:
+        stdout, stderr = os.dup(1), os.dup(2)
+        os.dup2(log.fileno(), 1)
+        os.dup2(log.fileno(), 2)
+        try:
+            base = toy.ensure_base(job["base"], recipe_for(job))
+            record = {**job, "diverged": None}
+            model_dir = base
+            if job["method"] != "base":
+                cfg = nsr.Config(**job["config"])
+                try:
+                    nsr.train(cfg)
+                except RuntimeError as e:                        # diverged: evaluate the last good checkpoint
+                    record["diverged"] = str(e)
+                model_dir = nsr.latest_checkpoint(run_dir)
+            if model_dir is None:                                # diverged before its first checkpoint
+                record["splits"] = {s: {"counts": [0] * len(sample.load_problems(base / f"{s}.jsonl")),
+                                        "mean_entropy": float("nan")} for s in SPLITS}
+            else:
+                record["splits"] = evaluate(model_dir, base)
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.dup2(stdout, 1)
+            os.dup2(stderr, 2)
+    record["seconds"] = round(time.time() - start, 1)
+    tmp = done.with_suffix(".tmp")
+    tmp.write_text(json.dumps(record))
+    os.replace(tmp, done)                                        # atomic: a result is whole or absent
+    print(f"  done: {job['name']} ({record['seconds']:.0f} s)" + (" DIVERGED" if record["diverged"] else ""),
+          flush=True)
+    return record
+
+
+def recipe_for(job: dict) -> toy.ToyRecipe:
+    return toy.quick_recipe(job["recipe_seed"]) if job["quick"] else toy.ToyRecipe(seed=job["recipe_seed"])
+
+
+def make_jobs(args, overrides: dict) -> list[dict]:
+    out = pathlib.Path(args.out)
+    jobs = []
+    for r in args.recipe_seeds:
+        base = pathlib.Path(args.bases) / (f"toy-quick-s{r}" if args.quick else toy.base_dir(r).name)
+        jobs.append({"name": f"base r{r}", "method": "base", "recipe_seed": r, "train_seed": None,
+                     "base": str(base), "run_dir": str(out / f"r{r}-base"), "config": None, "quick": args.quick})
+        for t in args.seeds:
+            for method in args.methods:
+                run_dir = out / f"r{r}-{method}-t{t}"
+                cfg = training_config(base, method, t, run_dir, overrides)
+                jobs.append({"name": f"{method} r{r} t{t}", "method": method, "recipe_seed": r, "train_seed": t,
+                             "base": str(base), "run_dir": str(run_dir), "config": dataclasses.asdict(cfg),
+                             "quick": args.quick})
+    for job in jobs:   # a result on disk is re-used only for exactly the same job (recipe, config, settings)
+        blob = json.dumps({**job, "recipe": toy.recipe_hash(recipe_for(job)),
+                           "eval": [N, EVAL_SEED]}, sort_keys=True)
+        job["key"] = hashlib.sha256(blob.encode()).hexdigest()[:16]
+    return jobs
+
+
+# =================================================================================================
+# VERDICTS: paired bootstrap of Pass@k differences over problems and seeds
+# =================================================================================================
+
+def passk_matrix(counts: list[int]) -> np.ndarray:
+    """(problems, len(KS)) unbiased Pass@k of each problem, in percent."""
+    return np.array([[100 * passk.pass_at_k(N, c, k) for k in KS] for c in counts])
+
+
+def bootstrap(summary: dict, resamples: int = 2000, seed: int = 0) -> dict:
+    """{(method, split): (resamples, len(KS)) bootstrap draws of the mean Pass@k}, paired across methods:
+    each draw resamples recipe seeds, then each recipe seed's problems and its training seeds, and uses
+    the SAME draws for every method (so a difference between methods keeps only the methods' noise)."""
+    rng = np.random.default_rng(seed)
+    runs = summary["runs"]
+    recipes = sorted({r["recipe_seed"] for r in runs})
+    train_seeds = sorted({r["train_seed"] for r in runs if r["train_seed"] is not None})
+    methods = sorted({r["method"] for r in runs})
+    table = {(r["method"], r["recipe_seed"], r["train_seed"], r["split"]): passk_matrix(r["counts"]) for r in runs}
+    draws = {(m, s): np.zeros((resamples, len(KS))) for m in methods for s in SPLITS}
+    for b in range(resamples):
+        chosen = rng.choice(recipes, size=len(recipes))
+        for s in SPLITS:
+            picks = [(r, rng.integers(0, len(table[("base", r, None, s)]), len(table[("base", r, None, s)])),
+                      rng.choice(train_seeds, size=len(train_seeds)) if train_seeds else []) for r in chosen]
+            for m in methods:
+                parts = [table[(m, r, None, s)][p] if m == "base" else
+                         np.concatenate([table[(m, r, t, s)][p] for t in ts]) for r, p, ts in picks]
+                draws[(m, s)][b] = np.concatenate(parts).mean(axis=0)
+    return draws
+
+
+def point(summary: dict, method: str, split: str) -> np.ndarray:
+    """Mean Pass@k (percent) over every run of a method on a split: (len(KS),)."""
+    mats = [passk_matrix(r["counts"]) for r in summary["runs"] if r["method"] == method and r["split"] == split]
+    return np.concatenate(mats).mean(axis=0)
+
+
+def interval(x: np.ndarray) -> tuple[float, float]:
+    return float(np.percentile(x, 2.5)), float(np.percentile(x, 97.5))
+
+
+def at_least(diff: np.ndarray, margin: float = MARGIN) -> str:
+    """Non-inferiority of a difference's bootstrap draws: holds / fails / inconclusive."""
+    lo, hi = interval(diff)
+    return "holds" if lo >= -margin else "fails" if hi < 0 else "inconclusive"
+
+
+def combine(verdicts: list[str], need_all: bool = True) -> str:
+    """All parts hold (need_all) or any part holds; a failing part fails an all-claim."""
+    if need_all:
+        return "fails" if "fails" in verdicts else "holds" if all(v == "holds" for v in verdicts) else "inconclusive"
+    return "holds" if "holds" in verdicts else "fails" if all(v == "fails" for v in verdicts) else "inconclusive"
+
+
+def verdicts(summary: dict, draws: dict) -> list[dict]:
+    """The four findings, each {"finding", "claim", "verdict", "evidence": [(what, estimate, lo, hi)]}."""
+    methods = {r["method"] for r in summary["runs"]}
+    i1, i256 = KS.index(1), KS.index(256)
+    diff = {(m, s): draws[(m, s)] - draws[("base", s)] for m in methods for s in SPLITS}
+    found = []
+
+    def evidence(label, d, j):
+        return (label, float(d[:, j].mean()), *interval(d[:, j]))
+
+    if "nsr" in methods:       # (a) NSR >= base at every k on both splits
+        parts, ev = [], []
+        for s in SPLITS:
+            parts += [at_least(diff[("nsr", s)][:, j]) for j in range(len(KS))]
+            worst = int(np.argmin(np.percentile(diff[("nsr", s)], 2.5, axis=0)))
+            ev.append(evidence(f"NSR - base, {s}, k={KS[worst]} (the weakest k)", diff[("nsr", s)], worst))
+        found.append({"finding": "a", "claim": "NSR >= base at every k on both splits",
+                      "verdict": combine(parts), "evidence": ev})
+    if "psr" in methods:       # (b) PSR above base at k=1 and below at k=256 on at least one split
+        parts, ev = [], []
+        for s in SPLITS:
+            (lo1, hi1), (lo256, hi256) = interval(diff[("psr", s)][:, i1]), interval(diff[("psr", s)][:, i256])
+            parts.append("holds" if lo1 > 0 and hi256 < 0 else "fails" if hi1 <= 0 or lo256 >= 0 else "inconclusive")
+            ev += [evidence(f"PSR - base, {s}, k=1", diff[("psr", s)], i1),
+                   evidence(f"PSR - base, {s}, k=256", diff[("psr", s)], i256)]
+        found.append({"finding": "b", "claim": "PSR above the base at k=1 and below it at k=256 on at least one split",
+                      "verdict": combine(parts, need_all=False), "evidence": ev})
+    if "w-reinforce" in methods:   # (c) W-REINFORCE near the best at k=1 and >= base at k=256
+        parts, ev = [], []
+        for s in SPLITS:
+            best = max(methods - {"base"}, key=lambda m: point(summary, m, s)[i1])
+            near = draws[("w-reinforce", s)][:, i1] - draws[(best, s)][:, i1]
+            parts += [at_least(near, margin=2.0), at_least(diff[("w-reinforce", s)][:, i256])]
+            ev += [(f"W-REINFORCE - best ({NAMES[best]}), {s}, k=1", float(near.mean()), *interval(near)),
+                   evidence(f"W-REINFORCE - base, {s}, k=256", diff[("w-reinforce", s)], i256)]
+        found.append({"finding": "c", "claim": "W-REINFORCE's Pass@1 within 2 points of the best method, "
+                      ">= base at k=256, on both splits", "verdict": combine(parts), "evidence": ev})
+    if {"psr", "nsr"} <= methods:   # (d) entropy: PSR < base, NSR > PSR (per run: bootstrap over runs)
+        ent = {(r["method"], r["recipe_seed"], r["train_seed"], r["split"]): r["mean_entropy"] for r in summary["runs"]}
+        pairs = [k for k in ent if k[0] == "psr"]
+        psr_minus_base = np.array([ent[k] - ent[("base", k[1], None, k[3])] for k in pairs])
+        nsr_minus_psr = np.array([ent[("nsr",) + k[1:]] - ent[k] for k in pairs])
+        rng = np.random.default_rng(1)
+        boot = [rng.choice(len(pairs), len(pairs)) for _ in range(2000)]
+        a = np.array([psr_minus_base[i].mean() for i in boot])
+        b = np.array([nsr_minus_psr[i].mean() for i in boot])
+        side = [("holds" if interval(x)[1] < 0 else "fails" if interval(x)[0] > 0 else "inconclusive") for x in (a,)]
+        side += [("holds" if interval(x)[0] > 0 else "fails" if interval(x)[1] < 0 else "inconclusive") for x in (b,)]
+        found.append({"finding": "d", "claim": "test entropy: PSR below the base, NSR above PSR",
+                      "verdict": combine(side),
+                      "evidence": [("entropy PSR - base (nats/token)", float(a.mean()), *interval(a)),
+                                   ("entropy NSR - PSR (nats/token)", float(b.mean()), *interval(b))]})
+    return found
+
+
+def format_verdicts(found: list[dict]) -> str:
+    lines = []
+    for f in found:
+        lines.append(f"({f['finding']}) {f['claim']}: {f['verdict'].upper()}")
+        for what, est, lo, hi in f["evidence"]:
+            lines.append(f"      {what}: {est:+.2f}  [95% {lo:+.2f}, {hi:+.2f}]")
+    return "\n".join(lines)
+
+
+def tables(summary: dict) -> str:
+    """Pass@k (%) per split, one row per method: the mean over every recipe and training seed (the counts
+    of all runs together: Pass@k is a mean over problems, so this is the mean over runs)."""
+    out = []
+    order = ["base", *[m for m in METHODS if any(r["method"] == m for r in summary["runs"])]]
+    for s in SPLITS:
+        rows = {}
+        for m in order:
+            counts = [c for r in summary["runs"] if r["method"] == m and r["split"] == s for c in r["counts"]]
+            ent = [r["mean_entropy"] for r in summary["runs"] if r["method"] == m and r["split"] == s]
+            rows[f"{NAMES[m]:<12} H={np.mean(ent):.3f}"] = {"counts": counts, "n": N}
+        out.append(f"{s} ({'MATH' if s == 'test_easy' else 'AIME'} role), mean over seeds; H = test entropy\n"
+                   + passk.format_table(rows, KS))
+    return "\n\n".join(out)
+
+
+# =================================================================================================
+# MAIN
+# =================================================================================================
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description="Train every method on the toy world and judge the paper's findings.")
+    parser.add_argument("--recipe-seeds", nargs="+", type=int, default=[0], help="one toy base per seed (default 0)")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1], help="training seeds (default 0 1)")
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS, help="default: all six")
+    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                        help="override an nsr.Config field for every method, e.g. --set lr=1e-4 (repeatable)")
+    parser.add_argument("--jobs", type=int, default=2, help="parallel processes (default 2: one per core)")
+    parser.add_argument("--out", default="runs/reproduce", help="output directory (default runs/reproduce)")
+    parser.add_argument("--bases", default="runs", help="where the toy bases are cached (default runs/)")
+    parser.add_argument("--quick", action="store_true", help="the seconds-long quick toy (for tests: Pass@k ~0)")
+    args = parser.parse_args(argv)
+    fields = {f.name: f for f in dataclasses.fields(nsr.Config)}
+    overrides = {}
+    for item in args.set:
+        name, _, value = item.partition("=")
+        if name not in fields or not value:
+            parser.error(f"--set {item!r}: expected FIELD=VALUE with FIELD one of nsr.Config's fields")
+        kind = {"int": int, "float": float, "str": str, "bool": lambda v: v.lower() in ("1", "true", "yes")}
+        overrides[name] = kind.get(fields[name].type, str)(value)
+    if args.jobs < 1:
+        parser.error(f"--jobs must be >= 1, got {args.jobs}")
+    for name in ("recipe_seeds", "seeds", "methods"):
+        if len(set(getattr(args, name))) != len(getattr(args, name)):
+            parser.error(f"--{name.replace('_', '-')} must be distinct, got {getattr(args, name)}")
+    problems = nsr.config_problems(nsr.Config(**{**nsr.TOY_DEFAULTS, **overrides}))
+    if problems:
+        parser.error("invalid training settings:\n  " + "\n  ".join(problems))
+    return args, overrides
+
+
+def main(argv=None) -> int:
+    args, overrides = parse_args(argv)
+    start = time.time()
+    jobs = make_jobs(args, overrides)
+    print(f"reproduce: {len(jobs)} jobs ({len(args.recipe_seeds)} bases, {len(jobs) - len(args.recipe_seeds)} "
+          f"training runs) in {args.jobs} processes -> {args.out}", flush=True)
+    # the bases first (each training job needs its base built), then every training run
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Pool(args.jobs) as pool:
+        records = pool.map(run_job, [j for j in jobs if j["method"] == "base"], chunksize=1)
+        records += pool.map(run_job, [j for j in jobs if j["method"] != "base"], chunksize=1)
+    summary = {"n": N, "ks": KS, "runs": [
+        {"method": r["method"], "recipe_seed": r["recipe_seed"], "train_seed": r["train_seed"], "split": s,
+         "counts": r["splits"][s]["counts"], "mean_entropy": r["splits"][s]["mean_entropy"]}
+        for r in records for s in SPLITS]}
+    found = verdicts(summary, bootstrap(summary))
+    summary["verdicts"] = found
+    summary["diverged"] = {r["name"]: r["diverged"] for r in records if r.get("diverged")}
+    summary["settings"] = {"training": {k: v for k, v in jobs[-1]["config"].items()
+                                        if k not in ("objective", "seed", "out_dir", "model", "train")},
+                           "recipe_seeds": args.recipe_seeds, "train_seeds": args.seeds,
+                           "seconds": round(time.time() - start, 1)}
+    out = pathlib.Path(args.out)
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    print("\n" + tables(summary) + "\n\n" + format_verdicts(found))
+    for name, message in summary["diverged"].items():
+        print(f"NOTE: {name} diverged; its last good checkpoint was evaluated ({message.splitlines()[0][:120]})")
+    print(f"\n{out / 'summary.json'} written; {time.time() - start:.0f} s in all")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
