@@ -373,6 +373,7 @@ class Config:
     """Every knob of a run. `python nsr.py --help` lists them with these comments."""
     # ---- model and data ("" = the toy world of toy.py) ----
     model: str = ""               # HF hub name or local dir of the policy; "" = the toy base (toy.ensure_base)
+    toy_seed: int = 0             # recipe seed of the toy base when --model is not given (runs/toy-base-s<seed>)
     train: str = ""               # JSONL file of training problems; "" = the toy world's train.jsonl
     eval: list = field(default_factory=list)  # JSONL eval set, repeatable; [] with the toy = its test splits
     template: str = "auto"        # prompt template: auto, plain, qwen2.5-math, qwen3, llama3
@@ -877,7 +878,7 @@ def resolve_paths(cfg: Config) -> Config:
     """Fill in the toy world's model and data when --model / --train / --eval are not given."""
     if cfg.model:
         return cfg
-    base = pathlib.Path(toy.ensure_base())
+    base = pathlib.Path(toy.ensure_base(recipe=toy.ToyRecipe(seed=cfg.toy_seed)))
     return dataclasses.replace(cfg, model=str(base), train=cfg.train or str(base / "train.jsonl"),
                                eval=cfg.eval or [str(base / "test_easy.jsonl"), str(base / "test_hard.jsonl")])
 

@@ -16,8 +16,8 @@ the transformers model's own parameters. transformers only builds the model and 
 Any other architecture falls back to transformers' forward and DynamicCache (a warning says so).
 docs/sampling.md explains the design and lists the parity tests and speed measurements.
 
-Run nothing here directly; `python -m pytest -q test_nsr.py -k "kv_cache or generate or top_p or forward"`
-tests it.
+Run nothing here directly; this tests it:
+    python -m pytest -q test_nsr.py -k "kv_cache or generate or top_p or forward or sample_from or sampler"
 """
 
 from __future__ import annotations
@@ -63,8 +63,8 @@ import verifier
 #    H_t = -sum_y pi_1(y) log pi_1(y) at temperature 1 without top-p (the paper's entropy metric).
 #
 # Speed tricks, each visible and switched off by generate(..., fast=False) (tested to change nothing
-# but speed): one prefill per DISTINCT prompt, eviction of finished rows, fused attention
-# (scaled_dot_product_attention instead of the written-out softmax(q k^T / sqrt(d)) v).
+# but speed): one prefill per DISTINCT prompt, eviction of finished rows, and on a GPU the fused attention
+# kernel (scaled_dot_product_attention instead of the written-out softmax(q k^T / sqrt(d)) v).
 
 
 @dataclass
@@ -138,7 +138,7 @@ def generate(model, prompt_ids: list[list[int]], max_new_tokens: int, temperatur
     temperature 0 = greedy. generator: a torch.Generator on the model's device (None = torch's global RNG).
     Each row stops at its FIRST GENERATED EOS (an EOS inside the prompt does not count).
     fast=False switches the speed tricks off (every row prefilled, finished rows kept in the batch,
-    written-out attention): the plain path, for reading and for checking that the tricks change nothing.
+    written-out attention on a GPU too): the plain path, for reading and for checking the tricks.
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -217,16 +217,22 @@ def _generate_chunk(model, prompt_ids, max_new_tokens, temperature, top_p, eos_t
     # free (ops are synchronous); on a GPU it stops the CPU from queueing the next step's kernels ahead,
     # so there we only look every few steps (a finished row then rides along for <= 3 unrecorded steps).
     check_every = 1 if device.type == "cpu" else 4
+    # Fused attention on a GPU only. NOTE: on CPU, torch's fused kernel is SLOWER than the written-out
+    # softmax for the short sequences we decode (measured ~500 vs ~380 us a layer at 256 rows x 60 tokens,
+    # one thread), while on a GPU the fused kernel is the one that does not materialise the scores.
+    fused = fast and device.type != "cpu"
 
     # ---- prefill: the prompts through the model, filling the cache's first P slots ------------------
     # Plain: every row is prefilled. Fast: each DISTINCT prompt once, then its cache rows are copied to all
     # its rollouts. An RL step samples G rollouts per problem and Pass@k samples n per problem, so most rows
     # share a prompt; the prompt's keys/values do not depend on what is sampled later, so computing them
     # once per distinct prompt gives the same cache at a fraction of the cost.
-    distinct = list(dict.fromkeys(tuple(row) for row in prompt_ids)) if fast else prompt_ids   # U prompts
-    index = {row: u for u, row in enumerate(distinct)} if fast else None
-    inverse = (torch.tensor([index[tuple(row)] for row in prompt_ids], device=device) if fast
-               else torch.arange(B, device=device))                                     # (B,) row -> u
+    if fast:
+        distinct = list(dict.fromkeys(tuple(row) for row in prompt_ids))  # U distinct prompts, in order
+        index = {row: u for u, row in enumerate(distinct)}
+        inverse = torch.tensor([index[tuple(row)] for row in prompt_ids], device=device)   # (B,) row -> u
+    else:
+        distinct, inverse = prompt_ids, torch.arange(B, device=device)    # U = B: every row prefilled
     input_ids, mask, position_ids = left_pad(distinct, N, device)         # (U, P), (U, P + N), (U, P)
     if ours:
         # our decoder: our preallocated cache, our forward (both in the DECODER section below)
@@ -234,7 +240,7 @@ def _generate_chunk(model, prompt_ids, max_new_tokens, temperature, top_p, eos_t
     else:
         # the fallback (generate() warned): transformers' forward and its growing DynamicCache
         cache, logits_of = DynamicCache(config=model.config), next_token_logits
-    logits = logits_of(model, input_ids, mask[:, :P], position_ids, cache, fast=fast)[inverse]   # (B, V)
+    logits = logits_of(model, input_ids, mask[:, :P], position_ids, cache, fused=fused)[inverse]  # (B, V)
     if len(distinct) < B:
         cache.batch_select_indices(inverse)                  # (U, kv_heads, P, hd) -> (B, kv_heads, P, hd)
     mask, step_pos = mask[inverse], position_ids[inverse, -1:]          # (B, P + N), (B, 1) last position
@@ -244,7 +250,7 @@ def _generate_chunk(model, prompt_ids, max_new_tokens, temperature, top_p, eos_t
         if t > 0:
             # feed y_{t-1} at the next position of each row: its k, v go to cache slot P + t - 1, and the
             # mask column P + t - 1 (the new token) is already 1. One token per row, not the whole sequence.
-            logits = logits_of(model, next_ids[:, None], mask[:, :P + t], step_pos, cache, fast=fast)  # (b, V)
+            logits = logits_of(model, next_ids[:, None], mask[:, :P + t], step_pos, cache, fused=fused)  # (b, V)
 
         # H_t = -sum_y pi_1(y) log pi_1(y): the policy's entropy at temperature 1, no top-p
         logp_policy = logits.log_softmax(dim=-1)                              # (b, V)
@@ -275,7 +281,7 @@ def _generate_chunk(model, prompt_ids, max_new_tokens, temperature, top_p, eos_t
             if keep.numel() == 0:
                 break                                        # every row has produced its EOS
             # fast: evict finished rows from batch and cache once they are >= 1/8 of the batch (an eviction
-            # copies the whole cache, so evicting rows one by one would cost about as much as it saves)
+            # copies the cache's filled slots, so evicting rows one by one would cost about as much as it saves)
             if fast and rows.numel() - keep.numel() >= max(1, rows.numel() // 8):
                 cache.batch_select_indices(keep)
                 rows, mask, step_pos, next_ids = rows[keep], mask[keep], step_pos[keep], next_ids[keep]
@@ -340,11 +346,11 @@ class KVCache:
     of the left-padded batch: a pad (masked out), a prompt token, or generated token j - P. Prefill writes
     slots [0, P); decoding step t writes slot P + t - 1. Slots beyond the last write are never read.
 
-    Why a cached step equals a full forward pass: in causal attention token j only looks at tokens <= j,
-    so its k_j and v_j -- computed from x_j after j's own attention -- never change once written. A full
-    forward over the sequence would recompute exactly these keys and values, then give the last token
-    softmax(q k_{<=j}^T / sqrt(d)) v_{<=j}; a cached step computes only the last token's q, k, v and reads
-    the rest from here. Same numbers, O(T) work instead of O(T^2).
+    Why a cached step equals a full forward pass: attention is causal, so token j's hidden state entering
+    any layer depends only on tokens <= j, and so do that layer's k_j and v_j: once written, they never
+    change. A full forward over the sequence would recompute exactly these keys and values and give the
+    newest token softmax(q k^T / sqrt(d)) v over them; a cached step computes only the newest token's
+    q, k, v and reads the rest from here. Same numbers, O(T) work per step instead of O(T^2).
     """
 
     def __init__(self, model, batch: int, max_len: int):
@@ -352,6 +358,7 @@ class KVCache:
         shape = (batch, model.config.num_key_value_heads, max_len, attn.head_dim)
         self.k = [torch.zeros(shape, dtype=weight.dtype, device=weight.device) for _ in model.model.layers]
         self.v = [torch.zeros(shape, dtype=weight.dtype, device=weight.device) for _ in model.model.layers]
+        self.filled = 0                                  # slots [0, filled) hold tokens
 
     def update(self, layer: int, slot: int, k: torch.Tensor, v: torch.Tensor):
         """Write the new tokens' k, v (B, kv_heads, S, hd) at slots [slot, slot + S); return the keys and
@@ -359,13 +366,17 @@ class KVCache:
         end = slot + k.shape[2]
         self.k[layer][:, :, slot:end] = k
         self.v[layer][:, :, slot:end] = v
+        self.filled = end
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
     def batch_select_indices(self, rows: torch.Tensor):
         """Keep (or repeat) batch rows, rows: (b,) indices. Named as DynamicCache's method, so the decode
-        loop above drives both caches the same way."""
-        self.k = [k[rows] for k in self.k]
-        self.v = [v[rows] for v in self.v]
+        loop above drives both caches the same way. Copies only the filled slots, one layer at a time, so
+        an old and a new cache never both exist whole (nsr.py's memory plan counts one)."""
+        for kv in (self.k, self.v):
+            for layer, old in enumerate(kv):
+                kv[layer] = old.new_zeros((rows.shape[0], *old.shape[1:]))
+                kv[layer][:, :, :self.filled] = old[rows, :, :self.filled]
 # ----- END OF STUDENT REGION -----
 
 
@@ -384,8 +395,8 @@ def rms_norm(x: torch.Tensor, norm) -> torch.Tensor:
 
 def rope(rotary_emb, position_ids: torch.Tensor, dtype):
     """cos, sin of RoPE's angles, each (B, 1, S, head_dim), from the model's rotary module's inv_freq."""
-    angles = position_ids[..., None].float() * rotary_emb.inv_freq.float()     # (B, S, hd / 2): pos * inv_freq_i
-    angles = torch.cat([angles, angles], dim=-1)[:, None]                       # (B, 1, S, hd): pair i <-> i + hd/2
+    angles = position_ids[..., None].float() * rotary_emb.inv_freq.float()  # (B, S, hd/2): pos * inv_freq_i
+    angles = torch.cat([angles, angles], dim=-1)[:, None]                    # (B, 1, S, hd): i and i + hd/2
     scale = rotary_emb.attention_scaling                                        # 1.0 for default and llama3
     return (angles.cos() * scale).to(dtype), (angles.sin() * scale).to(dtype)
 
@@ -407,22 +418,20 @@ def attention(attn, x, cos, sin, mask, cache: KVCache, layer: int, slot: int, fu
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)       # (B, heads, S, hd)
     q, k = rotate(q, cos, sin), rotate(k, cos, sin)
     k, v = cache.update(layer, slot, k, v)                                  # (B, Hkv, T, hd), T = slot + S
+    # GQA: query heads j*G .. j*G + G-1 all read kv head j, so we stack them as G * S queries of kv head j
+    # (a reshape; transformers repeats each kv head G times instead -- the same numbers, but a copy of the
+    # cache per layer per step). The mask's S query rows repeat to match; one new token's row broadcasts.
+    H, Hkv = q.shape[1], k.shape[1]
+    q = q.reshape(B, Hkv, (H // Hkv) * S, -1)                               # (B, Hkv, G*S, hd)
+    mask = mask if S == 1 else mask.repeat(1, 1, H // Hkv, 1)               # (B, 1, G*S or 1, T)
     if not fused:
-        # the plain path: query head h reads kv head h // G (repeat each kv head G times), then
-        # softmax(q k^T / sqrt(d) + mask) v with the softmax in fp32, as transformers does
-        G = q.shape[1] // k.shape[1]
-        k, v = k.repeat_interleave(G, dim=1), v.repeat_interleave(G, dim=1)  # (B, H, T, hd)
-        scores = (q @ k.transpose(-1, -2)) * attn.scaling                   # (B, H, S, T), scaling = 1/sqrt(hd)
-        scores = scores.masked_fill(~mask, float("-inf"))
-        out = scores.softmax(dim=-1, dtype=torch.float32).to(q.dtype) @ v   # (B, H, S, hd)
+        # softmax(q k^T / sqrt(d) + mask) v, the softmax in fp32 as transformers does
+        scores = (q @ k.transpose(-1, -2)) * attn.scaling + mask            # (B, Hkv, G*S, T), 1/sqrt(hd)
+        out = scores.softmax(dim=-1, dtype=torch.float32).to(q.dtype) @ v   # (B, Hkv, G*S, hd)
     else:
-        # fast path: the same math in one fused kernel. The G query heads that share a kv head are stacked
-        # as G * S queries of that kv head, so the kv heads are never repeated (copied); the mask repeats
-        # to match. (~12% faster than scaled_dot_product_attention's enable_gqa on bench.py's toy model.)
-        H, Hkv = q.shape[1], k.shape[1]
-        q = q.reshape(B, Hkv, (H // Hkv) * S, -1)                          # (B, Hkv, G * S, hd)
-        mask = mask if S == 1 else mask.repeat(1, 1, H // Hkv, 1)           # one new token: it broadcasts
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=attn.scaling).view(B, H, S, -1)
+        # the same math in one fused kernel (flash / memory-efficient attention on a GPU)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=attn.scaling)
+    out = out.reshape(B, H, S, -1)                                          # (B, H, S, hd)
     return linear(out.transpose(1, 2).reshape(B, S, -1), attn.o_proj)      # (B, S, D)
 
 
@@ -431,26 +440,30 @@ def mlp(m, x: torch.Tensor) -> torch.Tensor:
     return linear(F.silu(linear(x, m.gate_proj)) * linear(x, m.up_proj), m.down_proj)
 
 
-def forward(model, input_ids, attention_mask, position_ids, cache: KVCache, fast: bool = True) -> torch.Tensor:
+def forward(model, input_ids, attention_mask, position_ids, cache: KVCache, fused: bool = True) -> torch.Tensor:
     """Our forward pass: new tokens (B, S) on top of the cache -> the last position's logits (B, V), fp32.
 
     The same contract as next_token_logits (transformers' forward): attention_mask (B, slot + S) covers
     the cached slots plus the new tokens (0 = pad), position_ids (B, S) are the new tokens' positions, and
-    the cache gets the new tokens' keys and values at slots [slot, slot + S). fast = fused attention.
+    the cache gets the new tokens' keys and values at slots [slot, slot + S). fused: attention by
+    torch's scaled_dot_product_attention kernel instead of the written-out softmax (same numbers).
     """
     B, S = input_ids.shape
     slot = attention_mask.shape[1] - S                  # slots already filled = where the new tokens go
     base = model.model                                   # the decoder stack inside ...ForCausalLM
     x = F.embedding(input_ids, base.embed_tokens.weight)                    # (B, S, D)
     cos, sin = rope(base.rotary_emb, position_ids, x.dtype)                 # (B, 1, S, hd) each
-    # mask[b, 0, i, j]: new token i (at slot slot + i) may read slot j iff j is not in its future and j is
-    # a real token. A pad may also read itself: a pad with nothing to read would give softmax(all -inf) =
-    # NaN, and 0 * NaN in the next layer's attention would leak into real tokens.
+    # new token i (at slot slot + i) may read slot j iff j is not in its future and j is a real token. A pad
+    # may also read itself: a pad with nothing to read would give softmax(all -inf) = NaN, and 0 * NaN in
+    # the next layer's attention would leak into real tokens. mask = 0 where allowed, -inf elsewhere: it is
+    # ADDED to the attention scores, so exp() gives the forbidden slots weight 0.
     new = torch.arange(slot, slot + S, device=input_ids.device)[:, None]    # (S, 1)
     seen = torch.arange(slot + S, device=input_ids.device)[None]            # (1, T)
-    mask = ((seen <= new) & (attention_mask.bool()[:, None] | (seen == new)))[:, None]   # (B, 1, S, T)
+    allowed = ((seen <= new) & (attention_mask.bool()[:, None] | (seen == new)))[:, None]   # (B, 1, S, T)
+    mask = torch.zeros(allowed.shape, dtype=x.dtype, device=x.device).masked_fill(~allowed, float("-inf"))
     for i, layer in enumerate(base.layers):
-        x = x + attention(layer.self_attn, rms_norm(x, layer.input_layernorm), cos, sin, mask, cache, i, slot, fast)
+        h = rms_norm(x, layer.input_layernorm)
+        x = x + attention(layer.self_attn, h, cos, sin, mask, cache, i, slot, fused)
         x = x + mlp(layer.mlp, rms_norm(x, layer.post_attention_layernorm))
     x = rms_norm(x[:, -1], base.norm)                   # (B, D): only the last position is sampled from
     # fp32 logits: the sampling math runs in fp32 even for a bf16 model (a bf16 softmax over 150k tokens
@@ -458,11 +471,11 @@ def forward(model, input_ids, attention_mask, position_ids, cache: KVCache, fast
     return linear(x, model.lm_head).float()             # (B, V); lm_head.weight IS embed_tokens.weight if tied
 
 
-def next_token_logits(model, input_ids, attention_mask, position_ids, cache, fast: bool = True) -> torch.Tensor:
+def next_token_logits(model, input_ids, attention_mask, position_ids, cache, fused: bool = True) -> torch.Tensor:
     """The fallback: transformers' own forward and DynamicCache, with forward()'s contract.
 
     Runs new tokens (B, S) through model(...) on top of the cache (updated in place) and returns the last
-    position's logits (B, V) in float32. `fast` is unused (transformers picks its own attention kernel).
+    position's logits (B, V) in float32. `fused` is unused (transformers picks its own attention kernel).
     """
     # transformers 5.x renamed past_key_values to cache (the old name warns, and goes in 5.40)
     cache_kwarg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"

@@ -616,9 +616,11 @@ def test_passk_cli_rejects_bad_input_before_loading_the_model(monkeypatch, tmp_p
 
 
 # =================================================================================================
-# SAMPLING (nsr.py)
+# SAMPLING (sample.py)
 # =================================================================================================
-# Select with: python -m pytest -q test_nsr.py -k "kv_cache or generate or top_p"
+# Select with: python -m pytest -q test_nsr.py -k "kv_cache or generate or top_p or forward or sample_from or sampler"
+# Parity: our forward and KV cache against transformers' forward, our generate against model.generate;
+# exact math: the top-p boundary, the sampler's frequencies; and that our path never runs transformers.
 
 # prompts of different lengths (bos = 1); the model's eos id is 2
 SAMPLING_PROMPTS = [[1, 5, 6, 7, 8, 9, 10], [1, 11], [1, 12, 13, 14], [1, 15, 16, 17, 18]]
@@ -827,17 +829,18 @@ def test_sample_from_draws_each_token_with_its_probability_and_never_a_zero_one(
 # Tiny configs covering every feature our forward() handles, each at least once: Qwen2's qkv biases and an
 # odd head count (5 query heads, 1 kv head), tied and untied output heads, Qwen3's per-head q/k RMSNorm,
 # Llama with attention/MLP biases and Llama 3.1/3.2's "llama3" rope scaling (original context 16 tokens,
-# so the scaling changes all 4 frequencies of head_dim 8).
-LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
-               "high_freq_factor": 4.0, "original_max_position_embeddings": 16}
+# so the scaling changes all 4 frequencies of head_dim 8). Written as Llama 3.2's config.json writes it:
+# rope_theta and a rope_scaling dict, which transformers 5 reads into config.rope_parameters.
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 16}
 PARITY_CONFIGS = {
     "qwen2": ("qwen2", {}),
     "qwen2-5-heads-1-kv-head-tied": ("qwen2", dict(hidden_size=40, num_attention_heads=5, num_key_value_heads=1,
                                                    tie_word_embeddings=True)),
     "qwen3-qk-norm": ("qwen3", dict(head_dim=8)),
     "llama": ("llama", {}),
-    "llama3-rope-biases-tied": ("llama", dict(rope_parameters=LLAMA3_ROPE, attention_bias=True, mlp_bias=True,
-                                              tie_word_embeddings=True)),
+    "llama3-rope-biases-tied": ("llama", dict(rope_theta=500000.0, rope_scaling=LLAMA3_ROPE, attention_bias=True,
+                                              mlp_bias=True, tie_word_embeddings=True)),
 }
 
 
@@ -859,31 +862,32 @@ def _parity_model(name: str, dtype=torch.float32):
     return model.to(dtype)
 
 
-def _our_cached_logits(model, prompts, continuation, fast=True):
+def _our_cached_logits(model, prompts, continuation, fused=False):
     """Our forward + KVCache on the left-padded prompts, then each continuation column one step at a time:
-    the logits after the prompt and after each fed token, (B, n + 1, V)."""
+    the logits after the prompt and after each fed token, (B, n + 1, V). fused=False: the written-out
+    attention, which generate() uses on CPU."""
     n = len(continuation[0])
     ids, mask, pos = sample.left_pad(prompts, n, torch.device("cpu"))
     P = ids.shape[1]
     cache = sample.KVCache(model, batch=len(prompts), max_len=P + n)
     with torch.inference_mode():
-        steps = [sample.forward(model, ids, mask[:, :P], pos, cache, fast=fast)]                 # prefill
+        steps = [sample.forward(model, ids, mask[:, :P], pos, cache, fused=fused)]               # prefill
         for t in range(n):
             step_ids = torch.tensor([[row[t]] for row in continuation])                           # (B, 1)
             steps.append(sample.forward(model, step_ids, mask[:, :P + t + 1], pos[:, -1:] + 1 + t, cache,
-                                        fast=fast))
+                                        fused=fused))
     return torch.stack(steps, dim=1)
 
 
-@pytest.mark.parametrize("fast", [True, False], ids=["fused-attention", "written-out-attention"])
+@pytest.mark.parametrize("fused", [False, True], ids=["written-out-attention", "fused-attention"])
 @pytest.mark.parametrize("name", list(PARITY_CONFIGS))
-def test_our_forward_with_our_kv_cache_equals_transformers_full_forward_on_a_left_padded_batch(name, fast):
+def test_our_forward_with_our_kv_cache_equals_transformers_full_forward_on_a_left_padded_batch(name, fused):
     model = _parity_model(name)
     assert sample.why_not_our_decoder(model) is None
     if PARITY_CONFIGS[name][1].get("tie_word_embeddings"):
         assert model.lm_head.weight is model.model.embed_tokens.weight       # really tied: one tensor
     continuation = [[40, 41, 42], [50, 51, 52], [60, 61, 62], [70, 71, 72]]
-    ours = _our_cached_logits(model, SAMPLING_PROMPTS, continuation, fast=fast)   # (B, 4, V)
+    ours = _our_cached_logits(model, SAMPLING_PROMPTS, continuation, fused=fused)   # (B, 4, V)
     for b, prompt in enumerate(SAMPLING_PROMPTS):
         full = _continuation_logits(model, prompt, continuation[b] + [0])    # transformers, unpadded, no cache
         assert (ours[b] - full).abs().max().item() <= 1e-4, f"row {b}"
@@ -892,15 +896,18 @@ def test_our_forward_with_our_kv_cache_equals_transformers_full_forward_on_a_lef
 def test_llama3_rope_scaling_really_changes_the_frequencies_our_forward_uses():
     # guards the parity test above: if the config's rope scaling were ignored, both sides would use the
     # default frequencies and agree for the wrong reason
-    scaled = _parity_model("llama3-rope-biases-tied").model.rotary_emb.inv_freq
-    plain = 1.0 / LLAMA3_ROPE["rope_theta"] ** (torch.arange(0, 8, 2).float() / 8)   # head_dim 8
+    model = _parity_model("llama3-rope-biases-tied")
+    assert model.model.rotary_emb.rope_type == "llama3"
+    scaled = model.model.rotary_emb.inv_freq
+    plain = 1.0 / 500000.0 ** (torch.arange(0, 8, 2).float() / 8)          # default RoPE, head_dim 8
     # wavelengths 2 pi / inv_freq above the original context (16) are stretched by `factor`, the shortest
     # (2 pi, between 16 / high_freq_factor and 16) smoothly between the two
     assert torch.allclose(scaled[1:], plain[1:] / LLAMA3_ROPE["factor"])
     assert plain[0] / LLAMA3_ROPE["factor"] < scaled[0] < plain[0]
 
 
-def test_our_forward_feeding_several_tokens_on_top_of_the_cache_equals_one_at_a_time():
+@pytest.mark.parametrize("fused", [False, True], ids=["written-out-attention", "fused-attention"])
+def test_our_forward_feeding_several_tokens_on_top_of_the_cache_equals_one_at_a_time(fused):
     model = _parity_model("qwen3-qk-norm")
     continuation = [[40, 41, 42], [50, 51, 52], [60, 61, 62], [70, 71, 72]]
     one_at_a_time = _our_cached_logits(model, SAMPLING_PROMPTS, continuation)[:, -1]   # (B, V)
@@ -908,9 +915,10 @@ def test_our_forward_feeding_several_tokens_on_top_of_the_cache_equals_one_at_a_
     P = ids.shape[1]
     cache = sample.KVCache(model, batch=4, max_len=P + 3)
     with torch.inference_mode():
-        sample.forward(model, ids, mask[:, :P], pos, cache)
+        sample.forward(model, ids, mask[:, :P], pos, cache, fused=fused)
         # 3 new tokens at once at slots P..P+2: the causal mask inside the new block matters here
-        logits = sample.forward(model, torch.tensor(continuation), mask, pos[:, -1:] + torch.arange(1, 4), cache)
+        logits = sample.forward(model, torch.tensor(continuation), mask, pos[:, -1:] + torch.arange(1, 4), cache,
+                                fused=fused)
     assert (logits - one_at_a_time).abs().max().item() <= 1e-5
 
 
@@ -929,12 +937,13 @@ def test_our_forward_reads_the_models_own_parameters_so_an_update_is_seen_at_onc
 def test_bf16_forward_agrees_with_fp32_as_closely_as_transformers_own_bf16(arch):
     # Tolerance: bf16 keeps 8 significant bits, so every rounding is off by up to 2^-9 = 0.2% relative. A
     # logit passes through ~10 roundings per layer (norms, projections, attention, residual adds) and they
-    # partly cancel: we measured 0.6-0.7% of the largest |logit| on these 2-layer models, for transformers'
-    # own bf16 forward as for ours. We allow 2% of the largest |logit| -- 3x the measured error, and far
-    # below what a real bug does (a wrong rotation, norm or mask moves logits by tens of percent) -- and,
-    # sharper, at most 1.5x the error of transformers' own bf16 forward on the same weights.
-    model = _parity_model({"qwen2": "qwen2", "qwen3": "qwen3-qk-norm", "llama": "llama"}[arch])
-    model16 = _parity_model({"qwen2": "qwen2", "qwen3": "qwen3-qk-norm", "llama": "llama"}[arch], torch.bfloat16)
+    # partly cancel: on these 2-layer models we measured 0.45-1.1% of the largest |logit| for our bf16
+    # forward, 0.65-1.35x the error of transformers' own bf16 forward (same weights, same roundings in a
+    # different order). We allow 2% of the largest |logit| -- about 2x the worst measured, and far below
+    # what a real bug does (a wrong rotation, norm or mask moves logits by tens of percent) -- and, sharper,
+    # at most 2x the error of transformers' own bf16 forward.
+    name = {"qwen2": "qwen2", "qwen3": "qwen3-qk-norm", "llama": "llama"}[arch]
+    model, model16 = _parity_model(name), _parity_model(name, torch.bfloat16)
     continuation = [[40, 41, 42], [50, 51, 52], [60, 61, 62], [70, 71, 72]]
     ours16 = _our_cached_logits(model16, SAMPLING_PROMPTS, continuation)                     # (B, 4, V)
     for b, prompt in enumerate(SAMPLING_PROMPTS):
@@ -942,7 +951,7 @@ def test_bf16_forward_agrees_with_fp32_as_closely_as_transformers_own_bf16(arch)
         theirs16 = _continuation_logits(model16, prompt, continuation[b] + [0])
         ours_err = (ours16[b] - fp32).abs().max().item()
         assert ours_err <= 0.02 * fp32.abs().max().item(), f"row {b}"
-        assert ours_err <= 1.5 * (theirs16 - fp32).abs().max().item() + 1e-6, f"row {b}"
+        assert ours_err <= 2.0 * (theirs16 - fp32).abs().max().item() + 1e-6, f"row {b}"
 
 
 @pytest.mark.parametrize("name", list(PARITY_CONFIGS))
@@ -1012,7 +1021,7 @@ def test_an_unsupported_model_falls_back_to_transformers_with_a_warning_and_matc
         assert rollouts.tokens[b] == _transformers_greedy(model, prompt, 8), f"row {b}"
 
 
-def test_plain_path_without_speed_tricks_gives_the_same_rollouts_as_the_fast_path():
+def test_generate_without_its_speed_tricks_gives_the_same_rollouts_as_with_them():
     model = tiny_model("qwen3")
     prompts = SAMPLING_PROMPTS * 3                            # repeated prompts: one prefill each when fast
     full = sample.generate(model, prompts, max_new_tokens=10, temperature=0.0, eos_token_ids=[])

@@ -4,101 +4,48 @@ toy.py -- a toy world in which the paper's whole experiment runs on a laptop CPU
 The paper's effect needs a base model whose prior already holds the right answer some of the time, in
 more than one way: NSR hands the mass of a wrong answer to the alternatives the model already believes
 in, PSR narrows the model onto what it was rewarded for. This file builds such a world: a synthetic
-task, a character-level tokenizer, a tiny Qwen2 model pre-trained (supervised) until it is MEASURABLY
-a "base model", all saved with save_pretrained so every other file loads it like a hub model
+task, a character-level tokenizer, a tiny Qwen2 model pre-trained (supervised) for a FIXED number of
+steps into a "base model", all saved with save_pretrained so every other file loads it like a hub model
 (AutoModelForCausalLM / AutoTokenizer .from_pretrained; no other file has a toy code path).
 
 THE TASK: find a missing digit, by one of two complementary guess-and-check strategies
-    problem:  x+9+7+6 ends in 6. Digit x?                          gold answer: 4
-    "up":     Up 9,6,2-6=6 0:6 1:7 2:8 3:9 4:0 \\boxed{4}
-    "down":   Down 9,6,2-6=6 9:5 8:4 7:3 6:2 5:1 4:0 \\boxed{4}
-Both solutions add the known digits mod 10 (running sums 9, 9+7=16->6, 6+6=12->2), subtract the
-target (2-6 -> d = 6), then guess-and-check candidates c, writing c:(d+c mod 10) until it is 0
-(then x + the digits ends in the target). "up" tries c = 0, 1, ..., up_last (5); "down" tries
-c = 9, 8, ..., down_last (4). So with x uniform over 0-9 each strategy solves 6 answers of 10:
-    x = 0-3   only "up" solves it      (up-only, 40% of train)
-    x = 6-9   only "down" solves it    (down-only, 40% of train)
-    x = 4-5   both can                 (shared, 20% of train)
-In the corpus every problem is solved by a strategy that works for it, and a shared problem by "up"
-with probability up_share_shared = 0.95. So BOTH strategies are executed on ~half the corpus (up 59%,
-down 41%): both are practised, executed about equally well. The habit lives in the FIRST token only:
-the strategy-naming first token gets loss weight 1 for "U" and ~0.16 for "D" (first_token_weights),
-so the base opens with "down" ~down_prior = 10% of the time. Which strategy will work depends on
-x = (target - sum of the digits) mod 10, which the base barely computes in the forward pass that picks
-the first token (measured: "down" 8% on test_easy, 16% on the down-only test_hard). The first word of
-a response names its strategy, so strategy_report() measures each strategy's share and accuracy.
+    problem:  x+9+7 ends in 3. Digit x?                          gold answer: 7
+    "up":     Up 9,6-3=3 0:3 1:4 2:5 3:6 4:7 5:8 ...             tries c = 0, 1, ..., up_last (5): fails here
+    "down":   Down 9,6-3=3 9:2 8:1 7:0 \boxed{7}                tries c = 9, 8, ..., down_last (4)
+Both add the known digits mod 10 (running sums 9, 9+7=16->6), subtract the target (6-3 -> d = 3), then
+guess-and-check candidates c, writing c:(d+c mod 10) until it is 0. Each strategy solves 6 answers of
+10:  x = 0-3 only "up" (up-only), x = 6-9 only "down" (down-only), x = 4-5 both (shared).
+Every corpus solution uses a strategy that works ("up" on 95% of shared problems), so both strategies
+are practised; the habit lives in the strategy-naming FIRST token, whose pre-training loss weight is
+1 for "U" and ~0.16 for "D" (first_token_weights). Which strategy works depends on x, which the model
+must compute before its first token; after pre-training it does so partly (measured per seed in
+base_eval.json "strategy"): it opens with the wrong strategy on some problems, and RL can reweight that.
   test_easy: the train distribution (the role of MATH).   test_hard: x = 6-9, only "down" solves it
-  (the role of AIME). Base numbers: see MEASURED below and runs/toy-base/base_eval.json.
-The fixed number of known digits (3) keeps every step of the solution at a fixed offset from the
-prompt digits it reads, which a 155k-parameter model learns in ~1,000 steps. (With 2-5 digits the
-running sums stayed wrong after 800 steps: the model must then find "the i-th digit" by content.)
+  (the role of AIME).  The design history (what each earlier world measured): docs/toy.md.
 
-THEORY WE DESIGNED AROUND. Per problem, the expected gradients of PSR (w = r) and NSR (w = r - 1)
-are identical, because E_y[grad log pi(y)] = 0; so PSR = NSR + sum_i grad log pi(y_i) over ALL
-samples: a zero-mean "maximum likelihood on your own samples" term that acts like genetic drift
-(Wright-Fisher) -- it sharpens and can lose rare modes, faster at larger lr and smaller batches. On a
-group where every sample is right NSR is silent and PSR is pure drift towards the habit. So a world
-that separates them needs the TRUE signal on the strategy choice to be ~0 (each strategy equally
-good on average, equally well executed), leaving PSR's drift against NSR's silence.
-
-WHAT FAILED (scratch runs; B prompts x G = 8 samples, AdamW, n = 256 at temperature 1):
-  1. One strategy (2-4-term addition): PSR 300 steps at lr 1e-4 raised Pass@1 20% -> 31% and
-     Pass@64 96% -> 97%: plain continued training, nothing to collapse (issue 5).
-  2. Two strategies, one reliable everywhere: PSR and NSR both moved ~99% of the mass onto it.
-  3. v1 of this file (up 0..8, down 9..1, down used only on x = 9 and 5% of shared problems): down
-     was executed worse (38% right vs up 57%, practised on 1/7 of the corpus), so "up" was truly
-     better on average; at lr 1e-4, 100 steps, B = 16, PSR, NSR and W-REINFORCE all narrowed the mix
-     the same way (down 9% -> 2.5-3%) and all lost hard Pass@64 (99% -> 83%). At lr 5e-4 NSR kept the
-     mix but its accuracy collapsed (60% -> 7%).
-  4. THIS FILE (v2 design: up 0..5, down 9..4, first-token weighting; runs/toy-base, 1,150 steps):
-     base easy Pass@1 42% / Pass@64 94% / Pass@256 97%; hard Pass@1 11% / Pass@256 100%; "down"
-     8% of easy samples (16% on hard), each strategy right on ~70-78% of the problems it can solve.
-     RL (nsr.py, lr 2e-4, 100 steps, B = 16, G = 8), n = 256, temperature 1:
-                    easy @1  @64   @256 | hard @1  @64   @256 | down share easy / hard
-       base          41.6   93.8  96.9  |  10.6   94.3  100.0 |   8% / 16%
-       PSR           66.4   99.7 100.0  |  57.0   97.9   98.4 |  37% / 65%
-       NSR           50.9   99.1 100.0  |  27.0   95.4   98.4 |  25% / 44%
-       W-REINFORCE   58.8   99.3 100.0  |  60.8  100.0  100.0 |  51% / 71%
-     The model LEARNS to pick the strategy from the problem (the per-problem signal is not ~0 even
-     though the average is): every objective raises every k; PSR fastest, NSR slowest. No PSR collapse.
-  5. The same with shared 3..6 (up 0..6, down 9..3) and the corpus using "down" on half the shared
-     problems (first token weighted to a 10% prior): base easy 51% / 99% @64, hard 8% / 100% @256,
-     down 9% on both splits (no conditioning). Same RL: ALL THREE collapsed onto "up" (down 9% ->
-     PSR 2.5%, NSR 2.2%, W 1.6%), easy @256 PSR 100%, NSR 92%, W 98%; hard @256 PSR 100%, NSR 80%,
-     W 92% -- although "down" was executed better (65% vs 50% right on test_easy).
-  6. lr 5e-4, B = 8 on (4): PSR stalled near 30% reward, NSR and W-REINFORCE collapsed to ~0.
-  7. On (4), 200 steps (same settings): PSR easy @1 78%, hard @1 81%, NSR 69% / 63%, W 75% / 78%,
-     every k >= base for all three (down share 53-65% on easy). B = 4, 300 steps: PSR rose as before,
-     NSR's reward stayed ~37% (easy @256 96.9%, hard @256 96.9%): smaller batches did not make PSR drift.
-  So in this toy the difference between the objectives is NOT the paper's: the theory's "drift"
-  term is too weak against the per-problem signal (4) or against a systematic pull we have not
-  identified that acts on every objective alike (5). The defaults below are design (4), which at
-  least leaves every objective improving; the reproduction should report what it measures.
-
-THE RECIPE (ToyRecipe, hashed; the cache in runs/toy-base is rebuilt when it changes):
+THE RECIPE (ToyRecipe, hashed; the cache runs/toy-base-s<seed> is rebuilt when it changes):
   tokenizer  one token per printable ASCII character + <|pad|>, <|endoftext|> (= EOS): a byte-level
              BPE without merges, in Qwen2's own pipeline so AutoTokenizer reloads it exactly; a chat
              template that renders only the problem line and a newline (char-level: short prompts).
   model      Qwen2ForCausalLM, 3 layers, hidden 64, 4 heads (2 KV heads), tied embeddings: 154,624
              parameters.
   pre-train  supervised next-token loss on the response tokens of reference solutions, in exactly
-             the prompt + response format the RL loop samples (sample.render_prompt, template "auto"),
-             weighted per token: the strategy-naming first token by first_token_weights() ("U" 1,
-             "D" ~0.16), every other response token 1 -- loss = -sum_t w_t log pi / sum_t w_t.
-             AdamW (lr 2e-3, batch 32, one thread); every 100 steps (25 once it starts rising) a cheap
-             sampled Pass@1 check (n = 8 on 32 problems per split); when that reaches
-             stop_easy_pass1 (0.45), the full measurement with
-             passk.evaluate (n = 256, temperature 1). It STOPS ON MEASURED COMPETENCE:
-               easy Pass@1 in [0.30, 0.70] and Pass@64 >= 0.90; hard Pass@1 <= 0.15 and Pass@256 >= 0.40.
-  output     runs/toy-base/: model + tokenizer, train.jsonl, test_easy.jsonl, test_hard.jsonl
-             (fields problem, answer, solution), base_eval.json (Pass@k curves, strategy shares),
-             recipe.json (the recipe and its hash).
+             the prompt + response format the RL loop samples, weighted per token (the first token by
+             first_token_weights(), every other 1): loss = -sum_t w_t log pi / sum_t w_t. AdamW (lr 2e-3,
+             batch 32, one thread), pretrain_steps = 1,000 FIXED steps: one recipe seed gives the same
+             base on any machine up to floating point, in a predictable time. Then the competence check
+             (measured, printed, saved; it does not stop or change the build): passk.evaluate, n = 256,
+             temperature 1: easy Pass@1 in [0.30, 0.90] and Pass@64 >= 0.85; hard Pass@1 <= 0.80 and
+             Pass@256 >= 0.85.
+  output     runs/toy-base-s<seed>/: model + tokenizer, train.jsonl, test_easy.jsonl, test_hard.jsonl
+             (fields problem, answer, solution), base_eval.json (Pass@k curves, strategy shares, the
+             learning curve), recipe.json (the recipe and its hash).
 
-Run:  python toy.py                  # build (or reuse) runs/toy-base and print its Pass@k
+Run:  python toy.py                  # build (or reuse) runs/toy-base-s0 and print its Pass@k
+      python toy.py --seed 1         # another recipe seed: another base
       python toy.py --force          # rebuild even if the cache is valid
       python toy.py --quick --out /tmp/toy-quick   # the seconds-long tiny build the tests use
-      python toy.py reproduce        # issue 7: all five objectives x 2 seeds, the paper's Pass@k table
-      python toy.py reproduce --seeds 0     # one training seed only (about half the time)
+      python toy.py reproduce ...    # = python reproduce.py ... (every method, verdicts of the findings)
 """
 
 from __future__ import annotations
@@ -148,6 +95,12 @@ class ToyRecipe:
     down_last: int = 4
     """"down" tries candidates 9, 8, ..., down_last (so x in [down_last, up_last] is shared). With 5 and
     4 each strategy solves 6 of the 10 answers: neither is better on average (the v2 design)"""
+    fail_share: float = 0.0
+    """probability that a corpus solution of an up-only or down-only problem uses the OTHER strategy and
+    fails honestly ("... 5:8 none"). Without failed attempts in the corpus, the base meets a failing
+    window only at RL time and fabricates a check or a difference to box something; NSR then pushes
+    down those fabricated arithmetic tokens, which correct solutions use too. The corpus frequencies of
+    the two strategies do not change (an up-only failure is a "down" solution and vice versa)."""
     up_share_shared: float = 0.95
     """probability that the corpus solves a SHARED problem with "up" (the model's habit)"""
     down_prior: float = 0.10
@@ -173,7 +126,7 @@ class ToyRecipe:
     """AdamW peak learning rate of pre-training (linear warm-up over 50 steps, then constant)"""
     batch_size: int = 32
     """sequences per pre-training step"""
-    pretrain_steps: int = 1200
+    pretrain_steps: int = 1000
     """supervised steps, FIXED: one recipe seed gives the same base on any machine (up to floating point)
     and a predictable build time. Chosen so the competence check passes for recipe seeds 0-4 (docs/toy.md)"""
     check_every: int = 250
@@ -187,13 +140,13 @@ class ToyRecipe:
     """samples per problem of the strategy-share measurement saved in base_eval.json"""
     max_new_tokens: int = 64
     """response budget, ample for the longest reference solution (~50 characters)"""
-    easy_pass1: tuple = (0.30, 0.80)
+    easy_pass1: tuple = (0.30, 0.90)
     """the competence targets, checked (and saved) after pre-training: a base that solves a fair share ..."""
-    easy_pass64_min: float = 0.90
+    easy_pass64_min: float = 0.85
     """... whose samples cover almost every easy problem ..."""
-    hard_pass1_max: float = 0.50
-    """... that leaves RL headroom on the hard split (it rarely opens with the minority strategy there) ..."""
-    hard_pass256_min: float = 0.90
+    hard_pass1_max: float = 0.80
+    """... that leaves RL headroom on the hard split (where it must open with the minority strategy) ..."""
+    hard_pass256_min: float = 0.85
     """... and whose support already holds the right behaviour there: RL can reweight, it need not teach"""
     quick: bool = False
     """the tiny, seconds-long build for tests: no competence target, tiny model and splits"""
@@ -221,13 +174,14 @@ def problem_text(digits: list[int], target: int) -> str:
     return "x+" + "+".join(map(str, digits)) + f" ends in {target}. Digit x?"
 
 
-def solve(digits: list[int], target: int, strategy: str, recipe: ToyRecipe) -> str:
-    """The worked solution of one strategy (raises ValueError if the strategy cannot solve it).
+def solve(digits: list[int], target: int, strategy: str, recipe: ToyRecipe, allow_fail: bool = False) -> str:
+    """The worked solution of one strategy (raises ValueError if it cannot solve it, unless allow_fail).
 
     running sums mod 10 of the known digits, minus the target: d = (s - target) % 10; then candidates
     c:(d + c) % 10 in the strategy's order until the value is 0 (then x + s ends in target); then the
     boxed candidate. (Checking "is it 0" instead of "is it the target" keeps each step local: the
-    target is read once, right after the running sums.)
+    target is read once, right after the running sums.) allow_fail: a strategy whose window misses x
+    writes every trial and ends with "none", no box: an honest failed attempt (a wrong answer).
     """
     running, s = [], 0
     for d in digits:
@@ -241,6 +195,9 @@ def solve(digits: list[int], target: int, strategy: str, recipe: ToyRecipe) -> s
         if (d + c) % 10 == 0:
             head = "Up" if strategy == UP else "Down"
             return f"{head} {','.join(running)}-{target}={d} {' '.join(trials)} \\boxed{{{c}}}"
+    if allow_fail:
+        head = "Up" if strategy == UP else "Down"
+        return f"{head} {','.join(running)}-{target}={d} {' '.join(trials)} none"
     raise ValueError(f"strategy {strategy!r} cannot solve digits={digits} target={target}")
 
 
@@ -412,7 +369,10 @@ def sft_batch(problems: list[dict], prompt_cache: dict, tokenizer, rng: random.R
         prompt = prompt_cache[p["problem"]]
         x = int(p["answer"])
         strategy = reference_strategy(x, rng, recipe)
-        response = solve(p["digits"], p["target"], strategy, recipe)
+        other = DOWN if strategy == UP else UP
+        if recipe.fail_share and not strategy_works(x, other, recipe) and rng.random() < recipe.fail_share:
+            strategy = other                     # an honest failed attempt: the trials, then "none"
+        response = solve(p["digits"], p["target"], strategy, recipe, allow_fail=True)
         response_ids = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
         rows.append(prompt + response_ids)
         label_rows.append([-100] * len(prompt) + response_ids)

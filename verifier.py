@@ -414,7 +414,11 @@ def _canonical(s) -> str:
     s = s.strip().rstrip(".,;: ").lstrip(",;: ")           # never "!" (5! is 120) nor "?" ("7?" is a doubt)
     if _THOUSANDS_RE.fullmatch(s):
         s = s.replace(",", _AMBIGUOUS_COMMA)
+    return _canonical_structure(s)
 
+
+def _canonical_structure(s: str) -> str:
+    """Steps 13-25 of _canonical: the spacing is settled; now LaTeX shorthand, braces, numerals, words."""
     # 13. LaTeX shorthand, before the spaces go ("\sqrt x" must not become the command "\sqrtx"):
     #      "\frac12" -> "\frac{1}{2}";  "\dfrac 3 8" -> "\frac{3}{8}";  "\sqrt2" -> "\sqrt{2}"
     s = _brace_shorthand(s)
