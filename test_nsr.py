@@ -45,7 +45,7 @@ torch.set_num_threads(1)
 
 
 # =================================================================================================
-# SHARED FIXTURES: tiny random models of real transformers architectures
+# SHARED FIXTURES: tiny random models of real architectures, a chat tokenizer, a tiny world
 # =================================================================================================
 
 def tiny_model(arch: str = "qwen2", vocab_size: int = 97, seed: int = 0, layers: int = 2,
@@ -65,6 +65,120 @@ def tiny_model(arch: str = "qwen2", vocab_size: int = 97, seed: int = 0, layers:
 
 
 ARCHS = ["qwen2", "qwen3", "llama"]
+
+
+# chat_tokenizer() below is a reusable fixture: a character-level PreTrainedTokenizerFast that knows the
+# Qwen and Llama special tokens and carries a chat template, so "auto" rendering, encoding and a tiny
+# model's vocabulary can be tested offline (pass vocab_size=len(tokenizer) to tiny_model()).
+
+# The chat templates below are the official ones reduced to the branch a [system, user] conversation
+# takes (no tools), kept line for line as published:
+#   Qwen2.5 / Qwen2.5-Math: "chat_template" in huggingface.co/Qwen/Qwen2.5-Math-1.5B/blob/main/tokenizer_config.json
+#   Qwen3:                  "chat_template" in huggingface.co/Qwen/Qwen3-0.6B/blob/main/tokenizer_config.json
+#   Llama 3.1 / 3.2:        "chat_template" in huggingface.co/meta-llama/Llama-3.2-1B-Instruct (tokenizer_config.json)
+QWEN25_CHAT_TEMPLATE = (
+    "{%- if messages[0]['role'] == 'system' %}\n"
+    "    {{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}\n"
+    "{%- else %}\n"
+    "    {{- '<|im_start|>system\\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\\n' }}\n"
+    "{%- endif %}\n"
+    "{%- for message in messages %}\n"
+    "    {%- if (message.role == \"user\") or (message.role == \"system\" and not loop.first) %}\n"
+    "        {{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>' + '\\n' }}\n"
+    "    {%- endif %}\n"
+    "{%- endfor %}\n"
+    "{%- if add_generation_prompt %}\n"
+    "    {{- '<|im_start|>assistant\\n' }}\n"
+    "{%- endif %}\n")
+QWEN3_CHAT_TEMPLATE = (
+    "{%- if messages[0].role == 'system' %}\n"
+    "    {{- '<|im_start|>system\\n' + messages[0].content + '<|im_end|>\\n' }}\n"
+    "{%- endif %}\n"
+    "{%- for message in messages %}\n"
+    "    {%- if message.content is string %}\n"
+    "        {%- set content = message.content %}\n"
+    "    {%- else %}\n"
+    "        {%- set content = '' %}\n"
+    "    {%- endif %}\n"
+    "    {%- if (message.role == \"user\") or (message.role == \"system\" and not loop.first) %}\n"
+    "        {{- '<|im_start|>' + message.role + '\\n' + content + '<|im_end|>' + '\\n' }}\n"
+    "    {%- endif %}\n"
+    "{%- endfor %}\n"
+    "{%- if add_generation_prompt %}\n"
+    "    {{- '<|im_start|>assistant\\n' }}\n"
+    "    {%- if enable_thinking is defined and enable_thinking is false %}\n"
+    "        {{- '<think>\\n\\n</think>\\n\\n' }}\n"
+    "    {%- endif %}\n"
+    "{%- endif %}")
+LLAMA31_CHAT_TEMPLATE = (
+    "{{- bos_token }}\n"
+    "{%- if not date_string is defined %}\n"
+    "    {%- set date_string = \"26 Jul 2024\" %}\n"
+    "{%- endif %}\n"
+    "{%- if messages[0]['role'] == 'system' %}\n"
+    "    {%- set system_message = messages[0]['content']|trim %}\n"
+    "    {%- set messages = messages[1:] %}\n"
+    "{%- else %}\n"
+    "    {%- set system_message = \"\" %}\n"
+    "{%- endif %}\n"
+    "{{- \"<|start_header_id|>system<|end_header_id|>\\n\\n\" }}\n"
+    "{{- \"Cutting Knowledge Date: December 2023\\n\" }}\n"
+    "{{- \"Today Date: \" + date_string + \"\\n\\n\" }}\n"
+    "{{- system_message }}\n"
+    "{{- \"<|eot_id|>\" }}\n"
+    "{%- for message in messages %}\n"
+    "    {{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n'+ message['content'] | trim + '<|eot_id|>' }}\n"
+    "{%- endfor %}\n"
+    "{%- if add_generation_prompt %}\n"
+    "    {{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}\n"
+    "{%- endif %}\n")
+
+CHAT_SPECIAL_TOKENS = ["<pad>", "<|begin_of_text|>", "<|im_end|>", "<|im_start|>", "<|endoftext|>",
+                       "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "<unk>"]
+
+
+def chat_tokenizer(chat_template: str | None = QWEN3_CHAT_TEMPLATE, add_bos: bool = False):
+    """A character-level tokenizer with real special tokens: pad 0, bos 1 (<|begin_of_text|>), eos 2
+    (<|im_end|>), then the other specials and every printable ASCII character (len = 106).
+
+    add_bos=True makes plain encoding prepend <|begin_of_text|> as Llama tokenizers do.
+    """
+
+
+    chars = sorted(set(string.printable) - set("\x0b\x0c\r"))
+    vocab = {token: i for i, token in enumerate(CHAT_SPECIAL_TOKENS + chars)}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex("[\\s\\S]"), behavior="isolated")  # one char each
+    backend.decoder = decoders.Fuse()
+    if add_bos:
+        backend.post_processor = processors.TemplateProcessing(
+            single="<|begin_of_text|> $A", special_tokens=[("<|begin_of_text|>", 1)])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<|begin_of_text|>",
+                                        eos_token="<|im_end|>", pad_token="<pad>", unk_token="<unk>",
+                                        additional_special_tokens=CHAT_SPECIAL_TOKENS[3:8])
+    tokenizer.chat_template = chat_template
+    return tokenizer
+
+
+def _tiny_world(root: pathlib.Path) -> pathlib.Path:
+    """A saved tiny random Qwen2 + char tokenizer and a few addition problems (train.jsonl, test.jsonl)."""
+    tokenizer = chat_tokenizer(chat_template=None)   # the REAL MODELS section's fixture; no template = plain
+    world = root / "world"
+    tiny_model("qwen2", vocab_size=len(tokenizer)).save_pretrained(world)
+    tokenizer.save_pretrained(world)
+    for name, pairs in (("train", [(1, 2), (3, 4), (2, 2), (5, 1)]), ("test", [(1, 1), (2, 3)])):
+        with (world / f"{name}.jsonl").open("w") as f:
+            for a, b in pairs:
+                f.write(json.dumps({"problem": f"{a}+{b}", "answer": str(a + b)}) + "\n")
+    return world
+
+
+def _tiny_config(world: pathlib.Path, out: pathlib.Path, **overrides):
+    values = dict(model=str(world), train=str(world / "train.jsonl"), eval=[], template="plain", steps=2,
+                  batch_prompts=2, group_size=4, max_new_tokens=6, lr=1e-3, micro_batch_size=3, eval_n=0,
+                  eval_temperature=1.0, eval_top_p=1.0, out_dir=str(out), device="cpu", seed=0)
+    values.update(overrides)
+    return nsr.Config(**values)
 
 
 # =================================================================================================
@@ -514,6 +628,7 @@ def test_passk_evaluate_rejects_bad_input_before_any_sampling(monkeypatch, probl
         passk.evaluate(torch.nn.Linear(1, 1), _PasskFakeTokenizer(), problems, n, ks=ks)
 
 
+@pytest.mark.smoke
 def test_passk_evaluate_smoke_with_the_real_sampler_and_verifier_on_a_tiny_model():
     # No fakes: sample.encode_prompts + sample.generate + verifier.is_correct on a random tiny Qwen2 with the toy
     # character tokenizer. A random model knows nothing, so only sanity and seeding are checked.
@@ -545,6 +660,7 @@ def _passk_saved_runs(tmp_path):
     return paths
 
 
+@pytest.mark.smoke
 def test_passk_compare_prints_the_paper_table_and_a_pip_hint_without_matplotlib(monkeypatch, tmp_path,
                                                                                  capsys):
     monkeypatch.setitem(sys.modules, "matplotlib", None)     # makes `import matplotlib...` fail
@@ -560,6 +676,7 @@ def test_passk_compare_prints_the_paper_table_and_a_pip_hint_without_matplotlib(
     assert "pip install matplotlib" in out[-1] and not list(tmp_path.glob("*.png"))
 
 
+@pytest.mark.smoke
 def test_passk_compare_writes_a_png_of_the_curves_when_matplotlib_is_installed(tmp_path, capsys):
     pytest.importorskip("matplotlib")
     base, nsr_run = _passk_saved_runs(tmp_path)
@@ -569,6 +686,7 @@ def test_passk_compare_writes_a_png_of_the_curves_when_matplotlib_is_installed(t
     assert f"plot: {png}" in capsys.readouterr().out
 
 
+@pytest.mark.smoke
 def test_passk_cli_evaluates_a_data_file_and_saves_settings_and_model_name(monkeypatch, tmp_path, capsys):
     model = torch.nn.Linear(1, 1)
     _passk_fake_world(monkeypatch, _PASSK_ACCURACY, model)
@@ -644,6 +762,7 @@ def _transformers_greedy(model, prompt, max_new_tokens):
     return new[: new.index(2) + 1] if 2 in new else new
 
 
+@pytest.mark.parity
 @pytest.mark.parametrize("arch", ARCHS)
 def test_kv_cache_step_logits_equal_a_full_forward_pass_with_left_padding(arch):
     model = tiny_model(arch)
@@ -664,6 +783,7 @@ def test_kv_cache_step_logits_equal_a_full_forward_pass_with_left_padding(arch):
         assert (cached - full).abs().max().item() <= 1e-4, f"row {b}"
 
 
+@pytest.mark.parity
 @pytest.mark.parametrize("arch", ARCHS)
 def test_greedy_generate_matches_transformers_generate_token_for_token(arch):
     model = tiny_model(arch)
@@ -674,6 +794,7 @@ def test_greedy_generate_matches_transformers_generate_token_for_token(arch):
         assert rollouts.truncated[b] == (2 not in expected)
 
 
+@pytest.mark.parity
 @pytest.mark.parametrize("arch", ARCHS)
 def test_greedy_generate_of_a_batch_equals_each_prompt_generated_alone(arch):
     model = tiny_model(arch)
@@ -750,6 +871,7 @@ def test_generate_with_a_fixed_generator_reproduces_the_same_samples():
     assert a.tokens != c.tokens
 
 
+@pytest.mark.parity
 @pytest.mark.parametrize("arch", ARCHS)
 def test_generate_logprobs_equal_a_fresh_forward_pass_under_the_sampling_distribution(arch):
     model = tiny_model(arch)
@@ -879,6 +1001,7 @@ def _our_cached_logits(model, prompts, continuation, fused=False):
     return torch.stack(steps, dim=1)
 
 
+@pytest.mark.parity
 @pytest.mark.parametrize("fused", [False, True], ids=["written-out-attention", "fused-attention"])
 @pytest.mark.parametrize("name", list(PARITY_CONFIGS))
 def test_our_forward_with_our_kv_cache_equals_transformers_full_forward_on_a_left_padded_batch(name, fused):
@@ -906,6 +1029,7 @@ def test_llama3_rope_scaling_really_changes_the_frequencies_our_forward_uses():
     assert plain[0] / LLAMA3_ROPE["factor"] < scaled[0] < plain[0]
 
 
+@pytest.mark.parity
 @pytest.mark.parametrize("fused", [False, True], ids=["written-out-attention", "fused-attention"])
 def test_our_forward_feeding_several_tokens_on_top_of_the_cache_equals_one_at_a_time(fused):
     model = _parity_model("qwen3-qk-norm")
@@ -933,6 +1057,7 @@ def test_our_forward_reads_the_models_own_parameters_so_an_update_is_seen_at_onc
     assert (after[0] - _continuation_logits(model, SAMPLING_PROMPTS[0], [40, 0])).abs().max().item() <= 1e-4
 
 
+@pytest.mark.parity
 @pytest.mark.parametrize("arch", ARCHS)
 def test_bf16_forward_agrees_with_fp32_as_closely_as_transformers_own_bf16(arch):
     # Tolerance: bf16 keeps 8 significant bits, so every rounding is off by up to 2^-9 = 0.2% relative. A
@@ -954,6 +1079,7 @@ def test_bf16_forward_agrees_with_fp32_as_closely_as_transformers_own_bf16(arch)
         assert ours_err <= 2.0 * (theirs16 - fp32).abs().max().item() + 1e-6, f"row {b}"
 
 
+@pytest.mark.parity
 @pytest.mark.parametrize("name", list(PARITY_CONFIGS))
 def test_greedy_generate_with_our_decoder_matches_transformers_generate_for_every_supported_config(name):
     model = _parity_model(name)
@@ -981,6 +1107,7 @@ def _count_transformers_calls(monkeypatch, model):
     return calls
 
 
+@pytest.mark.parity
 @pytest.mark.parametrize("arch", ARCHS)
 def test_our_sampler_never_calls_transformers_forward_or_updates_its_cache(arch, monkeypatch):
     model = tiny_model(arch)
@@ -1008,6 +1135,7 @@ def _tiny_unsupported_model(kind: str):
     return Qwen2ForCausalLM(config).eval()
 
 
+@pytest.mark.parity
 @pytest.mark.parametrize("kind", ["gpt2", "qwen2-sliding-window"])
 def test_an_unsupported_model_falls_back_to_transformers_with_a_warning_and_matches_its_greedy_generate(
         kind, monkeypatch):
@@ -1104,6 +1232,7 @@ def test_toy_tokenizer_round_trips_every_character_the_task_uses_and_renders_a_c
     assert tokenizer.pad_token_id != tokenizer.eos_token_id
 
 
+@pytest.mark.smoke
 def test_toy_quick_build_writes_every_file_and_is_cached_by_recipe(toy_quick_base):
     out, seconds = toy_quick_base
     print(f"quick build took {seconds:.1f} s")   # speed belongs in bench.py, not in an assert
@@ -1123,6 +1252,7 @@ def test_toy_quick_build_writes_every_file_and_is_cached_by_recipe(toy_quick_bas
     assert not toy.is_built(out, toy.quick_recipe(seed=1))
 
 
+@pytest.mark.parity
 def test_toy_saved_model_and_tokenizer_reload_with_auto_classes_and_give_identical_logits(tmp_path,
                                                                                          toy_quick_base):
     recipe = toy.quick_recipe()
@@ -1152,6 +1282,7 @@ def test_toy_saved_model_and_tokenizer_reload_with_auto_classes_and_give_identic
 
 @pytest.mark.parametrize("objective,reward,w", [("psr", 1, 1.0), ("nsr", 0, -1.0),
                                                 ("w-reinforce", 1, 0.1), ("w-reinforce", 0, -1.0)])
+@pytest.mark.parity
 def test_loss_gradient_wrt_logits_equals_the_closed_form_for_psr_nsr_and_w_reinforce(objective, reward, w):
     g = torch.Generator().manual_seed(0)
     z = torch.randn(11, generator=g, dtype=torch.float64, requires_grad=True)   # logits (V,)
@@ -1248,27 +1379,6 @@ def test_demo_gradient_prints_nsr_moving_the_logits_by_minus_one_minus_pi_and_pl
     assert all(nsr_after[v] > prior[v] for v in (0, 2)) and sum(nsr_after) == pytest.approx(1.0, abs=5e-3)
 
 
-def _tiny_world(root: pathlib.Path) -> pathlib.Path:
-    """A saved tiny random Qwen2 + char tokenizer and a few addition problems (train.jsonl, test.jsonl)."""
-    tokenizer = chat_tokenizer(chat_template=None)   # the REAL MODELS section's fixture; no template = plain
-    world = root / "world"
-    tiny_model("qwen2", vocab_size=len(tokenizer)).save_pretrained(world)
-    tokenizer.save_pretrained(world)
-    for name, pairs in (("train", [(1, 2), (3, 4), (2, 2), (5, 1)]), ("test", [(1, 1), (2, 3)])):
-        with (world / f"{name}.jsonl").open("w") as f:
-            for a, b in pairs:
-                f.write(json.dumps({"problem": f"{a}+{b}", "answer": str(a + b)}) + "\n")
-    return world
-
-
-def _tiny_config(world: pathlib.Path, out: pathlib.Path, **overrides):
-    values = dict(model=str(world), train=str(world / "train.jsonl"), eval=[], template="plain", steps=2,
-                  batch_prompts=2, group_size=4, max_new_tokens=6, lr=1e-3, micro_batch_size=3, eval_n=0,
-                  eval_temperature=1.0, eval_top_p=1.0, out_dir=str(out), device="cpu", seed=0)
-    values.update(overrides)
-    return nsr.Config(**values)
-
-
 def _fixed_batch(seed: int = 0, n: int = 5, vocab: int = 97):
     """Random prompts and responses of different lengths, and mixed-sign weights."""
     g = torch.Generator().manual_seed(seed)
@@ -1298,6 +1408,7 @@ def test_gradients_with_micro_batch_size_one_equal_the_full_batch_gradients():
     assert sum(g.abs().sum() for g in results[0][1]) > 0
 
 
+@pytest.mark.parity
 @pytest.mark.parametrize("arch", ARCHS)
 def test_gradient_checkpointing_and_the_chunked_output_layer_give_the_same_loss_and_gradients(arch):
     prompts, responses, weights = _fixed_batch(seed=1)
@@ -1317,6 +1428,7 @@ def test_gradient_checkpointing_and_the_chunked_output_layer_give_the_same_loss_
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.smoke
 def test_bf16_training_with_fp32_master_weights_keeps_updates_that_a_bf16_only_update_loses():
     # The pitfall: AdamW at lr 1e-6 moves each weight by ~1e-6, but bf16 has only 8 mantissa bits, so a
     # weight of 0.02 can only move in steps of 2^-13 = 1.2e-4: the bf16-only update rounds back to the
@@ -1361,6 +1473,7 @@ def test_bf16_training_with_fp32_master_weights_keeps_updates_that_a_bf16_only_u
     assert changed_master.float().mean() > 5 * changed_plain.float().mean()
 
 
+@pytest.mark.smoke
 def test_nsr_training_steps_lower_the_log_prob_of_the_penalised_samples():
     model = tiny_model("qwen2").train()
     prompts = [[1, 5, 6, 7], [1, 9, 10]] * 4
@@ -1384,6 +1497,7 @@ def test_nsr_training_steps_lower_the_log_prob_of_the_penalised_samples():
     assert (after < before).all(), (before, after)
 
 
+@pytest.mark.smoke
 def test_train_two_steps_write_a_checkpoint_two_metrics_lines_and_a_loadable_model(tmp_path):
     world = _tiny_world(tmp_path)
     cfg = _tiny_config(world, tmp_path / "run", eval=[str(world / "test.jsonl")], eval_n=4)
@@ -1404,6 +1518,7 @@ def test_train_two_steps_write_a_checkpoint_two_metrics_lines_and_a_loadable_mod
     assert set(result["evals"]["test"]) == {0, 2} and "test base" in result["table"]
 
 
+@pytest.mark.smoke
 def test_train_stopped_after_step_one_and_resumed_reproduces_step_two_without_duplicate_lines(tmp_path):
     world = _tiny_world(tmp_path)
     nsr.train(_tiny_config(world, tmp_path / "full", steps=2))
@@ -1426,6 +1541,7 @@ def test_train_stopped_after_step_one_and_resumed_reproduces_step_two_without_du
     assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
 
 
+@pytest.mark.smoke
 def test_train_skips_non_finite_loss_steps_and_stops_after_several_in_a_row_without_saving(tmp_path, monkeypatch):
     world = _tiny_world(tmp_path)
     monkeypatch.setattr(nsr, "backward_on_batch", lambda *args, **kwargs: None)   # "the loss was NaN"
@@ -1439,6 +1555,7 @@ def test_train_skips_non_finite_loss_steps_and_stops_after_several_in_a_row_with
     assert all(torch.equal(p, q) for p, q in zip(saved.parameters(), base.parameters()))
 
 
+@pytest.mark.smoke
 def test_train_stops_with_a_message_naming_the_step_when_sampling_meets_non_finite_logits(tmp_path):
     world = _tiny_world(tmp_path)
     model, tokenizer = sample.load_model(world, device="cpu")
@@ -1501,6 +1618,7 @@ def _fake_rewards(monkeypatch, pattern):
     monkeypatch.setattr(verifier, "reward", reward)
 
 
+@pytest.mark.smoke
 @pytest.mark.parametrize("objective", ["nsr", "w-reinforce"])
 def test_updates_equal_ceil_of_trained_samples_over_the_mini_batch_size_with_clip_and_entropy(
         tmp_path, monkeypatch, objective):
@@ -1516,6 +1634,7 @@ def test_updates_equal_ceil_of_trained_samples_over_the_mini_batch_size_with_cli
         assert m["updates"] == math.ceil(m["trained_samples"] / 3)
 
 
+@pytest.mark.smoke
 def test_a_last_partial_mini_batch_steps_too_with_its_loss_scaled_by_its_size_over_m(tmp_path, monkeypatch):
     _fake_rewards(monkeypatch, [1, 0, 0, 1, 0, 0, 1, 0, 1, 0, 0, 1])       # 7 wrong of 12
     calls, real = [], nsr.backward_on_batch
@@ -1530,6 +1649,7 @@ def test_a_last_partial_mini_batch_steps_too_with_its_loss_scaled_by_its_size_ov
     assert calls == [(3, 1.0), (3, 1.0), (1, 1 / 3)]     # chunks 3, 3, 1: the last one's loss x 1/3
 
 
+@pytest.mark.parity
 def test_the_first_mini_batch_gradient_is_the_on_policy_gradient_of_the_sampled_tokens():
     # old log-probs = the sampler's own: at the first chunk the ratio is 1 and the clipped surrogate's
     # gradient equals the plain -w log pi gradient (in fp32, up to the sampler's rounding)
@@ -1581,6 +1701,7 @@ def _reference_gae(rewards, values, lengths, gamma, lam):
     return out
 
 
+@pytest.mark.parity
 def test_gae_equals_a_hand_computed_example_and_the_return_minus_value_at_gamma_lam_one():
     # one row by hand: rewards (0, 0, 1), values (0.5, 0.2, 0.4), gamma 0.9, lam 0.8:
     #   d2 = 1 - 0.4 = 0.6;  d1 = 0 + 0.9*0.4 - 0.2 = 0.16;  d0 = 0 + 0.9*0.2 - 0.5 = -0.32
@@ -1627,6 +1748,7 @@ def test_explained_variance_is_one_for_a_perfect_critic_and_zero_for_the_mean():
     assert nsr.explained_variance(torch.full((1, 4), 2.0), ret, mask) == pytest.approx(0.0)
 
 
+@pytest.mark.smoke
 def test_ppo_trains_a_critic_logs_its_metrics_and_resumes_exactly(tmp_path, monkeypatch):
     _fake_rewards(monkeypatch, [1, 0, 0, 1, 0, 0, 1, 0])
     world = _tiny_world(tmp_path)
@@ -1654,6 +1776,7 @@ def test_ppo_trains_a_critic_logs_its_metrics_and_resumes_exactly(tmp_path, monk
 
 # ---- optimizer offload: the same computation with the fp32 state in CPU RAM ----
 
+@pytest.mark.parity
 def test_optimizer_offload_gives_bit_identical_weights_to_on_device_fp32_masters_and_resumes(tmp_path, monkeypatch):
     _fake_rewards(monkeypatch, [1, 0, 0, 1, 0, 0, 1, 0])
     world = _tiny_world(tmp_path)
@@ -1679,99 +1802,6 @@ def test_optimizer_offload_gives_bit_identical_weights_to_on_device_fp32_masters
 #
 # Select with:  python -m pytest -q test_nsr.py -k "template or render_prompt or encode_prompts or load_problems or load_model or preset or memory_plan"
 #
-# chat_tokenizer() below is a reusable fixture: a character-level PreTrainedTokenizerFast that knows the
-# Qwen and Llama special tokens and carries a chat template, so "auto" rendering, encoding and a tiny
-# model's vocabulary can be tested offline (pass vocab_size=len(tokenizer) to tiny_model()).
-
-# The chat templates below are the official ones reduced to the branch a [system, user] conversation
-# takes (no tools), kept line for line as published:
-#   Qwen2.5 / Qwen2.5-Math: "chat_template" in huggingface.co/Qwen/Qwen2.5-Math-1.5B/blob/main/tokenizer_config.json
-#   Qwen3:                  "chat_template" in huggingface.co/Qwen/Qwen3-0.6B/blob/main/tokenizer_config.json
-#   Llama 3.1 / 3.2:        "chat_template" in huggingface.co/meta-llama/Llama-3.2-1B-Instruct (tokenizer_config.json)
-QWEN25_CHAT_TEMPLATE = (
-    "{%- if messages[0]['role'] == 'system' %}\n"
-    "    {{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}\n"
-    "{%- else %}\n"
-    "    {{- '<|im_start|>system\\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\\n' }}\n"
-    "{%- endif %}\n"
-    "{%- for message in messages %}\n"
-    "    {%- if (message.role == \"user\") or (message.role == \"system\" and not loop.first) %}\n"
-    "        {{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>' + '\\n' }}\n"
-    "    {%- endif %}\n"
-    "{%- endfor %}\n"
-    "{%- if add_generation_prompt %}\n"
-    "    {{- '<|im_start|>assistant\\n' }}\n"
-    "{%- endif %}\n")
-QWEN3_CHAT_TEMPLATE = (
-    "{%- if messages[0].role == 'system' %}\n"
-    "    {{- '<|im_start|>system\\n' + messages[0].content + '<|im_end|>\\n' }}\n"
-    "{%- endif %}\n"
-    "{%- for message in messages %}\n"
-    "    {%- if message.content is string %}\n"
-    "        {%- set content = message.content %}\n"
-    "    {%- else %}\n"
-    "        {%- set content = '' %}\n"
-    "    {%- endif %}\n"
-    "    {%- if (message.role == \"user\") or (message.role == \"system\" and not loop.first) %}\n"
-    "        {{- '<|im_start|>' + message.role + '\\n' + content + '<|im_end|>' + '\\n' }}\n"
-    "    {%- endif %}\n"
-    "{%- endfor %}\n"
-    "{%- if add_generation_prompt %}\n"
-    "    {{- '<|im_start|>assistant\\n' }}\n"
-    "    {%- if enable_thinking is defined and enable_thinking is false %}\n"
-    "        {{- '<think>\\n\\n</think>\\n\\n' }}\n"
-    "    {%- endif %}\n"
-    "{%- endif %}")
-LLAMA31_CHAT_TEMPLATE = (
-    "{{- bos_token }}\n"
-    "{%- if not date_string is defined %}\n"
-    "    {%- set date_string = \"26 Jul 2024\" %}\n"
-    "{%- endif %}\n"
-    "{%- if messages[0]['role'] == 'system' %}\n"
-    "    {%- set system_message = messages[0]['content']|trim %}\n"
-    "    {%- set messages = messages[1:] %}\n"
-    "{%- else %}\n"
-    "    {%- set system_message = \"\" %}\n"
-    "{%- endif %}\n"
-    "{{- \"<|start_header_id|>system<|end_header_id|>\\n\\n\" }}\n"
-    "{{- \"Cutting Knowledge Date: December 2023\\n\" }}\n"
-    "{{- \"Today Date: \" + date_string + \"\\n\\n\" }}\n"
-    "{{- system_message }}\n"
-    "{{- \"<|eot_id|>\" }}\n"
-    "{%- for message in messages %}\n"
-    "    {{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n'+ message['content'] | trim + '<|eot_id|>' }}\n"
-    "{%- endfor %}\n"
-    "{%- if add_generation_prompt %}\n"
-    "    {{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}\n"
-    "{%- endif %}\n")
-
-CHAT_SPECIAL_TOKENS = ["<pad>", "<|begin_of_text|>", "<|im_end|>", "<|im_start|>", "<|endoftext|>",
-                       "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "<unk>"]
-
-
-def chat_tokenizer(chat_template: str | None = QWEN3_CHAT_TEMPLATE, add_bos: bool = False):
-    """A character-level tokenizer with real special tokens: pad 0, bos 1 (<|begin_of_text|>), eos 2
-    (<|im_end|>), then the other specials and every printable ASCII character (len = 106).
-
-    add_bos=True makes plain encoding prepend <|begin_of_text|> as Llama tokenizers do.
-    """
-
-
-    chars = sorted(set(string.printable) - set("\x0b\x0c\r"))
-    vocab = {token: i for i, token in enumerate(CHAT_SPECIAL_TOKENS + chars)}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Split(Regex("[\\s\\S]"), behavior="isolated")  # one char each
-    backend.decoder = decoders.Fuse()
-    if add_bos:
-        backend.post_processor = processors.TemplateProcessing(
-            single="<|begin_of_text|> $A", special_tokens=[("<|begin_of_text|>", 1)])
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<|begin_of_text|>",
-                                        eos_token="<|im_end|>", pad_token="<pad>", unk_token="<unk>",
-                                        additional_special_tokens=CHAT_SPECIAL_TOKENS[3:8])
-    tokenizer.chat_template = chat_template
-    return tokenizer
-
-
 PROBLEM = "What is $1+1$?"
 # The official strings, written out by hand (not built from nsr's constants).
 OFFICIAL_QWEN25_MATH = ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
@@ -1785,6 +1815,7 @@ OFFICIAL_LLAMA3 = ("<|begin_of_text|><|start_header_id|>system<|end_header_id|>\
 OFFICIAL_PLAIN = "What is $1+1$?\nPlease reason step by step, and put your final answer within \\boxed{}.\n"
 
 
+@pytest.mark.parity
 def test_templates_render_exactly_the_official_prompt_strings():
     assert sample.render_prompt(None, PROBLEM, "qwen2.5-math") == OFFICIAL_QWEN25_MATH
     assert sample.render_prompt(None, PROBLEM, "qwen3") == OFFICIAL_QWEN3_NO_THINKING
@@ -1792,6 +1823,7 @@ def test_templates_render_exactly_the_official_prompt_strings():
     assert sample.render_prompt(None, PROBLEM, "plain") == OFFICIAL_PLAIN
 
 
+@pytest.mark.parity
 def test_auto_template_through_the_real_qwen_chat_templates_gives_the_official_strings():
     assert sample.render_prompt(chat_tokenizer(QWEN25_CHAT_TEMPLATE), PROBLEM) == OFFICIAL_QWEN25_MATH
     # Qwen3's template in non-thinking mode (enable_thinking=False) opens the empty think block.
@@ -1915,6 +1947,7 @@ def test_load_model_loads_a_saved_tiny_model_offline_with_a_pad_id_and_chat_stop
         sample.load_model(tmp_path, dtype="fp8")
 
 
+@pytest.mark.parity
 def test_memory_plan_parameter_counts_equal_transformers_models_built_from_the_table():
     # Each table entry, built as the real transformers class on the meta device (no memory), has
     # exactly num_params() parameters; and the sizes are the published ones (1.54B, 7.62B, ...).
@@ -1984,6 +2017,7 @@ def test_memory_plan_matches_a_by_hand_estimate_and_shows_why_1_5b_and_7b_do_not
     assert nsr.memory_plan("qwen2.5-math-1.5b")["fits"]
 
 
+@pytest.mark.smoke
 @pytest.mark.parametrize("arch", ARCHS)
 def test_load_model_and_template_auto_run_one_training_step_and_an_evaluation_end_to_end(tmp_path, arch):
     # The real-model path on a tiny random model of each architecture: a locally built tokenizer with
@@ -2070,6 +2104,7 @@ def test_reproduce_bootstrap_is_paired_so_identical_models_differ_by_exactly_zer
     assert "Base" in reproduce.tables(same) and "NSR" in reproduce.tables(same)
 
 
+@pytest.mark.smoke
 def test_reproduce_runs_every_method_on_the_quick_toy_writes_summary_json_and_resumes(tmp_path, capsys):
     argv = ["--quick", "--bases", str(tmp_path / "bases"), "--out", str(tmp_path / "out"), "--jobs", "1",
             "--seeds", "0", "--set", "steps=2", "--set", "batch_prompts=2", "--set", "group_size=4"]
@@ -2099,3 +2134,18 @@ def test_reproduce_rejects_bad_flags_before_any_work(tmp_path, capsys, extra, me
         reproduce.main(["--out", str(tmp_path / "never"), *extra])
     assert message in capsys.readouterr().err
     assert not (tmp_path / "never").exists()
+
+
+
+# =================================================================================================
+# THE THREE KINDS OF TEST (STYLE.md habit 8), selectable:
+#     python -m pytest -q test_nsr.py -m math      exact math: a formula, a table or a rule, exactly
+#     python -m pytest -q test_nsr.py -m parity    our code against transformers' or an independent reference
+#     python -m pytest -q test_nsr.py -m smoke     a whole command or training loop on a tiny model
+# =================================================================================================
+# Parity and smoke tests carry their mark above; every other test is exact math, marked here (pytest.ini
+# registers the three marks).
+for _name, _test in list(globals().items()):
+    if _name.startswith("test_") and callable(_test) and not any(
+            m.name in ("parity", "smoke") for m in getattr(_test, "pytestmark", [])):
+        globals()[_name] = pytest.mark.math(_test)
