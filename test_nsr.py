@@ -1202,6 +1202,32 @@ def test_toy_splits_are_disjoint_and_hard_problems_are_down_only():
     assert kinds == {(True, False), (False, True), (True, True)}
 
 
+def test_toy_failed_attempts_end_honestly_in_none_are_wrong_and_keep_the_corpus_strategy_mix():
+    recipe = toy.ToyRecipe()
+    # x = 7 is down-only: "up" tries 0..5, none gives 0, and the attempt says so instead of boxing a guess
+    failed = toy.solve([9, 7], 3, "up", recipe, allow_fail=True)
+    assert failed == "Up 9,6-3=3 0:3 1:4 2:5 3:6 4:7 5:8 none"
+    assert verifier.reward(failed, "7") == 0.0 and verifier.extract_answer(failed) is None
+    with pytest.raises(ValueError, match="cannot solve"):
+        toy.solve([9, 7], 3, "up", recipe)                      # a gold solution never fails
+    # the corpus draws ~fail_share failed attempts on one-strategy problems; shares of Up and Down stay
+    rng = random.Random(0)
+    problems = toy.make_splits(recipe)["train"]
+    tokenizer = toy.build_tokenizer()
+    ids, kept, _ = sample.encode_prompts(tokenizer, problems)
+    cache = {p["problem"]: i for p, i in zip(kept, ids)}
+    responses = []
+    for _ in range(20):
+        input_ids, labels, _, _ = toy.sft_batch(problems[:64], cache, tokenizer, rng, recipe)
+        for row, lab in zip(input_ids, labels):
+            responses.append(tokenizer.decode([t for t, l in zip(row.tolist(), lab.tolist()) if l != -100],
+                                              skip_special_tokens=True))
+    one_strategy = [r for r, p in zip(responses, problems[:64] * 20)
+                    if toy.strategy_works(int(p["answer"]), "up", recipe) != toy.strategy_works(int(p["answer"]), "down", recipe)]
+    share_failed = sum(r.endswith(" none") for r in one_strategy) / len(one_strategy)
+    assert abs(share_failed - recipe.fail_share) < 0.05, share_failed
+
+
 def test_toy_every_reference_solution_verifies_against_its_gold_answer():
     recipe = toy.ToyRecipe()
     for split in toy.make_splits(recipe).values():

@@ -95,7 +95,7 @@ class ToyRecipe:
     down_last: int = 4
     """"down" tries candidates 9, 8, ..., down_last (so x in [down_last, up_last] is shared). With 5 and
     4 each strategy solves 6 of the 10 answers: neither is better on average (the v2 design)"""
-    fail_share: float = 0.0
+    fail_share: float = 0.2
     """probability that a corpus solution of an up-only or down-only problem uses the OTHER strategy and
     fails honestly ("... 5:8 none"). Without failed attempts in the corpus, the base meets a failing
     window only at RL time and fabricates a check or a difference to box something; NSR then pushes
