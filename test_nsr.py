@@ -274,26 +274,14 @@ VERIFIER_FAMILY_REJECT = [pytest.param(a, g, id=f"{family}-{i}") for family, (_,
                           for i, (a, g) in enumerate(reject)]
 
 
-@pytest.mark.parametrize("answer,gold", VERIFIER_ACCEPT)
+@pytest.mark.parametrize("answer,gold", VERIFIER_ACCEPT + VERIFIER_FAMILY_ACCEPT)
 def test_verifier_accepts_every_notation_of_the_same_answer_in_both_directions(answer, gold):
     assert verifier.is_correct(f"So the answer is $\\boxed{{{answer}}}$.", gold)
     assert verifier.is_correct(f"Thus \\boxed{{{gold}}}", answer)
 
 
-@pytest.mark.parametrize("answer,gold", VERIFIER_REJECT)
+@pytest.mark.parametrize("answer,gold", VERIFIER_REJECT + VERIFIER_FAMILY_REJECT)
 def test_verifier_rejects_a_different_value_structure_or_hedge_in_both_directions(answer, gold):
-    assert not verifier.is_correct(f"\\boxed{{{answer}}}", gold)
-    assert not verifier.is_correct(f"\\boxed{{{gold}}}", answer)
-
-
-@pytest.mark.parametrize("answer,gold", VERIFIER_FAMILY_ACCEPT)
-def test_verifier_accepts_each_family_of_equivalent_notations_in_both_directions(answer, gold):
-    assert verifier.is_correct(f"So the answer is $\\boxed{{{answer}}}$.", gold)
-    assert verifier.is_correct(f"Thus \\boxed{{{gold}}}", answer)
-
-
-@pytest.mark.parametrize("answer,gold", VERIFIER_FAMILY_REJECT)
-def test_verifier_rejects_the_near_miss_of_each_family_in_both_directions(answer, gold):
     assert not verifier.is_correct(f"\\boxed{{{answer}}}", gold)
     assert not verifier.is_correct(f"\\boxed{{{gold}}}", answer)
 

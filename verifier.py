@@ -632,19 +632,26 @@ def _sign(sign: str) -> int:
 _BRACKETS = {"(": ")", "[": "]", "{": "}"}
 
 
-def _split_top(s: str, sep: str) -> list[str]:
-    """Split at `sep` outside any brackets: "(1,2),3" -> ["(1,2)", "3"] for sep ",".
-    An interval's mismatched brackets "[0,1)" count like matched ones."""
-    parts, depth, start = [], 0, 0
-    for m in re.finditer(r"[()\[\]{}]|" + re.escape(sep), s):
+def _outside_brackets(s: str, pattern: str):
+    """The matches of `pattern` in s that stand outside any brackets (a bracket moves the depth; an
+    interval's mismatched brackets "[0,1)" count like matched ones)."""
+    depth = 0
+    for m in re.finditer(r"[()\[\]{}]|" + pattern, s):
         c = m.group()
         if c in "([{":
             depth += 1
         elif c in ")]}":
             depth = max(0, depth - 1)
         elif depth == 0:
-            parts.append(s[start:m.start()])
-            start = m.end()
+            yield m
+
+
+def _split_top(s: str, sep: str) -> list[str]:
+    """Split at `sep` outside any brackets: "(1,2),3" -> ["(1,2)", "3"] for sep ","."""
+    parts, start = [], 0
+    for m in _outside_brackets(s, re.escape(sep)):
+        parts.append(s[start:m.start()])
+        start = m.end()
     parts.append(s[start:])
     return parts
 
@@ -718,16 +725,7 @@ def _slash_to_frac(s: str) -> str:
 
 def _top_level(s: str) -> str:
     """The characters of s outside any brackets: "\\sqrt{a+b}-1" -> "\\sqrt-1"."""
-    out, depth = [], 0
-    for m in re.finditer(r"[()\[\]{}]|[^()\[\]{}]+", s):
-        c = m.group()
-        if c in "([{":
-            depth += 1
-        elif c in ")]}":
-            depth = max(0, depth - 1)
-        elif depth == 0:
-            out.append(c)
-    return "".join(out)
+    return "".join(m.group() for m in _outside_brackets(s, r"[^()\[\]{}]+"))
 
 
 _BASE_RE = re.compile(r"([0-9A-Z]+)_(?:(\d)|\{(\d\d?)\})")
