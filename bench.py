@@ -227,7 +227,7 @@ def train_child(args) -> dict:
         start = time.perf_counter()
         # "on" = what nsr.train does with checkpointing: layers AND the output layer (Config.head_chunk)
         nsr.backward_on_batch(model, prompts, responses, weights, Z, micro_batch_size=args.micro_batch,
-                              params=params, master=master,
+                              trainable=policy,
                               head_chunk=nsr.Config().head_chunk if args.child == "on" else 0)
         nsr.optimizer_step(policy, grad_clip=1.0)
         if device.type == "cuda":
@@ -290,8 +290,9 @@ def bench_train(args) -> dict:
 #
 # python bench.py offload   with --optimizer-offload the fp32 masters, their grads and AdamW's m, v live
 #                           in CPU RAM and torch's AdamW steps there (nsr.make_trainable). This times that
-#                           step, and the two CPU-side copies of nsr.grads_to_master (bf16 grad -> fp32
-#                           add) and of optimizer_step (fp32 master -> bf16 weights), on random tensors of
+#                           step, and two CPU-side passes: an fp32 += bf16 add (what grads_to_master would
+#                           cost per micro-batch if the sum lived on the CPU; it lives on the GPU) and
+#                           optimizer_step's fp32 master -> bf16 weights copy, on random tensors of
 #                           Qwen2.5-Math-1.5B's size. NOTE: the full state is 16 B x 1.54e9 = 24.7 GB, more
 #                           than this 24 GB machine has, so --fraction measures a part of it and scales
 #                           linearly (AdamW's foreach step is elementwise: memory-bound, linear in size);
@@ -319,7 +320,7 @@ def bench_offload(args) -> dict:
             t0 = time.perf_counter()
             optimizer.step()
             t1 = time.perf_counter()
-            for m, gb in zip(master, bf16_grads):          # grads_to_master: fp32 += bf16 (one micro-batch)
+            for m, gb in zip(master, bf16_grads):          # fp32 += bf16: one micro-batch's sum, on a CPU
                 m.grad.add_(gb)
             t2 = time.perf_counter()
             with torch.no_grad():

@@ -650,28 +650,34 @@ def response_logprobs(model, input_ids, attention_mask, position_ids, response_l
     return logp, entropy
 
 
-def grads_to_master(params: list, master: list) -> None:
-    """Add each model grad into its fp32 master's grad (on the master's device: the GPU, or the CPU with
-    --optimizer-offload) and free it. No-op where the model's weights are their own master (fp32)."""
-    for p, m in zip(params, master):
+def grads_to_master(t: "Trainable") -> None:
+    """After a micro-batch's backward: add each model grad (bf16) into an fp32 sum and free it. On-device,
+    the sum is the master's own .grad; with --optimizer-offload it is an fp32 buffer on the model's
+    device (t.accum), moved to the CPU master once, in optimizer_step: the same fp32 additions in the same
+    order (so the same result, bit for bit), without a PCIe transfer and a CPU pass per micro-batch.
+    No-op where the model's weights are their own master (fp32, on-device)."""
+    for i, (p, m) in enumerate(zip(t.params, t.master)):
         if p is m or p.grad is None:
             continue
-        g = p.grad.to(m.device, torch.float32)                               # bf16 -> fp32 is exact
-        m.grad = g if m.grad is None else m.grad.add_(g)                     # accumulate in fp32
+        if t.accum is not None:                                              # offload: sum on the GPU
+            t.accum[i] = p.grad.float() if t.accum[i] is None else t.accum[i].add_(p.grad)
+        else:
+            m.grad = p.grad.float() if m.grad is None else m.grad.add_(p.grad)   # accumulate in fp32
         p.grad = None
 
 
 def backward_on_batch(model, prompts, responses, weights, normalizer: float, *, micro_batch_size: int,
                       temperature: float = 1.0, clip_eps: float = 0.0, old_logprobs=None,
                       entropy_coef: float = 0.0, kl_coef: float = 0.0, ref_model=None,
-                      params=None, master=None, pad_id: int = 0, head_chunk: int = 0, scale: float = 1.0):
+                      trainable=None, pad_id: int = 0, head_chunk: int = 0, scale: float = 1.0):
     """Accumulate the gradient of one mini-batch's loss, micro-batch by micro-batch. Returns the loss
     (a float), or None if it was not finite (the caller then discards the gradient).
 
     prompts/responses: token-id lists (n rows); weights (n,) per sample or (n, T) per token (ppo);
     normalizer Z for the WHOLE mini-batch, so the sum of the micro-batch losses is the mini-batch loss and
     its gradient is independent of micro_batch_size. old_logprobs: per-row lists of the sampler's
-    log-probs (for clip_eps > 0). scale: m / M for a last, partial mini-batch of m < M responses (the
+    log-probs (for clip_eps > 0). trainable: where the grads go (grads_to_master); None = leave them in
+    the model's .grad. scale: m / M for a last, partial mini-batch of m < M responses (the
     official code's len(micro) / ppo_mini_batch_size). head_chunk: see response_logprobs (0 = plain forward).
     """
     device = next(model.parameters()).device
@@ -708,8 +714,8 @@ def backward_on_batch(model, prompts, responses, weights, normalizer: float, *, 
         if not torch.isfinite(loss):
             return None
         loss.backward()
-        if params is not None:
-            grads_to_master(params, master)
+        if trainable is not None:
+            grads_to_master(trainable)
         total += loss.detach()
     return total.item()
 
@@ -723,16 +729,18 @@ class Trainable:
     params: list                  # the model's trainable parameters (bf16 or fp32)
     master: list                  # the fp32 tensors AdamW updates: `params` itself for an fp32 model on-device
     optimizer: torch.optim.Optimizer
+    accum: list | None = None     # --optimizer-offload: fp32 gradient sums on the model's device (grads_to_master)
 
 
 def make_trainable(model, cfg: Config, lr: float) -> Trainable:
     """fp32 master weights (see the section comment) and their AdamW.
 
-    With cfg.optimizer_offload the masters live in CPU RAM (pinned when a GPU is there, so the copies can
-    run asynchronously): per step the GPU then sends P x 4 bytes of fp32 grads down (once per micro-batch,
-    as bf16 -> fp32 on arrival) and receives P x 2 bytes of bf16 weights back, and AdamW runs on the CPU
-    (measured for 1.54e9 parameters in `python bench.py offload`). The GPU keeps only the bf16 weights
-    and grads: 4 bytes/param instead of 20."""
+    With cfg.optimizer_offload the masters and AdamW's m and v live in CPU RAM (pinned when a GPU is there,
+    so the copies can run asynchronously): 12 bytes/param, plus the masters' fp32 grads (4) during the
+    step. Per OPTIMIZER STEP the GPU sends P x 4 bytes of summed fp32 grads down and receives P x 2 bytes
+    of bf16 weights back, and AdamW runs on the CPU (measured for 1.54e9 parameters: `python bench.py
+    offload`). The GPU keeps the bf16 weights and grads and, between micro-batches, the fp32 grad sum:
+    8 bytes/param while training, 2 while sampling (instead of 20 and 16)."""
     params = [p for p in model.parameters() if p.requires_grad]
     if all(p.dtype == torch.float32 for p in params) and not cfg.optimizer_offload:
         master = params
@@ -743,12 +751,16 @@ def make_trainable(model, cfg: Config, lr: float) -> Trainable:
                                      p.detach().to(where, torch.float32).clone()) for p in params]
     optimizer = torch.optim.AdamW(master, lr=lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
                                   weight_decay=cfg.weight_decay)
-    return Trainable(model, params, master, optimizer)
+    return Trainable(model, params, master, optimizer, [None] * len(params) if cfg.optimizer_offload else None)
 
 
 def optimizer_step(t: Trainable, grad_clip: float):
     """Clip the master gradient, AdamW-update the master, copy it into the model.
     Returns the gradient norm before clipping (a 0-d tensor; non-finite = nothing was changed)."""
+    if t.accum is not None:                    # offload: the fp32 grad sums go down to the CPU masters
+        for i, m in enumerate(t.master):
+            if t.accum[i] is not None:
+                m.grad, t.accum[i] = t.accum[i].to(m.device), None
     # g <- g * min(1, grad_clip / ||g||); the returned norm is the one before clipping
     grad_norm = torch.nn.utils.clip_grad_norm_(t.master, grad_clip if grad_clip > 0 else float("inf"))
     if torch.isfinite(grad_norm):
@@ -762,10 +774,12 @@ def optimizer_step(t: Trainable, grad_clip: float):
 
 
 def zero_grads(t: Trainable) -> None:
-    """Free the master grads (the optimizer's) and the model's own grads (bf16 leftovers, if any)."""
+    """Free the master grads (the optimizer's), the offload sums and the model's own grads (bf16 leftovers)."""
     t.optimizer.zero_grad(set_to_none=True)
     for p in t.params:
         p.grad = None
+    if t.accum is not None:
+        t.accum[:] = [None] * len(t.accum)
 
 
 def enable_gradient_checkpointing(model) -> None:
@@ -1053,7 +1067,7 @@ def update(run: Run, cfg: Config, prompts, rollouts, weights, extra: dict) -> di
             micro_batch_size=cfg.micro_batch_size, temperature=cfg.temperature, clip_eps=cfg.clip_eps,
             old_logprobs=[rollouts.logprobs[i] for i in rows], entropy_coef=cfg.entropy_coef,
             kl_coef=0.0 if cfg.objective == "ppo" else kl_coef(cfg),     # ppo's KL is in its reward
-            ref_model=run.ref_model, params=run.policy.params, master=run.policy.master, pad_id=run.pad_id,
+            ref_model=run.ref_model, trainable=run.policy, pad_id=run.pad_id,
             head_chunk=run.head_chunk, scale=scale)
         grad_norm = optimizer_step(run.policy, cfg.grad_clip) if loss is not None else None
         if loss is None or not torch.isfinite(grad_norm):
@@ -1238,7 +1252,7 @@ def critic_update(run: Run, cfg: Config, prompts, rollouts, mini: list[int], ext
         loss = value_loss(values, extra["old_values"][rows, :R], extra["returns"][rows, :R], mask, Z,
                           cfg.value_clip) * scale
         loss.backward()
-        grads_to_master(run.critic.params, run.critic.master)
+        grads_to_master(run.critic)
         total += loss.item()
     grad_norm = optimizer_step(run.critic, cfg.grad_clip)
     return {"value_loss": total, "grad_norm": grad_norm.item()}
@@ -1253,12 +1267,12 @@ def critic_update(run: Run, cfg: Config, prompts, rollouts, mini: list[int], ext
 #
 # Bytes per parameter with the training section's precision scheme (see TRAINING):
 #   bf16 model:  2 (bf16 weights) + 2 (bf16 grads) + 4 (fp32 master) + 4 (fp32 master grads)
-#                + 8 (fp32 AdamW m and v) = 20 bytes/param        (--optimizer-offload: 4 on the GPU,
-#   fp32 model:  4 (weights = master) + 4 (grads) + 8 (AdamW) = 16     16 in CPU RAM)
+#                + 8 (fp32 AdamW m and v) = 20 bytes/param        (--optimizer-offload: 8 on the GPU,
+#   fp32 model:  4 (weights = master) + 4 (grads) + 8 (AdamW) = 16     the fp32 grad sum included; 16 in CPU RAM)
 # ppo doubles the model state: its critic is a second copy with its own optimizer (same scheme).
 # On one 24 GiB card (P = parameters): Qwen2.5-0.5B 9.2 GiB and Qwen3-0.6B 11.1 GiB fit in bf16;
 # Llama-3.2-1B only in fp32 (18.4 GiB); Qwen2.5-Math-1.5B (28.8 GiB in bf16) only with
-# --optimizer-offload (5.8 GiB of weights and grads on the GPU, 23 GiB of fp32 state in CPU RAM);
+# --optimizer-offload (11.5 GiB of weights, grads and their fp32 sum on the GPU, 23 GiB in CPU RAM);
 # Qwen2.5-Math-7B (142 GiB) not at all: the paper trains it on 8 GPUs with FSDP (docs/scaling.md).
 #
 # The paper's own settings (official-recipe.md): 1024 prompts x 8 rollouts per step, prompts <= 1024
@@ -1408,11 +1422,13 @@ def memory_plan(preset, arch: dict | None = None, gpu_gib: float = 24.0) -> dict
     master_grads = n * 4 if act == 2 and not offload else 0                  # freed while sampling
     plan["peak_sampling"] = (plan["weights"] + on_gpu - master_grads + plan["kv_cache"] + plan["prefill"]
                              + plan["overhead"])
-    plan["peak_training"] = (plan["weights"] + plan["gradients"] + on_gpu + plan["activations"]
+    # with offload the GPU still sums each micro-batch's grads in fp32 (grads_to_master): + P x 4 bytes
+    plan["grad_sum"] = n * 4 if offload else 0
+    plan["peak_training"] = (plan["weights"] + plan["gradients"] + on_gpu + plan["grad_sum"] + plan["activations"]
                              + plan["logits"] + plan["overhead"])
     plan["peak"] = max(plan["peak_sampling"], plan["peak_training"])
     plan["cpu_ram"] = plan["fp32_state"] if offload else 0
-    critic = plan["weights"] + on_gpu                     # the critic's weights and its fp32 state
+    critic = plan["weights"] + on_gpu                     # the critic's weights and its fp32 state (on the GPU)
     plan["ppo_peak"] = max(plan["peak_sampling"], plan["peak_training"]) + critic
     plan["ppo_cpu_ram"] = 2 * plan["cpu_ram"]
     plan["budget"] = int(gpu_gib * GIB)
@@ -1424,8 +1440,9 @@ def format_memory_plan(plan: dict) -> str:
     """The plan as a small text table (what --dry-run prints)."""
     rows = [(f"weights ({plan['dtype']})", "weights"), ("gradients", "gradients"),
             ("fp32 masters + grads + AdamW m, v", "fp32_state"),
+            ("fp32 grad sum on the GPU (offload)", "grad_sum"),
             (f"activations (checkpointing {'on' if plan['grad_checkpointing'] else 'off'})", "activations"),
-            ("logits (a head_chunk or the response)", "logits"),
+            ("logits (head_chunk or response)", "logits"),
             ("KV cache while sampling", "kv_cache"), ("prefill transient", "prefill"),
             ("CUDA context etc. (guess)", "overhead"),
             ("PEAK while sampling", "peak_sampling"), ("PEAK while training", "peak_training")]
