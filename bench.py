@@ -6,7 +6,7 @@ bench.py -- speed benchmarks for nsr, one function per benchmark, one subcommand
                             max_new_tokens, run alternately in one process, median of several repeats, on
                               (a) a ~1M-parameter random Qwen2 with a char-sized vocabulary, 256 rollouts
                                   = 32 prompts x 8 (--toy: toy.py's model on its test_easy prompts --
-                                  trained from runs/toy-base when built, else freshly initialised);
+                                  trained from runs/toy-base-s0 when built, else freshly initialised);
                               (b) a ~100M-parameter random Qwen2, 16 rollouts = 4 prompts x 4.
                             Targets: ratio >= 2.0 on (a) with --toy, >= 1.3 on (b).
                             Full run: nice -n 10 python bench.py sampler   (40 s - 1.5 min on a busy 2-core CPU)
@@ -75,17 +75,17 @@ def random_prompts(n_prompts: int, repeats: int, vocab_size: int, min_len: int, 
 
 def toy_model_and_prompts(n_prompts: int, repeats: int):
     """toy.py's model on its test_easy prompts, each repeated `repeats` times: the trained base model from
-    runs/toy-base when it has been built (python toy.py), else the same architecture freshly initialised."""
-    base = HERE / "runs" / "toy-base"
+    runs/toy-base-s0 when it has been built (python toy.py), else the same architecture freshly initialised."""
+    base = HERE / toy.base_dir(0)
     if (base / "config.json").is_file():
         model, tokenizer = sample.load_model(str(base), dtype="float32", device="cpu")
         problems = sample.load_problems(base / "test_easy.jsonl")
-        label = "a: toy model (trained, runs/toy-base)"
+        label = "a: toy model (trained, runs/toy-base-s0)"
     else:
         recipe, tokenizer = toy.ToyRecipe(), toy.build_tokenizer()
         model = toy.build_model(recipe, tokenizer)
         problems = toy.make_splits(recipe)["test_easy"]
-        label = "a: toy model (untrained: runs/toy-base not built)"
+        label = "a: toy model (untrained: runs/toy-base-s0 not built)"
     prompt_ids, _, _ = sample.encode_prompts(tokenizer, problems[:n_prompts])
     return label, model.eval(), [p for p in prompt_ids for _ in range(repeats)]
 
@@ -366,7 +366,7 @@ def main(argv=None):
     sp.add_argument("--threads", type=int, default=1,
                     help="torch CPU threads (1 = steadiest timings on a shared machine)")
     sp.add_argument("--only", default="ab", help="which models to run: a, b or ab")
-    sp.add_argument("--toy", action="store_true", help="(a) = toy.py's model on its prompts (trained runs/toy-base if built, "
+    sp.add_argument("--toy", action="store_true", help="(a) = toy.py's model on its prompts (trained runs/toy-base-s0 if built, "
                                                         "else freshly initialised)")
     sp.set_defaults(fn=bench_sampler)
 

@@ -27,7 +27,7 @@ Deviations / choices (the paper is silent on these):
      calls. The same (model, problems, settings incl. chunk_size, seed) gives the same counts.
 
 Run:
-    python passk.py --model runs/toy-base --data runs/toy-base/test_easy.jsonl --n 256 --out runs/base.json
+    python passk.py --model runs/toy-base-s0 --data runs/toy-base-s0/test_easy.jsonl --n 256 --out runs/base.json
     python passk.py --compare runs/base.json runs/nsr.json [--plot curves.png]
 """
 
@@ -323,7 +323,7 @@ def main(argv=None) -> int:
         description="Unbiased Pass@k: evaluate a model (--model --data --n --out) or --compare results.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="examples:\n"
-               "  python passk.py --model runs/toy-base --data runs/toy-base/test_easy.jsonl --n 256 "
+               "  python passk.py --model runs/toy-base-s0 --data runs/toy-base-s0/test_easy.jsonl --n 256 "
                "--out runs/base.json\n"
                "  python passk.py --compare runs/base.json runs/nsr.json --plot runs/curves.png")
     parser.add_argument("--model", help="hub name or local directory (sample.load_model)")

@@ -272,7 +272,8 @@ def format_verdicts(found: list[dict]) -> str:
     for f in found:
         lines.append(f"({f['finding']}) {f['claim']}: {f['verdict'].upper()}")
         for what, est, lo, hi in f["evidence"]:
-            lines.append(f"      {what}: {est:+.2f}  [95% {lo:+.2f}, {hi:+.2f}]")
+            d = 4 if "entropy" in what else 2                    # entropies are ~0.01 nats per token
+            lines.append(f"      {what}: {est:+.{d}f}  [95% {lo:+.{d}f}, {hi:+.{d}f}]")
     return "\n".join(lines)
 
 

@@ -530,7 +530,7 @@ END_OF_TURN_TOKENS = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|end_of_tex
 def load_model(name_or_dir, dtype="auto", device=None):
     """Load (model, tokenizer) with AutoModelForCausalLM / AutoTokenizer .from_pretrained.
 
-    name_or_dir: a hub name ("Qwen/Qwen2.5-Math-1.5B") or a local directory (e.g. runs/toy-base or a
+    name_or_dir: a hub name ("Qwen/Qwen2.5-Math-1.5B") or a local directory (e.g. runs/toy-base-s0 or a
     checkpoint written by train). A local directory is loaded with local_files_only=True, so no
     network access is attempted for it.
     dtype: "auto" = bfloat16 on CUDA and float32 on CPU (NOTE: this is OUR "auto", not transformers'
