@@ -183,7 +183,7 @@ def policy_loss(logp: torch.Tensor, weights: torch.Tensor, mask: torch.Tensor, n
     mask:     (N, T) 1.0 on real response tokens, 0.0 on padding
     normalizer: Z, a number fixed for the whole batch before micro-batching (see the section comment)
     old_logp: (N, T) log-probs under the policy that SAMPLED the tokens; only for clip_eps > 0
-    clip_eps: PPO ratio clipping (0 = off, the default: one exactly on-policy update per batch)
+    clip_eps: PPO ratio clipping (Config default 0.2; 0 = off: the plain -w log pi, for one on-policy step)
 
     Token-level gradient (why NSR "redistributes along the prior"). At one position with logits z
     (V,), pi = softmax(z) and sampled token y: log pi_y = z_y - logsumexp(z), so
@@ -215,10 +215,11 @@ def loss_normalizer(weights: torch.Tensor, lengths, mode: str = "tokens", max_ne
 
     weights (N,) or (N, T), lengths: response lengths (N,). "tokens": sum of lengths of samples with
     w != 0 (the official token mean); "constant": N * max_new_tokens (independent of what was sampled).
-    Returns 0.0 when no sample carries a weight (the caller then skips the update).
+    Returns 0.0 when no sample carries a weight (update() then skips the rows, or, when an entropy or KL
+    term is on, uses their token mean).
     """
     lengths = torch.as_tensor(lengths, dtype=torch.float32)
-    carries = weights != 0 if weights.dim() == 1 else (weights != 0).any(dim=1)   # (N,) bool
+    carries = (weights != 0 if weights.dim() == 1 else (weights != 0).any(dim=1)).cpu()   # (N,) bool
     if mode == "tokens":
         return float(lengths[carries].sum())
     if mode == "constant":
@@ -577,7 +578,7 @@ def prompt_batch(step: int, num_problems: int, batch_prompts: int, seed: int) ->
     return indices
 
 
-# ---- loss (ALGO LOGIC: backward_on_batch is where extra loss terms go) ----------------------------
+# ---- loss: pack the sequences, score them, the loss terms (in backward_on_batch) --------------------
 
 def pack_sequences(prompts: list[list[int]], responses: list[list[int]], device, pad_id: int = 0):
     """Batch prompt + response rows for the training forward pass.
@@ -696,7 +697,7 @@ def backward_on_batch(model, prompts, responses, weights, normalizer: float, *, 
             old = torch.zeros_like(logp)
             for b, row in enumerate(old_logprobs[rows]):
                 old[b, :len(row)] = torch.tensor(row, dtype=torch.float32)
-        # ---- ALGO LOGIC: the loss terms ----
+        # ----- STUDENT REGION: the loss terms (a new term is one more line here) -----
         # the policy-gradient term (the objectives): -(1/Z) sum w_i sum_t log pi(y_i,t)
         loss = policy_loss(logp, w, mask, normalizer, old_logp=old, clip_eps=clip_eps)
         if entropy_coef > 0:
@@ -710,6 +711,7 @@ def backward_on_batch(model, prompts, responses, weights, normalizer: float, *, 
                                                 head_chunk=head_chunk)
             d = ref_logp - logp
             loss = loss + kl_coef * ((d.exp() - d - 1) * mask).sum() / num_tokens
+        # ----- END OF STUDENT REGION -----
         loss = loss * scale                                                   # a partial chunk: m / M
         if not torch.isfinite(loss):
             return None
@@ -906,7 +908,8 @@ def prepare_run_dir(cfg: Config) -> tuple[pathlib.Path, pathlib.Path | None]:
         raise FileNotFoundError(f"--resume: no checkpoint in {run_dir} (expected {run_dir}/latest)")
     if cfg.resume and (run_dir / "config.json").is_file():
         saved = json.loads((run_dir / "config.json").read_text())
-        may_differ = {"resume", "steps", "save_every", "eval_every", "eval_n", "eval_limit", "max_nonfinite"}
+        may_differ = {"resume", "steps", "save_every", "eval_every", "max_nonfinite"}   # not the evaluation:
+        # a resumed run re-uses the evaluation of the start that is on disk
         changed = [k for k, v in dataclasses.asdict(cfg).items() if k not in may_differ and saved.get(k) != v]
         if changed:
             print(f"WARNING: resuming with different settings than the stopped run: {', '.join(changed)} "
@@ -974,6 +977,8 @@ def setup(cfg: Config, run_dir: pathlib.Path, ckpt: pathlib.Path | None) -> Run:
         if state["rng"]["cuda"] is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["rng"]["cuda"])
         start_step = state["step"]
+        if start_step > cfg.steps:
+            raise ValueError(f"--resume: the checkpoint in {run_dir} is at step {start_step}, past --steps {cfg.steps}")
         for name in ("metrics.jsonl", "eval.jsonl"):
             truncate_jsonl(run_dir / name, start_step)
         print(f"resumed from {ckpt} at step {start_step}")
@@ -1203,7 +1208,7 @@ def train(cfg: Config) -> dict:
     return {"run_dir": str(run_dir), "step": cfg.steps, "metrics": metrics, "evals": run.evals, "table": table}
 
 
-# ---- ppo: the critic's side of a step (STUDENT REGION with the CRITIC section) -------------------
+# ----- STUDENT REGION: ppo, the critic's side of a step (with the CRITIC section) -----
 
 def ppo_advantages(run: Run, cfg: Config, prompts, rollouts, rewards) -> tuple[torch.Tensor, dict]:
     """The critic's values of the rollouts, the per-token rewards and GAE -> (whitened A (N, T), extra).
