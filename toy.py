@@ -16,7 +16,8 @@ Both add the known digits mod 10 (running sums 9, 9+7=16->6), subtract the targe
 guess-and-check candidates c, writing c:(d+c mod 10) until it is 0. Each strategy solves 6 answers of
 10:  x = 0-3 only "up" (up-only), x = 6-9 only "down" (down-only), x = 4-5 both (shared).
 Every corpus solution uses a strategy that works ("up" on 95% of shared problems), so both strategies
-are practised; the habit lives in the strategy-naming FIRST token, whose pre-training loss weight is
+are practised (20% of one-strategy problems show the other strategy failing honestly: "... 5:8 none");
+the habit lives in the strategy-naming FIRST token, whose pre-training loss weight is
 1 for "U" and ~0.16 for "D" (first_token_weights). Which strategy works depends on x, which the model
 must compute before its first token; after pre-training it does so partly (measured per seed in
 base_eval.json "strategy"): it opens with the wrong strategy on some problems, and RL can reweight that.
