@@ -857,11 +857,19 @@ def latest_checkpoint(run_dir: pathlib.Path) -> pathlib.Path | None:
 
 
 def truncate_jsonl(path: pathlib.Path, last_step: int) -> None:
-    """Keep only the lines of steps <= last_step (a resumed run rewrites the lines after its checkpoint)."""
-    if path.is_file():
-        keep = [line for line in path.read_text().splitlines() if line.strip()
-                and json.loads(line)["step"] <= last_step]
-        path.write_text("".join(line + "\n" for line in keep))
+    """Keep only the lines of steps <= last_step (a resumed run rewrites the lines after its checkpoint).
+    A torn last line (the process was killed mid-write) is dropped too: it belongs to a step after the
+    checkpoint, which the resumed run writes again."""
+    if not path.is_file():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= last_step:
+                keep.append(line)
+        except (ValueError, KeyError, TypeError):
+            continue
+    path.write_text("".join(line + "\n" for line in keep))
 
 
 # ---- evaluate -----------------------------------------------------------------------------------

@@ -1555,6 +1555,13 @@ def test_train_stopped_after_step_one_and_resumed_reproduces_step_two_without_du
     assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
 
 
+def test_a_resume_drops_the_log_lines_after_the_checkpoint_and_a_torn_last_line(tmp_path):
+    log = tmp_path / "metrics.jsonl"
+    log.write_text('{"step": 1, "reward": 0.5}\n{"step": 2, "reward": 0.6}\n{"step": 3, "rew')   # killed mid-write
+    nsr.truncate_jsonl(log, 1)
+    assert log.read_text() == '{"step": 1, "reward": 0.5}\n'
+
+
 @pytest.mark.smoke
 def test_train_skips_non_finite_loss_steps_and_stops_after_several_in_a_row_without_saving(tmp_path, monkeypatch):
     world = _tiny_world(tmp_path)
