@@ -749,8 +749,8 @@ def make_trainable(model, cfg: Config, lr: float) -> Trainable:
     else:
         where = "cpu" if cfg.optimizer_offload else params[0].device
         pin = cfg.optimizer_offload and torch.cuda.is_available()
-        master = [torch.nn.Parameter(p.detach().to(where, torch.float32).clone().pin_memory() if pin else
-                                     p.detach().to(where, torch.float32).clone()) for p in params]
+        copies = [p.detach().to(where, torch.float32).clone() for p in params]
+        master = [torch.nn.Parameter(c.pin_memory() if pin else c) for c in copies]
     optimizer = torch.optim.AdamW(master, lr=lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
                                   weight_decay=cfg.weight_decay)
     return Trainable(model, params, master, optimizer, [None] * len(params) if cfg.optimizer_offload else None)

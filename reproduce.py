@@ -75,16 +75,21 @@ def training_config(base: pathlib.Path, method: str, train_seed: int, run_dir: p
     return nsr.Config(**values)
 
 
+def eval_settings() -> dict:
+    """THE evaluation settings of every model: n, one seed, and the main job's temperature, top-p and
+    response budget (nsr.TOY_DEFAULTS, read as nsr.evaluate_all reads a Config)."""
+    cfg = nsr.Config(**nsr.TOY_DEFAULTS)
+    return dict(n=N, seed=EVAL_SEED, temperature=cfg.eval_temperature, top_p=cfg.eval_top_p,
+                max_new_tokens=cfg.eval_max_new_tokens or cfg.max_new_tokens)
+
+
 def evaluate(model_dir: pathlib.Path, base: pathlib.Path) -> dict:
     """Both test splits with THE evaluation settings -> {split: {"counts", "mean_entropy"}}."""
     model, tokenizer = sample.load_model(model_dir, dtype="float32", device="cpu")
-    cfg = nsr.Config(**nsr.TOY_DEFAULTS)
     out = {}
     for split in SPLITS:
         problems = sample.load_problems(base / f"{split}.jsonl")
-        result = passk.evaluate(model, tokenizer, problems, N, temperature=cfg.eval_temperature,
-                                top_p=cfg.eval_top_p, max_new_tokens=cfg.max_new_tokens, seed=EVAL_SEED,
-                                desc=f"eval {split}")
+        result = passk.evaluate(model, tokenizer, problems, desc=f"eval {split}", **eval_settings())
         out[split] = {"counts": result["counts"], "mean_entropy": result["mean_entropy"]}
     return out
 
@@ -155,9 +160,7 @@ def make_jobs(args, overrides: dict) -> list[dict]:
                              "base": str(base), "run_dir": str(run_dir), "config": dataclasses.asdict(cfg),
                              "quick": args.quick})
     for job in jobs:   # a result on disk is re-used only for exactly the same job (recipe, config, settings)
-        cfg = nsr.Config(**nsr.TOY_DEFAULTS)             # the evaluation settings evaluate() uses
-        blob = json.dumps({**job, "recipe": toy.recipe_hash(recipe_for(job)),
-                           "eval": [N, EVAL_SEED, cfg.eval_temperature, cfg.eval_top_p, cfg.max_new_tokens]},
+        blob = json.dumps({**job, "recipe": toy.recipe_hash(recipe_for(job)), "eval": eval_settings()},
                           sort_keys=True)
         job["key"] = hashlib.sha256(blob.encode()).hexdigest()[:16]
     return jobs
@@ -320,12 +323,12 @@ def parse_args(argv=None):
     parser.add_argument("--quick", action="store_true", help="the seconds-long quick toy (for tests: Pass@k ~0)")
     args = parser.parse_args(argv)
     fields = {f.name: f for f in dataclasses.fields(nsr.Config)}
+    kind = {"int": int, "float": float, "str": str, "bool": lambda v: v.lower() in ("1", "true", "yes")}
     overrides = {}
     for item in args.set:
         name, _, value = item.partition("=")
         if name not in fields or not value:
             parser.error(f"--set {item!r}: expected FIELD=VALUE with FIELD one of nsr.Config's fields")
-        kind = {"int": int, "float": float, "str": str, "bool": lambda v: v.lower() in ("1", "true", "yes")}
         overrides[name] = kind.get(fields[name].type, str)(value)
     if args.jobs < 1:
         parser.error(f"--jobs must be >= 1, got {args.jobs}")
