@@ -18,6 +18,7 @@ import random
 import string
 import sys
 import time
+import types
 import warnings
 from fractions import Fraction
 
@@ -1194,7 +1195,7 @@ def test_toy_failed_attempts_end_honestly_in_none_are_wrong_and_keep_the_corpus_
     recipe = toy.ToyRecipe()
     # x = 7 is down-only: "up" tries 0..5, none gives 0, and the attempt says so instead of boxing a guess
     failed = toy.solve([9, 7], 3, "up", recipe, allow_fail=True)
-    assert failed == "Up 9,6-3=3 0:3 1:4 2:5 3:6 4:7 5:8 none"
+    assert failed == "9,6-3=3 Up 0:3 1:4 2:5 3:6 4:7 5:8 none"
     assert verifier.reward(failed, "7") == 0.0 and verifier.extract_answer(failed) is None
     with pytest.raises(ValueError, match="cannot solve"):
         toy.solve([9, 7], 3, "up", recipe)                      # a gold solution never fails
@@ -1216,12 +1217,54 @@ def test_toy_failed_attempts_end_honestly_in_none_are_wrong_and_keep_the_corpus_
     assert abs(share_failed - recipe.fail_share) < 0.05, share_failed
 
 
+def test_toy_strategy_weight_sits_on_the_strategy_name_after_the_analysis_and_nowhere_else():
+    # "6,1-7=4 Down 9:3 ...": the analysis (running sums, target, d) comes first, so the strategy is
+    # chosen with d in view; the habit's loss weight (U 1, D ~0.16) is on the name's first token only
+    recipe = toy.ToyRecipe()
+    weights = toy.strategy_token_weights(recipe)
+    assert weights["up"] == 1.0 and 0.1 < weights["down"] < 0.3
+    problems = toy.make_splits(recipe)["train"][:64]
+    tokenizer = toy.build_tokenizer()
+    ids, kept, _ = sample.encode_prompts(tokenizer, problems)
+    cache = {p["problem"]: i for p, i in zip(kept, ids)}
+    input_ids, labels, _, loss_weights = toy.sft_batch(problems, cache, tokenizer, random.Random(0), recipe)
+    seen = set()
+    for row, lab, w in zip(input_ids.tolist(), labels.tolist(), loss_weights.tolist()):
+        response = [(t, wt) for t, l, wt in zip(row, lab, w) if l != -100]
+        text = tokenizer.decode([t for t, _ in response], skip_special_tokens=True)
+        strategy = toy.strategy_of(text)
+        at = text.index(" Up " if strategy == "up" else " Down ") + 1      # char-level: char = token
+        expected = [1.0] * at + [weights[strategy]] + [1.0] * (len(response) - at - 1)
+        assert [wt for _, wt in response] == pytest.approx(expected, rel=1e-6)
+        assert tokenizer.decode([response[at][0]]) == ("U" if strategy == "up" else "D")
+        seen.add(strategy)
+    assert seen == {"up", "down"}
+
+
+def test_toy_strategy_report_splits_the_down_share_by_problem_group(monkeypatch):
+    recipe = toy.ToyRecipe()                  # the real windows: up 0-5, down 4-9
+    assert [toy.problem_group(x, recipe) for x in range(10)] == ["up-only"] * 4 + ["shared"] * 2 + ["down-only"] * 4
+    tokenizer = toy.build_tokenizer()
+    problems = [{"problem": f"x+{9 - x} ends in 9. Digit x?", "answer": str(x)} for x in (0, 1, 4, 7, 8)]
+    # fixed samples instead of a model: per problem 4 samples, of which "Down" on 0, 1, 1, 2, 3
+    downs = [0, 1, 1, 2, 3]
+    texts = [("9-9=0 Down 9:9" if j < k else "9-9=0 Up 0:0 \\boxed{0}") for k in downs for j in range(4)]
+    fake = types.SimpleNamespace(tokens=[tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts])
+    monkeypatch.setattr(toy.sample, "generate", lambda *a, **k: fake)
+    model = toy.build_model(toy.quick_recipe(), tokenizer)          # only its device is read
+    report = toy.strategy_report(model, tokenizer, problems, n=4, recipe=recipe)
+    assert report["down_by_group"] == {"up-only": 1 / 8, "shared": 1 / 4, "down-only": 5 / 8}
+    assert report["share"]["down"] == pytest.approx(7 / 20)
+    assert report["accuracy"]["up"] == pytest.approx(4 / 13)          # "Up ... boxed{0}" is right for x = 0 only
+    assert "down_by_group" not in toy.strategy_report(model, tokenizer, problems, n=4)
+
+
 def test_toy_every_reference_solution_verifies_against_its_gold_answer():
     recipe = toy.ToyRecipe()
     for split in toy.make_splits(recipe).values():
         for p in split:
             assert verifier.is_correct(p["solution"], p["answer"]), p
-            # the first word names the strategy, and the gold answer is the digit the problem asks for
+            # the word after the analysis names the strategy; the gold answer is the digit asked for
             assert toy.strategy_of(p["solution"]) == p["strategy"]
             assert (int(p["answer"]) + sum(p["digits"])) % 10 == p["target"]
     # a strategy whose window misses the answer cannot write a reference solution
@@ -1277,7 +1320,7 @@ def test_toy_saved_model_and_tokenizer_reload_with_auto_classes_and_give_identic
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path, local_files_only=True).eval()
     loaded_tokenizer = AutoTokenizer.from_pretrained(tmp_path, local_files_only=True)
     assert type(loaded).__name__ == "Qwen2ForCausalLM"
-    text = sample.render_prompt(tokenizer, "x+7+4+8 ends in 3. Digit x?") + "Up 7,1,9 0:9 1:0"
+    text = sample.render_prompt(tokenizer, "x+7+4+8 ends in 3. Digit x?") + "7,1,9-3=6 Up 0:6 1:7"
     ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
     assert loaded_tokenizer(text, add_special_tokens=False)["input_ids"] == ids[0].tolist()
     assert sample.render_prompt(loaded_tokenizer, "x+1 ends in 2. Digit x?") == "x+1 ends in 2. Digit x?\n"

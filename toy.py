@@ -8,19 +8,23 @@ task, a character-level tokenizer, a tiny Qwen2 model pre-trained (supervised) f
 steps into a "base model", all saved with save_pretrained so every other file loads it like a hub model
 (AutoModelForCausalLM / AutoTokenizer .from_pretrained; no other file has a toy code path).
 
-THE TASK: find a missing digit, by one of two complementary guess-and-check strategies
+THE TASK: find a missing digit: analyse the problem, then pick one of two guess-and-check strategies
     problem:  x+9+7 ends in 3. Digit x?                          gold answer: 7
-    "up":     Up 9,6-3=3 0:3 1:4 2:5 3:6 4:7 5:8 ...             tries c = 0, 1, ..., up_last (5): fails here
-    "down":   Down 9,6-3=3 9:2 8:1 7:0 \boxed{7}                tries c = 9, 8, ..., down_last (4)
-Both add the known digits mod 10 (running sums 9, 9+7=16->6), subtract the target (6-3 -> d = 3), then
-guess-and-check candidates c, writing c:(d+c mod 10) until it is 0. Each strategy solves 6 answers of
-10:  x = 0-3 only "up" (up-only), x = 6-9 only "down" (down-only), x = 4-5 both (shared).
-Every corpus solution uses a strategy that works ("up" on 95% of shared problems), so both strategies
-are practised (20% of one-strategy problems show the other strategy failing honestly: "... 5:8 none");
-the habit lives in the strategy-naming FIRST token, whose pre-training loss weight is
-1 for "U" and ~0.16 for "D" (first_token_weights). Which strategy works depends on x, which the model
-must compute before its first token; after pre-training it does so partly (measured per seed in
-base_eval.json "strategy"): it opens with the wrong strategy on some problems, and RL can reweight that.
+    "up":     9,6-3=3 Up 0:3 1:4 2:5 3:6 4:7 5:8 none            tries c = 0, 1, ..., up_last (5): fails here
+    "down":   9,6-3=3 Down 9:2 8:1 7:0 \boxed{7}                tries c = 9, 8, ..., down_last (4)
+The ANALYSIS adds the known digits mod 10 (running sums 9, 9+7=16->6) and subtracts the target (6-3 ->
+d = 3); then the solution names its strategy and guess-and-checks candidates c, writing c:(d+c mod 10)
+until it is 0. Each strategy solves 6 answers of 10: x = 0-3 only "up" (up-only), x = 6-9 only "down"
+(down-only), x = 4-5 both (shared). Every corpus solution uses a strategy that works ("up" on 95% of
+shared problems), except that 20% of one-strategy problems show the other strategy failing honestly
+("... 5:8 none"), so both strategies are practised. The strategy's name comes AFTER the analysis: x =
+-d mod 10, so which strategy works can be read off d, one token back (as an LLM reads the problem
+before it picks an approach). The habit lives in the name's first token, whose pre-training loss weight
+is 1 for "U" and ~0.16 for "D" (strategy_token_weights): on a down-only problem the base names "Down"
+on only a share of its samples (measured per seed in base_eval.json "strategy"), and RL can reweight
+that choice per problem. (Until toy-v6 the name came first, before the analysis: a base then had to
+compute x in its first token, did so only partly, and on the bases that did it least every objective,
+NSR included, narrowed onto the habit: docs/toy.md.)
   test_easy: the train distribution (the role of MATH).   test_hard: x = 6-9, only "down" solves it
   (the role of AIME).  The design history (what each earlier world measured): docs/toy.md.
 
@@ -31,10 +35,11 @@ THE RECIPE (ToyRecipe, hashed; the cache runs/toy-base-s<seed> is rebuilt when i
   model      Qwen2ForCausalLM, 3 layers, hidden 64, 4 heads (2 KV heads), tied embeddings: 154,624
              parameters.
   pre-train  supervised next-token loss on the response tokens of reference solutions, in exactly
-             the prompt + response format the RL loop samples, weighted per token (the first token by
-             first_token_weights(), every other 1): loss = -sum_t w_t log pi / sum_t w_t. AdamW (lr 2e-3,
-             batch 32, one thread), pretrain_steps = 1,000 FIXED steps: one recipe seed gives the same
-             base on any machine up to floating point, in a predictable time. Then the competence check
+             the prompt + response format the RL loop samples, weighted per token (the strategy
+             name's first token by strategy_token_weights(), every other 1): loss = -sum_t w_t log pi
+             / sum_t w_t. AdamW (lr 2e-3, batch 32, one thread), pretrain_steps = 1,000 FIXED steps:
+             one recipe seed gives the same base on any machine up to floating point, in a predictable
+             time. Then the competence check
              (measured, printed, saved; it does not stop or change the build): passk.evaluate, n = 256,
              temperature 1: easy Pass@1 in [0.30, 0.90] and Pass@64 >= 0.85; hard Pass@1 <= 0.80 and
              Pass@256 >= 0.85.
@@ -74,7 +79,7 @@ import verifier
 
 # Bump when the task format or the build procedure changes in a way the recipe fields do not show:
 # it is part of the recipe hash, so every cached base model is rebuilt.
-RECIPE_VERSION = "toy-v5"
+RECIPE_VERSION = "toy-v6"
 
 
 # =================================================================================================
@@ -105,9 +110,11 @@ class ToyRecipe:
     up_share_shared: float = 0.95
     """probability that the corpus solves a SHARED problem with "up" (the model's habit)"""
     down_prior: float = 0.10
-    """the share of "down" the base model should open with. The corpus EXECUTES "down" on ~41% of its
-    solutions (every down-only problem), so its first token ("D") gets a smaller loss weight,
-    first_token_weights(), making the learned strategy prior ~down_prior while execution stays practised"""
+    """sets the loss weight of "D" (strategy_token_weights): the share of "down" a base that could not see
+    d would name. The corpus EXECUTES "down" on ~41% of its solutions (every down-only problem); the
+    weight (~0.16) makes "down" the minority choice while its execution stays practised. A base that
+    reads d names "down" on ~0.2 x 0.16 / (0.2 x 0.16 + 0.8) = 4% of up-only problems and ~0.8 x 0.16 /
+    (0.8 x 0.16 + 0.2) = 39% of down-only ones (the corpus's 80 / 20 mix there, reweighted)"""
     train_digits: tuple = (2,)
     """numbers of known digits in train / test_easy problems (uniform). 2, not 3: with 3 the running sums
     are learned in a sudden jump whose step varies with the seed (seed 0 at ~1,000 steps, seed 1 not by
@@ -146,7 +153,7 @@ class ToyRecipe:
     easy_pass64_min: float = 0.85
     """... whose samples cover almost every easy problem ..."""
     hard_pass1_max: float = 0.80
-    """... that leaves RL headroom on the hard split (where it must open with the minority strategy) ..."""
+    """... that leaves RL headroom on the hard split (where it must name the minority strategy) ..."""
     hard_pass256_min: float = 0.85
     """... and whose support already holds the right behaviour there: RL can reweight, it need not teach"""
     quick: bool = False
@@ -170,6 +177,14 @@ def strategy_works(x: int, strategy: str, recipe: ToyRecipe) -> bool:
     raise ValueError(f"unknown strategy {strategy!r}; choose one of {STRATEGIES}")
 
 
+STRATEGY_WORD = {UP: "Up", DOWN: "Down"}
+
+
+def analysis(running: list[str], target: int, d: int) -> str:
+    """The part of every solution before the strategy's name: "9,6-3=3" (running sums, target, d)."""
+    return f"{','.join(running)}-{target}={d}"
+
+
 def problem_text(digits: list[int], target: int) -> str:
     """x+7+4+8 ends in 3. Digit x?"""
     return "x+" + "+".join(map(str, digits)) + f" ends in {target}. Digit x?"
@@ -178,9 +193,10 @@ def problem_text(digits: list[int], target: int) -> str:
 def solve(digits: list[int], target: int, strategy: str, recipe: ToyRecipe, allow_fail: bool = False) -> str:
     """The worked solution of one strategy (raises ValueError if it cannot solve it, unless allow_fail).
 
-    running sums mod 10 of the known digits, minus the target: d = (s - target) % 10; then candidates
-    c:(d + c) % 10 in the strategy's order until the value is 0 (then x + s ends in target); then the
-    boxed candidate. (Checking "is it 0" instead of "is it the target" keeps each step local: the
+    THE ANALYSIS first: running sums mod 10 of the known digits, minus the target: d = (s - target) % 10;
+    THEN the strategy's name, chosen with d in view (x = -d mod 10, so the choice is computable); then
+    candidates c:(d + c) % 10 in the strategy's order until the value is 0 (then x + s ends in target);
+    then the boxed candidate. (Checking "is it 0" instead of "is it the target" keeps each step local: the
     target is read once, right after the running sums.) allow_fail: a strategy whose window misses x
     writes every trial and ends with "none", no box: an honest failed attempt (a wrong answer).
     """
@@ -194,11 +210,9 @@ def solve(digits: list[int], target: int, strategy: str, recipe: ToyRecipe, allo
     for c in order:
         trials.append(f"{c}:{(d + c) % 10}")
         if (d + c) % 10 == 0:
-            head = "Up" if strategy == UP else "Down"
-            return f"{head} {','.join(running)}-{target}={d} {' '.join(trials)} \\boxed{{{c}}}"
+            return f"{analysis(running, target, d)} {STRATEGY_WORD[strategy]} {' '.join(trials)} \\boxed{{{c}}}"
     if allow_fail:
-        head = "Up" if strategy == UP else "Down"
-        return f"{head} {','.join(running)}-{target}={d} {' '.join(trials)} none"
+        return f"{analysis(running, target, d)} {STRATEGY_WORD[strategy]} {' '.join(trials)} none"
     raise ValueError(f"strategy {strategy!r} cannot solve digits={digits} target={target}")
 
 
@@ -222,13 +236,14 @@ def reference_strategy(x: int, rng: random.Random, recipe: ToyRecipe) -> str:
     return UP if up_ok else DOWN
 
 
-def first_token_weights(recipe: ToyRecipe) -> dict[str, float]:
-    """Loss weight of the strategy-naming first response token ("U" / "D") in pre-training.
+def strategy_token_weights(recipe: ToyRecipe) -> dict[str, float]:
+    """Loss weight of the strategy name's first token ("U" / "D") in pre-training.
 
-    The model cannot tell from the prompt which strategy will work (see the docstring), so weighted
-    maximum likelihood on the first token learns P("D") ~ f_D w_D / (f_D w_D + f_U w_U), where f_S is
-    the corpus frequency of strategy S. Solving for w_D with w_U = 1 sets that to recipe.down_prior.
-    Every other token keeps weight 1, so both strategies' EXECUTION is practised at corpus frequency.
+    Weighted maximum likelihood on that token learns, in each context, P("D") ~ f_D w_D / (f_D w_D +
+    f_U w_U), where f_S is the frequency of strategy S in the corpus for that context. Over the whole
+    corpus (a model that ignores d) that is recipe.down_prior: solving for w_D with w_U = 1 gives the
+    formula below. Every other token keeps weight 1, so both strategies' EXECUTION is practised at
+    corpus frequency.
     """
     up_only = sum(1 for x in range(10) if strategy_works(x, UP, recipe) and not strategy_works(x, DOWN, recipe))
     down_only = sum(1 for x in range(10) if strategy_works(x, DOWN, recipe) and not strategy_works(x, UP, recipe))
@@ -277,9 +292,12 @@ def make_splits(recipe: ToyRecipe) -> dict[str, list[dict]]:
 
 
 def strategy_of(response: str) -> str | None:
-    """Which strategy a response uses, from its first word ("Up" / "Down"); None if neither."""
-    word = response.strip().split(" ", 1)[0] if response.strip() else ""
-    return {"Up": UP, "Down": DOWN}.get(word)
+    """Which strategy a response uses: its first word that names one ("Up" / "Down", normally the
+    second word, after the analysis); None if no word does."""
+    for word in response.split():
+        if word in ("Up", "Down"):
+            return UP if word == "Up" else DOWN
+    return None
 
 
 # =================================================================================================
@@ -361,10 +379,10 @@ def sft_batch(problems: list[dict], prompt_cache: dict, tokenizer, rng: random.R
     Each problem's reference strategy is re-drawn here (on shared problems "up" with probability
     up_share_shared), so the model learns the corpus MIX rather than one fixed choice per problem.
     Returns input_ids (B, T), labels (B, T) with -100 on prompt and padding, attention_mask (B, T),
-    loss_weights (B, T): 0 off the response, first_token_weights() on the strategy-naming first token,
+    loss_weights (B, T): 0 off the response, strategy_token_weights() on the strategy name's first token,
     1 on every other response token.
     """
-    first_weight = first_token_weights(recipe)
+    strategy_weight = strategy_token_weights(recipe)
     rows, label_rows, weight_rows = [], [], []
     for p in problems:
         prompt = prompt_cache[p["problem"]]
@@ -377,7 +395,12 @@ def sft_batch(problems: list[dict], prompt_cache: dict, tokenizer, rng: random.R
         response_ids = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
         rows.append(prompt + response_ids)
         label_rows.append([-100] * len(prompt) + response_ids)
-        weight_rows.append([0.0] * len(prompt) + [first_weight[strategy]] + [1.0] * (len(response_ids) - 1))
+        # the strategy's name follows the analysis ("9,6-3=3 Down ..."): its first token carries the habit
+        at = len(tokenizer(response[:response.index(" " + STRATEGY_WORD[strategy]) + 1],
+                           add_special_tokens=False)["input_ids"])
+        weights = [1.0] * len(response_ids)
+        weights[at] = strategy_weight[strategy]
+        weight_rows.append([0.0] * len(prompt) + weights)
     width = max(map(len, rows))
     pad = tokenizer.pad_token_id
     # Right padding: positions are then 0..len-1 for every row, exactly as in sampling (which
@@ -402,13 +425,21 @@ def sampled_accuracy(model, tokenizer, problems, n: int, max_new_tokens: int, se
     return correct / len(rows)
 
 
+def problem_group(answer: int, recipe: ToyRecipe) -> str:
+    """"up-only", "shared" or "down-only": which strategies reach this answer."""
+    up, down = strategy_works(answer, UP, recipe), strategy_works(answer, DOWN, recipe)
+    return "shared" if up and down else "up-only" if up else "down-only"
+
+
 def strategy_report(model, tokenizer, problems, n: int = 64, max_new_tokens: int = 64, seed: int = 0,
-                    chunk_size: int = 256) -> dict:
+                    chunk_size: int = 256, recipe: ToyRecipe | None = None) -> dict:
     """Sample n responses per problem and measure each strategy's share and accuracy.
 
     Returns {"share": {"up": f, "down": f, "other": f}, "accuracy": {"up": acc, "down": acc, ...},
     "n": n, "num_problems": P}; accuracy of a strategy = fraction of ITS samples that are correct
-    (None if never sampled). This is how training runs show PSR narrowing the strategy mix.
+    (None if never sampled). This is how training runs show PSR narrowing the strategy mix. With a
+    recipe, also "down_by_group": the share of "down" on the up-only, shared and down-only problems
+    (a base that reads d names "down" far more often where only "down" works).
     """
     prompt_ids, kept, _ = sample.encode_prompts(tokenizer, problems)
     rows = [ids for ids in prompt_ids for _ in range(n)]
@@ -416,15 +447,23 @@ def strategy_report(model, tokenizer, problems, n: int = 64, max_new_tokens: int
     rollouts = sample.generate(model, rows, max_new_tokens, generator=generator, chunk_size=chunk_size)
     counts = {UP: 0, DOWN: 0, "other": 0}
     right = {UP: 0, DOWN: 0, "other": 0}
+    group_down, group_total = {}, {}                      # per problem group: "down" samples, all samples
     for i, tokens in enumerate(rollouts.tokens):
         response = tokenizer.decode(tokens, skip_special_tokens=True)
         which = strategy_of(response) or "other"
         counts[which] += 1
         right[which] += verifier.is_correct(response, kept[i // n]["answer"])
+        if recipe is not None:
+            group = problem_group(int(kept[i // n]["answer"]), recipe)
+            group_down[group] = group_down.get(group, 0) + (which == DOWN)
+            group_total[group] = group_total.get(group, 0) + 1
     total = len(rows)
-    return {"share": {k: v / total for k, v in counts.items()},
-            "accuracy": {k: (right[k] / counts[k] if counts[k] else None) for k in counts},
-            "n": n, "num_problems": len(kept)}
+    report = {"share": {k: v / total for k, v in counts.items()},
+              "accuracy": {k: (right[k] / counts[k] if counts[k] else None) for k in counts},
+              "n": n, "num_problems": len(kept)}
+    if recipe is not None:
+        report["down_by_group"] = {g: group_down[g] / group_total[g] for g in sorted(group_total)}
+    return report
 
 
 def competence(easy: dict, hard: dict, recipe: ToyRecipe) -> tuple[bool, list[str]]:
@@ -573,7 +612,7 @@ def _build(out_dir: pathlib.Path, recipe: ToyRecipe, start: float, log) -> pathl
         log("toy: WARNING: competence targets not met: " + "; ".join(result["misses"]))
     model.eval()
     shares = {name: strategy_report(model, tokenizer, splits[split], n=recipe.strategy_n,
-                                    max_new_tokens=recipe.max_new_tokens, seed=recipe.seed)
+                                    max_new_tokens=recipe.max_new_tokens, seed=recipe.seed, recipe=recipe)
               for name, split in (("easy", "test_easy"), ("hard", "test_hard"))}
 
     tmp = out_dir.with_name(out_dir.name + f".tmp-{recipe_hash(recipe)}")
@@ -621,7 +660,9 @@ def main(argv=None) -> int:
     for split in ("easy", "hard"):
         curve = base_eval[split]["curve"]
         print(f"{split:5s} " + "  ".join(f"Pass@{k}={float(v):.3f}" for k, v in curve.items()))
-        print(f"      strategy share {base_eval['strategy'][split]['share']}")
+        report = base_eval["strategy"][split]
+        print(f"      strategy share {report['share']}"
+              + (f", down by problem group {report['down_by_group']}" if "down_by_group" in report else ""))
     print(f"build {base_eval['build_seconds']} s, {base_eval['pretrain_steps']} steps, "
           f"competence met: {base_eval['competence_met']}")
     return 0
