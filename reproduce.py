@@ -28,6 +28,8 @@ inconclusive. "X above Y" needs the whole interval above 0; "below", the whole i
   (c) W-REINFORCE's Pass@1 within 2 points of the best method's (non-inferiority, margin 2), and
       W-REINFORCE >= base at k = 256, on both splits
   (d) test entropy: PSR below the base and NSR above PSR (bootstrap over runs: mean_entropy is per run)
+With several recipe seeds, each is also judged alone (`verdicts_by_recipe_seed`): a finding robust over
+bases holds overall and fails on none of them.
 
 Jobs run in --jobs processes (one torch thread each: the toy model is too small for two); each writes
 its result to <out>/<run>/result.json, and a job whose result is already there is not run again, so an
@@ -280,6 +282,17 @@ def verdicts(summary: dict, draws: dict) -> list[dict]:
     return found
 
 
+def verdicts_by_recipe_seed(summary: dict, resamples: int = 2000) -> dict:
+    """{recipe_seed: verdicts()} of each base alone (its runs only: a bootstrap over its problems and
+    training seeds). Robust over bases means a finding that holds overall fails on none of them."""
+    seeds = sorted({r["recipe_seed"] for r in summary["runs"]})
+    out = {}
+    for seed in seeds:
+        alone = dict(summary, runs=[r for r in summary["runs"] if r["recipe_seed"] == seed])
+        out[seed] = verdicts(alone, bootstrap(alone, resamples))
+    return out
+
+
 def format_verdicts(found: list[dict]) -> str:
     lines = []
     for f in found:
@@ -358,6 +371,8 @@ def main(argv=None) -> int:
         for r in records for s in SPLITS]}
     found = verdicts(summary, bootstrap(summary))
     summary["verdicts"] = found
+    by_seed = verdicts_by_recipe_seed(summary) if len(args.recipe_seeds) > 1 else {}
+    summary["verdicts_by_recipe_seed"] = {str(seed): v for seed, v in by_seed.items()}
     summary["diverged"] = {r["name"]: r["diverged"] for r in records if r.get("diverged")}
     summary["settings"] = {"training": {k: v for k, v in jobs[-1]["config"].items()
                                         if k not in ("objective", "seed", "out_dir", "model", "train")},
@@ -366,6 +381,10 @@ def main(argv=None) -> int:
     out = pathlib.Path(args.out)
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     print("\n" + tables(summary) + "\n\n" + format_verdicts(found))
+    if by_seed:
+        print("\neach recipe seed alone (its evidence: summary.json \"verdicts_by_recipe_seed\"):")
+        for seed, seed_found in by_seed.items():
+            print(f"  recipe seed {seed}: " + "  ".join(f"({f['finding']}) {f['verdict']}" for f in seed_found))
     for name, message in summary["diverged"].items():
         print(f"NOTE: {name} diverged; its last good checkpoint was evaluated ({message.splitlines()[0][:120]})")
     print(f"\n{out / 'summary.json'} written; {time.time() - start:.0f} s in all")

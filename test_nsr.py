@@ -2156,6 +2156,21 @@ def test_reproduce_verdicts_hold_for_the_papers_pattern_and_fail_for_its_opposit
     assert found == {"a": "fails", "b": "fails", "c": "fails", "d": "fails"}
 
 
+def test_reproduce_judges_each_recipe_seed_alone_on_its_own_runs():
+    base = [2, 5, 10, 40, 120, 200] * 8
+    better = [4, 9, 20, 60, 160, 230] * 8
+    narrow = [0, 0, 0, 90, 250, 256] * 8
+    good = _summary({"base": base, "nsr": better}, {"base": 0.5, "nsr": 0.55})
+    bad = _summary({"base": base, "nsr": narrow}, {"base": 0.5, "nsr": 0.3})
+    for r in bad["runs"]:
+        r["recipe_seed"] = 7
+    both = dict(good, runs=good["runs"] + bad["runs"])
+    by_seed = reproduce.verdicts_by_recipe_seed(both, resamples=200)
+    assert sorted(by_seed) == [0, 7]
+    assert by_seed[0][0]["finding"] == "a" and by_seed[0][0]["verdict"] == "holds"
+    assert by_seed[7][0]["verdict"] == "fails"           # NSR loses 3 of 6 problem kinds at k = 256 there
+
+
 def test_reproduce_bootstrap_is_paired_so_identical_models_differ_by_exactly_zero():
     base = [1, 30, 100, 255] * 10
     same = _summary({"base": base, "nsr": base}, {"base": 0.5, "nsr": 0.5})
