@@ -39,10 +39,9 @@ THE RECIPE (ToyRecipe, hashed; the cache runs/toy-base-s<seed> is rebuilt when i
              name's first token by strategy_token_weights(), every other 1): loss = -sum_t w_t log pi
              / sum_t w_t. AdamW (lr 2e-3, batch 32, one thread), pretrain_steps = 1,000 FIXED steps:
              one recipe seed gives the same base on any machine up to floating point, in a predictable
-             time. Then the competence check
-             (measured, printed, saved; it does not stop or change the build): passk.evaluate, n = 256,
-             temperature 1: easy Pass@1 in [0.30, 0.90] and Pass@64 >= 0.85; hard Pass@1 <= 0.80 and
-             Pass@256 >= 0.85.
+             time. Then the competence check (measured, printed, saved; it does not stop or change
+             the build): passk.evaluate, n = 256, temperature 1: easy Pass@1 in [0.30, 0.90] and
+             Pass@64 >= 0.85; hard Pass@1 <= 0.80 and Pass@256 >= 0.85.
   output     runs/toy-base-s<seed>/: model + tokenizer, train.jsonl, test_easy.jsonl, test_hard.jsonl
              (fields problem, answer, solution), base_eval.json (Pass@k curves, strategy shares, the
              learning curve), recipe.json (the recipe and its hash).
