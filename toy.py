@@ -176,6 +176,12 @@ def strategy_works(x: int, strategy: str, recipe: ToyRecipe) -> bool:
     raise ValueError(f"unknown strategy {strategy!r}; choose one of {STRATEGIES}")
 
 
+def problem_group(answer: int, recipe: ToyRecipe) -> str:
+    """"up-only", "shared" or "down-only": which strategies reach this answer."""
+    up, down = strategy_works(answer, UP, recipe), strategy_works(answer, DOWN, recipe)
+    return "shared" if up and down else "up-only" if up else "down-only"
+
+
 STRATEGY_WORD = {UP: "Up", DOWN: "Down"}
 
 
@@ -244,9 +250,8 @@ def strategy_token_weights(recipe: ToyRecipe) -> dict[str, float]:
     formula below. Every other token keeps weight 1, so both strategies' EXECUTION is practised at
     corpus frequency.
     """
-    up_only = sum(1 for x in range(10) if strategy_works(x, UP, recipe) and not strategy_works(x, DOWN, recipe))
-    down_only = sum(1 for x in range(10) if strategy_works(x, DOWN, recipe) and not strategy_works(x, UP, recipe))
-    shared = 10 - up_only - down_only
+    groups = [problem_group(x, recipe) for x in range(10)]
+    up_only, down_only, shared = (groups.count(g) for g in ("up-only", "down-only", "shared"))
     f_up = (up_only + shared * recipe.up_share_shared) / 10
     f_down = (down_only + shared * (1 - recipe.up_share_shared)) / 10
     if not 0 < recipe.down_prior < 1 or f_down == 0:
@@ -293,10 +298,8 @@ def make_splits(recipe: ToyRecipe) -> dict[str, list[dict]]:
 def strategy_of(response: str) -> str | None:
     """Which strategy a response uses: its first word that names one ("Up" / "Down", normally the
     second word, after the analysis); None if no word does."""
-    for word in response.split():
-        if word in ("Up", "Down"):
-            return UP if word == "Up" else DOWN
-    return None
+    named = {word: strategy for strategy, word in STRATEGY_WORD.items()}
+    return next((named[word] for word in response.split() if word in named), None)
 
 
 # =================================================================================================
@@ -422,12 +425,6 @@ def sampled_accuracy(model, tokenizer, problems, n: int, max_new_tokens: int, se
         correct += verifier.is_correct(tokenizer.decode(tokens, skip_special_tokens=True),
                                        kept[i // n]["answer"])
     return correct / len(rows)
-
-
-def problem_group(answer: int, recipe: ToyRecipe) -> str:
-    """"up-only", "shared" or "down-only": which strategies reach this answer."""
-    up, down = strategy_works(answer, UP, recipe), strategy_works(answer, DOWN, recipe)
-    return "shared" if up and down else "up-only" if up else "down-only"
 
 
 def strategy_report(model, tokenizer, problems, n: int = 64, max_new_tokens: int = 64, seed: int = 0,
