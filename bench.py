@@ -41,6 +41,7 @@ import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 import nsr
+import precision
 import sample
 import toy
 
@@ -186,19 +187,18 @@ def bench_sampler(args) -> dict:
 
 
 # =================================================================================================
-# TRAIN: reserved for the training section -- add `bench_train(args) -> dict` here and register its
-# subcommand in main() below (marked TRAIN).
+# TRAIN: one RL update with and without gradient checkpointing
 # =================================================================================================
 #
-# python bench.py train   training tokens/s and peak memory of one RL update (nsr.backward_on_batch +
-#                         nsr.optimizer_step, NSR weights) with and without gradient checkpointing, on a
+# python bench.py train   training tokens/s and peak memory of one RL update (nsr.minibatch_backward +
+#                         precision.optimizer_step, NSR weights) with and without gradient checkpointing, on a
 #                         ~110M-parameter random Qwen2 (vocab 32000, hidden 768, 10 layers), sequences of
 #                         1,024 tokens (128 prompt + 896 response). Each mode runs in its own subprocess so
 #                         the peaks do not mix: peak resident memory (ru_maxrss) on CPU, CUDA peak allocated
 #                         memory on a GPU. Target: >= 2x lower peak memory with checkpointing.
 #                         "on" = decoder layers checkpointed AND the output layer + log-softmax computed in
-#                         checkpointed chunks of 128 positions (nsr.response_logprobs, head_chunk), as in
-#                         nsr.train. The peak includes what checkpointing cannot shrink: weights, fp32
+#                         checkpointed chunks of 128 positions (sample.response_logprobs, head_chunk), as
+#                         in nsr.train. The peak includes what checkpointing cannot shrink: weights, fp32
 #                         gradients and AdamW state (16 bytes per parameter for this fp32 CPU model).
 
 def train_child(args) -> dict:
@@ -212,8 +212,8 @@ def train_child(args) -> dict:
         model = model.to(torch.bfloat16)               # bf16 compute + fp32 masters, as nsr.train on a GPU
     model.train()
     if args.child == "on":
-        nsr.enable_gradient_checkpointing(model)
-    policy = nsr.make_trainable(model, nsr.Config(), 1e-6)     # AdamW betas (0.9, 0.999), decay 0.01
+        precision.enable_gradient_checkpointing(model)
+    policy = precision.make_trainable(model, nsr.Config(), 1e-6)     # AdamW betas (0.9, 0.999), decay 0.01
     params, master, optimizer = policy.params, policy.master, policy.optimizer
     g = torch.Generator().manual_seed(0)
     n, P, R = args.sequences, 128, args.seq_len - 128
@@ -226,10 +226,10 @@ def train_child(args) -> dict:
     for step in range(1 + args.steps):                 # step 0 = warm-up (allocates AdamW state too)
         start = time.perf_counter()
         # "on" = what nsr.train does with checkpointing: layers AND the output layer (Config.head_chunk)
-        nsr.backward_on_batch(model, prompts, responses, weights, Z, micro_batch_size=args.micro_batch,
-                              trainable=policy,
-                              head_chunk=nsr.Config().head_chunk if args.child == "on" else 0)
-        nsr.optimizer_step(policy, grad_clip=1.0)
+        cfg = nsr.Config(micro_batch_size=args.micro_batch, clip_eps=0.0, entropy_coef=0.0, kl_coef=0.0)
+        nsr.minibatch_backward(policy, nsr.MiniBatch(prompts, responses, [], weights, Z), cfg,
+                               head_chunk=cfg.head_chunk if args.child == "on" else 0)
+        precision.optimizer_step(policy, grad_clip=1.0)
         if device.type == "cuda":
             torch.cuda.synchronize()
         if step > 0:
@@ -289,7 +289,7 @@ def bench_train(args) -> dict:
 # =================================================================================================
 #
 # python bench.py offload   with --optimizer-offload the fp32 masters, their grads and AdamW's m, v live
-#                           in CPU RAM and torch's AdamW steps there (nsr.make_trainable). This times that
+#                           in CPU RAM and torch's AdamW steps there (precision.make_trainable). This times
 #                           step, and two CPU-side passes: an fp32 += bf16 add (what grads_to_master would
 #                           cost per micro-batch if the sum lived on the CPU; it lives on the GPU) and
 #                           optimizer_step's fp32 master -> bf16 weights copy, on random tensors of
@@ -298,7 +298,7 @@ def bench_train(args) -> dict:
 #                           linearly (AdamW's foreach step is elementwise: memory-bound, linear in size);
 #                           two fractions show whether the scaling holds.
 
-QWEN_MATH_1_5B = 1_543_714_304                         # nsr.num_params(nsr.ARCHITECTURES["Qwen/Qwen2.5-Math-1.5B"])
+QWEN_MATH_1_5B = 1_543_714_304                         # presets.param_count(presets.ARCHITECTURES["Qwen/Qwen2.5-Math-1.5B"])
 
 
 def bench_offload(args) -> dict:
@@ -370,7 +370,6 @@ def main(argv=None):
                                                         "else freshly initialised)")
     sp.set_defaults(fn=bench_sampler)
 
-    # TRAIN: the training section adds its `train` subparser here, with set_defaults(fn=bench_train).
     sp = sub.add_parser("train", help="training tokens/s and peak memory, gradient checkpointing on vs off")
     sp.add_argument("--steps", type=int, default=2, help="timed steps per mode (after one warm-up step)")
     sp.add_argument("--sequences", type=int, default=8, help="sequences per step (the rollout batch)")

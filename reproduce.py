@@ -53,7 +53,9 @@ import torch
 
 import nsr
 import passk
+import runs
 import sample
+import settings
 import toy
 
 METHODS = ("psr", "nsr", "w-reinforce", "reinforce", "grpo", "ppo")   # the paper's Table 1 rows, Base first
@@ -79,7 +81,7 @@ def training_config(base: pathlib.Path, method: str, train_seed: int, run_dir: p
 
 def eval_settings() -> dict:
     """THE evaluation settings of every model: n, one seed, and the main job's temperature, top-p and
-    response budget (nsr.TOY_DEFAULTS, read as nsr.evaluate_all reads a Config)."""
+    response budget (nsr.TOY_DEFAULTS, read as runs.evaluate reads a Config)."""
     cfg = nsr.Config(**nsr.TOY_DEFAULTS)
     return dict(n=N, seed=EVAL_SEED, temperature=cfg.eval_temperature, top_p=cfg.eval_top_p,
                 max_new_tokens=cfg.eval_max_new_tokens or cfg.max_new_tokens)
@@ -121,7 +123,7 @@ def run_job(job: dict) -> dict:
                     if "diverged" not in str(e):
                         raise                                    # anything else (out of memory, ...) is no result
                     record["diverged"] = str(e)
-                model_dir = nsr.latest_checkpoint(run_dir)
+                model_dir = runs.latest_checkpoint(run_dir)
             if model_dir is None:                                # diverged before its first checkpoint
                 record["splits"] = {s: {"counts": [0] * len(sample.load_problems(base / f"{s}.jsonl")),
                                         "mean_entropy": float("nan")} for s in SPLITS}
@@ -348,7 +350,7 @@ def parse_args(argv=None):
     for name in ("recipe_seeds", "seeds", "methods"):
         if len(set(getattr(args, name))) != len(getattr(args, name)):
             parser.error(f"--{name.replace('_', '-')} must be distinct, got {getattr(args, name)}")
-    problems = nsr.config_problems(nsr.Config(**{**nsr.TOY_DEFAULTS, **overrides}))
+    problems = settings.config_problems(nsr.Config(**{**nsr.TOY_DEFAULTS, **overrides}), nsr.OBJECTIVES)
     if problems:
         parser.error("invalid training settings:\n  " + "\n  ".join(problems))
     return args, overrides

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
 import verifier
@@ -178,23 +179,46 @@ def generate(model, prompt_ids: list[list[int]], max_new_tokens: int, temperatur
     return out
 
 
-def left_pad(prompt_ids: list[list[int]], max_new_tokens: int, device, pad_id: int = 0):
-    """Left-pad prompts into a batch.
+def left_pad(prompt_ids: list[list[int]], max_new_tokens: int, device, pad_id: int = 0, responses=None):
+    """Batch prompts LEFT-padded to P columns, so every row's last prompt token sits in column P - 1.
 
-    Returns input_ids (B, P) with pad_id in pad slots (any valid id: they are masked out), attention_mask
-    (B, P + max_new_tokens) with 0 for pads and 1 for prompt tokens AND every future generated slot (so
-    the mask for decoding step t is just mask[:, :P + t]), and position_ids (B, P): the number of real
-    tokens before each prompt token, i.e. cumsum(mask) - 1, with pads clamped to 0.
+    Sampling (responses None): input_ids (B, P) with pad_id in pad slots (any valid id: they are masked
+    out); attention_mask (B, P + max_new_tokens), 0 for pads and 1 for prompt tokens AND every future
+    generated slot (so the mask for decoding step t is just mask[:, :P + t]); position_ids (B, P).
+    Training (responses given, max_new_tokens 0): each row's response follows its prompt, RIGHT-padded to
+    R = max(1, longest) columns, so every response starts at column P; all three are (B, P + R).
+    position_ids = the number of real tokens before each token, cumsum(mask) - 1, with pads clamped to 0:
+    the same positions for a token whether it was sampled or is scored again in training.
     """
+    R = 0 if responses is None else max(1, max(map(len, responses)))
+    responses = responses or [[] for _ in prompt_ids]
     B, P = len(prompt_ids), max(len(row) for row in prompt_ids)
-    input_ids = torch.full((B, P), pad_id, dtype=torch.long)
-    mask = torch.zeros((B, P + max_new_tokens), dtype=torch.long)
-    for b, row in enumerate(prompt_ids):
-        input_ids[b, P - len(row):] = torch.tensor(row, dtype=torch.long)
-        mask[b, P - len(row):] = 1
+    input_ids = torch.full((B, P + R), pad_id, dtype=torch.long)
+    mask = torch.zeros((B, P + R + max_new_tokens), dtype=torch.long)
+    for b, (row, response) in enumerate(zip(prompt_ids, responses)):
+        input_ids[b, P - len(row):P] = torch.tensor(row, dtype=torch.long)
+        input_ids[b, P:P + len(response)] = torch.tensor(response, dtype=torch.long)
+        mask[b, P - len(row):P + len(response)] = 1
+        mask[b, P + R:] = 1                                                # future generated slots
     input_ids, mask = input_ids.to(device), mask.to(device)
-    position_ids = (mask[:, :P].cumsum(dim=-1) - 1).clamp(min=0)          # (B, P)
+    position_ids = (mask[:, :P + R].cumsum(dim=-1) - 1).clamp(min=0)     # (B, P + R)
     return input_ids, mask, position_ids
+
+
+def pack(prompt_ids: list[list[int]], responses: list[list[int]], device, pad_id: int = 0):
+    """Prompt + response rows for a training forward pass (left_pad with the responses): input_ids,
+    attention_mask, position_ids (n, P + R) and response_mask (n, R) float, 1.0 on real response tokens."""
+    input_ids, mask, position_ids = left_pad(prompt_ids, 0, device, pad_id, responses)
+    R = max(1, max(map(len, responses)))
+    return input_ids, mask, position_ids, mask[:, -R:].float()
+
+
+def pad_rows(rows: list[list[float]], width: int, device) -> torch.Tensor:
+    """Ragged per-token values (e.g. the sampler's log-probs) -> (n, width) fp32, 0.0 past each row's end."""
+    out = torch.zeros((len(rows), width), dtype=torch.float32)
+    for b, row in enumerate(rows):
+        out[b, :len(row)] = torch.tensor(row[:width], dtype=torch.float32)
+    return out.to(device)
 
 
 def _generate_chunk(model, prompt_ids, max_new_tokens, temperature, top_p, eos_token_ids, generator, fast, ours):
@@ -294,6 +318,66 @@ def _generate_chunk(model, prompt_ids, max_new_tokens, temperature, top_p, eos_t
                     logprobs=[row[:n] for row, n in zip(logprobs, lengths)],
                     truncated=truncated,
                     entropies=[row[:n] for row, n in zip(entropies, lengths)])
+
+
+# =================================================================================================
+# SCORING: log pi_theta of GIVEN responses, with gradient (the training forward pass)
+# =================================================================================================
+#
+# The sampler above records log q(y_t) without a gradient; training needs log pi_theta(y_t | x, y_<t) of
+# the same tokens WITH one. That is one ordinary forward pass over prompt + response (pack() lays them
+# out with the sampler's positions), reading the logits of the response positions. At the first
+# mini-batch of a step both numbers are the same (tested), which is what makes the clipped ratio 1 there.
+
+def token_logprobs(logits, targets, temperature: float = 1.0, with_entropy: bool = False):
+    """logits (n, R, V) any dtype, targets (n, R) -> log pi_T(target) (n, R) fp32, entropy (n, R) or None."""
+    logits = logits.float()                                                  # fp32 softmax math
+    if temperature != 1.0:
+        logits = logits / temperature                                        # pi_T = softmax(z / T)
+    # log pi(y) = z_y - logsumexp(z): cross_entropy computes exactly -log softmax(z)[y], fused
+    logp = -F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view(targets.shape)
+    entropy = None
+    if with_entropy:
+        # H = -sum_v pi_v log pi_v = logsumexp(z) - sum_v pi_v z_v
+        entropy = logits.logsumexp(-1) - (logits.softmax(-1) * logits).sum(-1)   # (n, R)
+    return logp, entropy
+
+
+def response_logprobs(model, input_ids, attention_mask, position_ids, response_len: int,
+                      temperature: float = 1.0, with_entropy: bool = False, head_chunk: int = 0):
+    """log pi(y_t | x, y_<t) of the last response_len tokens of each row: (n, R), and their entropy (n, R).
+
+    Logits at column j predict the token at column j + 1, so the R response tokens are predicted by
+    the R columns before them: keep the last R + 1 columns' logits and drop the final one.
+
+    head_chunk > 0: the memory-saving path used with gradient checkpointing. The (n, R, V) logits are
+    the largest tensors of a step (V = 152k for Qwen: 0.6 MB per token per fp32 copy, and the loss
+    keeps ~3 copies alive through the backward pass), and layer checkpointing does not touch them. So
+    we run the decoder alone, then the output layer + log-softmax over chunks of head_chunk positions,
+    each under torch.utils.checkpoint: only one chunk's logits ever exist, recomputed in the backward
+    pass. Assumes logits = lm_head(final hidden state), true for Qwen2, Qwen3 and Llama (tested).
+    """
+    R = response_len
+    targets = input_ids[:, -R:]                                              # (n, R)
+    if head_chunk <= 0:
+        out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                    use_cache=False, logits_to_keep=R + 1)
+        logits = out.logits[:, :-1]                                          # (n, R, V)
+        del out   # NOTE: keep no extra reference to the biggest tensor of the step
+        return token_logprobs(logits, targets, temperature, with_entropy)
+    hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                 use_cache=False).last_hidden_state[:, -R - 1:-1]   # (n, R, H)
+    head = model.get_output_embeddings()
+
+    def chunk_logprobs(h, y):                                                # (n, c, H), (n, c)
+        return token_logprobs(head(h), y, temperature, with_entropy)
+
+    pieces = [torch.utils.checkpoint.checkpoint(chunk_logprobs, hidden[:, s:s + head_chunk],
+                                                targets[:, s:s + head_chunk], use_reentrant=False)
+              for s in range(0, R, head_chunk)]
+    logp = torch.cat([lp for lp, _ in pieces], dim=1)                        # (n, R)
+    entropy = torch.cat([e for _, e in pieces], dim=1) if with_entropy else None
+    return logp, entropy
 
 
 # =================================================================================================
@@ -527,31 +611,35 @@ TEMPLATES = ("auto", "plain", "qwen2.5-math", "qwen3", "llama3")
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|end_of_text|>", "<|eom_id|>")
 
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def torch_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """Our --dtype names -> a torch dtype: "auto" = bfloat16 on CUDA and float32 on CPU (NOTE: OUR
+    "auto", not transformers' "use the checkpoint's dtype"), or "float32" / "bfloat16" / "float16"."""
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of auto, {', '.join(DTYPES)}; got {dtype!r}")
+    return DTYPES[dtype]
+
+
 def load_model(name_or_dir, dtype="auto", device=None):
     """Load (model, tokenizer) with AutoModelForCausalLM / AutoTokenizer .from_pretrained.
 
     name_or_dir: a hub name ("Qwen/Qwen2.5-Math-1.5B") or a local directory (e.g. runs/toy-base-s0 or a
     checkpoint written by train). A local directory is loaded with local_files_only=True, so no
     network access is attempted for it.
-    dtype: "auto" = bfloat16 on CUDA and float32 on CPU (NOTE: this is OUR "auto", not transformers'
-    "use the checkpoint's dtype"), or "float32" / "bfloat16" / "float16".
+    dtype: see torch_dtype ("auto" = bfloat16 on CUDA, float32 on CPU).
     device: default "cuda" when available, else "cpu".
     The model is returned in eval mode; the caller switches to train() when training.
     """
-    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(device)
-    if dtype == "auto":
-        torch_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    elif dtype in dtypes:
-        torch_dtype = dtypes[dtype]
-    else:
-        raise ValueError(f"dtype must be one of auto, {', '.join(dtypes)}; got {dtype!r}")
-
     local = pathlib.Path(str(name_or_dir)).is_dir()
     # transformers 5.x takes `dtype=` (the old `torch_dtype=` is deprecated).
-    model = AutoModelForCausalLM.from_pretrained(str(name_or_dir), dtype=torch_dtype,
+    model = AutoModelForCausalLM.from_pretrained(str(name_or_dir), dtype=torch_dtype(dtype, device),
                                                  local_files_only=local)
     tokenizer = AutoTokenizer.from_pretrained(str(name_or_dir), local_files_only=local)
     model.to(device).eval()

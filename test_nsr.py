@@ -26,13 +26,19 @@ import numpy as np
 import pytest
 import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
-from transformers import (AutoModelForCausalLM, AutoTokenizer, DynamicCache, LlamaConfig, LlamaForCausalLM,
-                          PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
+from transformers import (AutoModelForCausalLM, AutoModelForTokenClassification, AutoTokenizer, DynamicCache,
+                          LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM,
+                          Qwen3Config, Qwen3ForCausalLM)
 
 import nsr
 import passk
+import ppo
+import precision
+import presets
 import reproduce
+import runs
 import sample
+import settings
 import toy
 import verifier
 
@@ -1347,7 +1353,7 @@ def test_loss_gradient_wrt_logits_equals_the_closed_form_for_psr_nsr_and_w_reinf
     weights = nsr.sample_weights([reward], objective, lam=0.1).double()
     assert weights.item() == pytest.approx(w)
     logp = torch.log_softmax(z, dim=-1)[y].reshape(1, 1)                           # (N=1, T=1)
-    nsr.policy_loss(logp, weights, torch.ones(1, 1, dtype=torch.float64), normalizer=1.0).backward()
+    nsr.policy_loss(logp, weights, torch.ones(1, 1, dtype=torch.float64), 1.0, None, 0.0).backward()
     pi = torch.softmax(z.detach(), dim=-1)
     onehot = torch.nn.functional.one_hot(torch.tensor(y), 11).double()
     closed_form = -w * (onehot - pi)                                               # dL/dz_v
@@ -1360,7 +1366,7 @@ def test_nsr_gradient_step_lowers_the_sampled_logit_and_raises_the_others_in_pro
     y, lr = 1, 0.1
     logp = torch.log_softmax(z, dim=-1)[y].reshape(1, 1)
     weights = nsr.sample_weights([0.0], "nsr").double()
-    nsr.policy_loss(logp, weights, torch.ones(1, 1, dtype=torch.float64), 1.0).backward()
+    nsr.policy_loss(logp, weights, torch.ones(1, 1, dtype=torch.float64), 1.0, None, 0.0).backward()
     with torch.no_grad():
         delta = (z - lr * z.grad) - z0
     pi = torch.softmax(z0, dim=-1)
@@ -1390,11 +1396,9 @@ def test_sample_weights_table_for_every_objective_including_grpo_all_correct_and
     assert (w[4:] == 0).all()                                                      # exactly zero
 
 
-def test_sample_weights_rejects_unknown_objectives_negative_lam_bad_rewards_and_bad_grpo_groups():
+def test_sample_weights_rejects_unknown_objectives_bad_rewards_and_bad_grpo_groups():
     with pytest.raises(ValueError, match="unknown objective"):
         nsr.sample_weights([1, 0], "dpo")
-    with pytest.raises(ValueError, match="lam"):
-        nsr.sample_weights([1, 0], "w-reinforce", lam=-0.1)
     with pytest.raises(ValueError, match="0 or 1"):
         nsr.sample_weights([0.5, 0], "nsr")
     with pytest.raises(ValueError, match="group_size"):
@@ -1428,7 +1432,7 @@ def test_demo_gradient_prints_nsr_moving_the_logits_by_minus_one_minus_pi_and_pl
     # The numbers --demo-gradient prints are the closed form: NSR's logit change on y = b is
     # -(1 - pi_b) = -0.75 and +pi_v on every other token; PSR raises b; NSR lowers b and raises the rest.
     rows = {line.split("  ")[0]: [float(x) for x in line.split()[-5:]]
-            for line in nsr.demo_gradient().splitlines()[2:7]}
+            for line in nsr.gradient_demo().splitlines()[2:7]}
     prior, psr, nsr_after = rows["probabilities before"], rows["after PSR on b (w=+1)"], rows["after NSR on b (w=-1)"]
     change = next(v for k, v in rows.items() if k.startswith("NSR logit change"))
     assert change == pytest.approx([0.40, -0.75, 0.20, 0.10, 0.05], abs=1e-3)
@@ -1451,13 +1455,24 @@ def _grads(model):
     return [p.grad.clone() for p in model.parameters()]
 
 
+def _backward(model, prompts, responses, weights, Z, micro, policy=None, old_logprobs=None, clip_eps=0.0,
+              head_chunk=0):
+    """nsr.minibatch_backward on one mini-batch with the policy-gradient term alone (no entropy, no KL).
+    Without a policy the grads stay in the model's own .grad (a Trainable whose masters are its params)."""
+    params = list(model.parameters())
+    policy = policy or precision.Trainable(model, params, params, None)
+    cfg = nsr.Config(micro_batch_size=micro, clip_eps=clip_eps, entropy_coef=0.0, kl_coef=0.0)
+    batch = nsr.MiniBatch(prompts, responses, old_logprobs or [[] for _ in prompts], weights, Z)
+    return nsr.minibatch_backward(policy, batch, cfg, head_chunk=head_chunk)
+
+
 def test_gradients_with_micro_batch_size_one_equal_the_full_batch_gradients():
     prompts, responses, weights = _fixed_batch()
     Z = nsr.loss_normalizer(weights, [len(r) for r in responses])
     results = []
     for micro in (1, 5):
         model = tiny_model("qwen2").train()
-        loss = nsr.backward_on_batch(model, prompts, responses, weights, Z, micro_batch_size=micro)
+        loss = _backward(model, prompts, responses, weights, Z, micro)
         results.append((loss, _grads(model)))
     assert results[0][0] == pytest.approx(results[1][0], rel=1e-5)
     for g1, g5 in zip(results[0][1], results[1][1]):
@@ -1474,11 +1489,10 @@ def test_gradient_checkpointing_and_the_chunked_output_layer_give_the_same_loss_
     for checkpointing in (False, True):
         model = tiny_model(arch).train()
         if checkpointing:
-            nsr.enable_gradient_checkpointing(model)
+            precision.enable_gradient_checkpointing(model)
             assert model.model.gradient_checkpointing
         # head_chunk=2: the output layer + log-softmax in checkpointed chunks of 2 positions
-        loss = nsr.backward_on_batch(model, prompts, responses, weights, Z, micro_batch_size=5,
-                                     head_chunk=2 if checkpointing else 0)
+        loss = _backward(model, prompts, responses, weights, Z, 5, head_chunk=2 if checkpointing else 0)
         results.append((loss, _grads(model)))
     assert results[0][0] == pytest.approx(results[1][0], rel=1e-6)
     for a, b in zip(results[0][1], results[1][1]):
@@ -1496,17 +1510,17 @@ def test_bf16_training_with_fp32_master_weights_keeps_updates_that_a_bf16_only_u
 
     model = tiny_model("qwen2", dtype=torch.bfloat16).train()
     start = [p.detach().float().clone() for p in model.parameters()]
-    policy = nsr.make_trainable(model, nsr.Config(), lr)          # AdamW betas (0.9, 0.999), decay 0.01
+    policy = precision.make_trainable(model, nsr.Config(), lr)          # AdamW betas (0.9, 0.999), decay 0.01
     params, master = policy.params, policy.master
     assert all(m.dtype == torch.float32 for m in master) and master[0] is not params[0]
-    nsr.backward_on_batch(model, prompts, responses, weights, Z, micro_batch_size=2, trainable=policy)
+    _backward(model, prompts, responses, weights, Z, 2, policy=policy)
     assert all(p.grad is None for p in params)                  # grads moved into the fp32 masters
     grad = [m.grad.clone() for m in master]
     for step in range(steps):
         # (the same gradient every step, to keep the test fast: a steady push, as a consistent signal gives)
         for m, g in zip(master, grad):
             m.grad = g.clone()
-        nsr.optimizer_step(policy, grad_clip=0.0)
+        precision.optimizer_step(policy, grad_clip=0.0)
         if step == 0:   # after one step every weight that got a gradient moved by about lr in the master
             moved = torch.cat([(m.detach() - s).abs().flatten() for m, s in zip(master, start)])
             assert (moved > 0.5 * lr).float().mean() > 0.9 and moved.max() < 3 * lr
@@ -1518,7 +1532,7 @@ def test_bf16_training_with_fp32_master_weights_keeps_updates_that_a_bf16_only_u
     # ... while the same training with bf16 weights and a bf16 AdamW loses (almost) every update
     plain = tiny_model("qwen2", dtype=torch.bfloat16).train()
     opt = torch.optim.AdamW(plain.parameters(), lr=lr, betas=(0.9, 0.999), weight_decay=0.01)
-    nsr.backward_on_batch(plain, prompts, responses, weights, Z, micro_batch_size=2)
+    _backward(plain, prompts, responses, weights, Z, 2)
     grad = [p.grad.clone() for p in plain.parameters()]
     for _ in range(steps):
         for p, g in zip(plain.parameters(), grad):
@@ -1539,17 +1553,16 @@ def test_nsr_training_steps_lower_the_log_prob_of_the_penalised_samples():
     Z = nsr.loss_normalizer(weights, [len(t) for t in rollouts.tokens])
 
     def total_logp():
-        ids, attn, pos, mask = nsr.pack_sequences(prompts, rollouts.tokens, "cpu")
+        ids, attn, pos, mask = sample.pack(prompts, rollouts.tokens, "cpu")
         with torch.no_grad():
-            logp, _ = nsr.response_logprobs(model, ids, attn, pos, mask.shape[1])
+            logp, _ = sample.response_logprobs(model, ids, attn, pos, mask.shape[1])
         return (logp * mask).sum(dim=1)                                  # (8,) log pi(y_i)
 
     before = total_logp()
-    policy = nsr.make_trainable(model, nsr.Config(weight_decay=0.0), 1e-3)
+    policy = precision.make_trainable(model, nsr.Config(weight_decay=0.0), 1e-3)
     for _ in range(3):
-        nsr.backward_on_batch(model, prompts, rollouts.tokens, weights, Z, micro_batch_size=4,
-                              trainable=policy)
-        nsr.optimizer_step(policy, grad_clip=1.0)
+        _backward(model, prompts, rollouts.tokens, weights, Z, 4, policy=policy)
+        precision.optimizer_step(policy, grad_clip=1.0)
     after = total_logp()
     assert (after < before).all(), (before, after)
 
@@ -1565,7 +1578,7 @@ def test_train_two_steps_write_a_checkpoint_two_metrics_lines_and_a_loadable_mod
     keys = {"step", "reward", "all_correct", "all_wrong", "response_len", "truncated", "entropy", "loss",
             "grad_norm", "trained_samples", "updates", "skipped", "sample_s", "train_s", "tokens_per_s"}
     assert all(set(m) == keys for m in lines)
-    ckpt = nsr.latest_checkpoint(run)
+    ckpt = runs.latest_checkpoint(run)
     assert ckpt is not None and ckpt.name == "checkpoint-000002"
     assert json.loads((run / "config.json").read_text())["steps"] == 2
     model, _ = sample.load_model(ckpt, device="cpu")
@@ -1593,28 +1606,28 @@ def test_train_stopped_after_step_one_and_resumed_reproduces_step_two_without_du
     for a, b in zip(full, resumed):
         assert {k: v for k, v in a.items() if k not in timing} == {k: v for k, v in b.items() if k not in timing}
     assert full[1]["trained_samples"] > 0
-    a = sample.load_model(nsr.latest_checkpoint(tmp_path / "full"), device="cpu")[0]
-    b = sample.load_model(nsr.latest_checkpoint(tmp_path / "cut"), device="cpu")[0]
+    a = sample.load_model(runs.latest_checkpoint(tmp_path / "full"), device="cpu")[0]
+    b = sample.load_model(runs.latest_checkpoint(tmp_path / "cut"), device="cpu")[0]
     assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
 
 
 def test_a_resume_drops_the_log_lines_after_the_checkpoint_and_a_torn_last_line(tmp_path):
     log = tmp_path / "metrics.jsonl"
     log.write_text('{"step": 1, "reward": 0.5}\n{"step": 2, "reward": 0.6}\n{"step": 3, "rew')   # killed mid-write
-    nsr.truncate_jsonl(log, 1)
+    runs.truncate_jsonl(log, 1)
     assert log.read_text() == '{"step": 1, "reward": 0.5}\n'
 
 
 @pytest.mark.smoke
 def test_train_skips_non_finite_loss_steps_and_stops_after_several_in_a_row_without_saving(tmp_path, monkeypatch):
     world = _tiny_world(tmp_path)
-    monkeypatch.setattr(nsr, "backward_on_batch", lambda *args, **kwargs: None)   # "the loss was NaN"
+    monkeypatch.setattr(nsr, "minibatch_backward", lambda *args, **kwargs: None)   # "the loss was NaN"
     with pytest.raises(RuntimeError, match="2 consecutive steps had a non-finite loss"):
         nsr.train(_tiny_config(world, tmp_path / "run", steps=4, max_nonfinite=2, save_every=1))
     lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [(m["step"], m["skipped"], m["loss"]) for m in lines] == [(1, True, None), (2, True, None)]
     # skipped steps leave the weights untouched, and the saved checkpoints are the unchanged model
-    saved = sample.load_model(nsr.latest_checkpoint(tmp_path / "run"), device="cpu")[0]
+    saved = sample.load_model(runs.latest_checkpoint(tmp_path / "run"), device="cpu")[0]
     base = sample.load_model(world, device="cpu")[0]
     assert all(torch.equal(p, q) for p, q in zip(saved.parameters(), base.parameters()))
 
@@ -1629,7 +1642,7 @@ def test_train_stops_with_a_message_naming_the_step_when_sampling_meets_non_fini
     tokenizer.save_pretrained(tmp_path / "diverged")
     with pytest.raises(RuntimeError, match=r"step 1: the policy produced non-finite logits.*learning rate"):
         nsr.train(_tiny_config(tmp_path / "diverged", tmp_path / "run", train=str(world / "train.jsonl")))
-    assert nsr.latest_checkpoint(tmp_path / "run") is None                  # nothing non-finite was saved
+    assert runs.latest_checkpoint(tmp_path / "run") is None                  # nothing non-finite was saved
 
 
 def test_train_config_rejects_bad_values_with_clear_messages_before_any_work(tmp_path, capsys):
@@ -1644,17 +1657,18 @@ def test_train_config_rejects_bad_values_with_clear_messages_before_any_work(tmp
              (["--train", str(tmp_path / "missing.jsonl")], "missing.jsonl: no such file"),
              (["--preset", "gpt-9"], "unknown --preset 'gpt-9'")]
     for argv, message in cases:
-        with pytest.raises(SystemExit):
-            nsr.parse_config(argv)
-        assert message in capsys.readouterr().err, argv
+        with pytest.raises(SystemExit) as stop:
+            nsr.main(argv + ["--out-dir", str(tmp_path / "never")])
+        assert stop.value.code == 2 and message in capsys.readouterr().err, argv
+        assert not (tmp_path / "never").exists()
     # train() checks too, before it creates anything
-    with pytest.raises(ValueError, match="unknown"):
+    with pytest.raises(settings.UserError, match="unknown"):
         nsr.train(nsr.Config(objective="nope", out_dir=str(tmp_path / "never")))
     assert not (tmp_path / "never").exists()
     # precedence: Config defaults < toy defaults (no --model) < --preset < explicit flags
-    assert nsr.parse_config([]).lr == nsr.TOY_DEFAULTS["lr"]
-    name, preset = next(iter(nsr.PRESETS.items()))
-    cfg = nsr.parse_config(["--preset", name, "--lr", "3e-6", "--dry-run"])
+    assert settings.parse_config(nsr.Config, [], nsr.TOY_DEFAULTS).lr == nsr.TOY_DEFAULTS["lr"]
+    name, preset = next(iter(presets.PRESETS.items()))
+    cfg = settings.parse_config(nsr.Config, ["--preset", name, "--lr", "3e-6", "--dry-run"], nsr.TOY_DEFAULTS)
     assert cfg.model == preset["model"] and cfg.lr == 3e-6 and cfg.out_dir == nsr.Config().out_dir
 
 
@@ -1666,10 +1680,6 @@ def test_the_paper_update_trains_psr_on_correct_nsr_on_wrong_and_the_rest_on_eve
     assert nsr.training_subset(rewards, "nsr") == [1, 2, 4]
     for objective in ("w-reinforce", "reinforce", "grpo", "ppo"):
         assert nsr.training_subset(rewards, objective) == [0, 1, 2, 3, 4]
-    # mini-batches are counted AFTER the subset: 11 samples in chunks of 4 -> 4, 4, 3 (3 optimizer steps)
-    assert [len(c) for c in nsr.minibatches(list(range(11)), 4)] == [4, 4, 3]
-    assert nsr.minibatches(list(range(11)), 0) == [list(range(11))]          # 0 = one step on all of it
-    assert nsr.minibatches([], 4) == []                                        # nothing to train on: no step
 
 
 def _fake_rewards(monkeypatch, pattern):
@@ -1701,12 +1711,12 @@ def test_updates_equal_ceil_of_trained_samples_over_the_mini_batch_size_with_cli
 @pytest.mark.smoke
 def test_a_last_partial_mini_batch_steps_too_with_its_loss_scaled_by_its_size_over_m(tmp_path, monkeypatch):
     _fake_rewards(monkeypatch, [1, 0, 0, 1, 0, 0, 1, 0, 1, 0, 0, 1])       # 7 wrong of 12
-    calls, real = [], nsr.backward_on_batch
+    calls, real = [], nsr.minibatch_backward
 
-    def spy(model, prompts, responses, weights, normalizer, **kwargs):
-        calls.append((len(prompts), kwargs["scale"]))
-        return real(model, prompts, responses, weights, normalizer, **kwargs)
-    monkeypatch.setattr(nsr, "backward_on_batch", spy)
+    def spy(policy, batch, *args):
+        calls.append((len(batch.prompts), batch.scale))
+        return real(policy, batch, *args)
+    monkeypatch.setattr(nsr, "minibatch_backward", spy)
     world = _tiny_world(tmp_path)
     nsr.train(_tiny_config(world, tmp_path / "run", objective="nsr", steps=1, batch_prompts=3, group_size=4,
                            clip_eps=0.2, mini_batch_size=3, entropy_coef=0.0))
@@ -1725,8 +1735,7 @@ def test_the_first_mini_batch_gradient_is_the_on_policy_gradient_of_the_sampled_
     grads = []
     for clip in (0.0, 0.2):
         model.zero_grad(set_to_none=True)
-        nsr.backward_on_batch(model, prompts, rollouts.tokens, weights, Z, micro_batch_size=2, clip_eps=clip,
-                              old_logprobs=rollouts.logprobs)
+        _backward(model, prompts, rollouts.tokens, weights, Z, 2, old_logprobs=rollouts.logprobs, clip_eps=clip)
         grads.append(_grads(model))
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
@@ -1773,14 +1782,14 @@ def test_gae_equals_a_hand_computed_example_and_the_return_minus_value_at_gamma_
     rewards = torch.tensor([[0.0, 0.0, 1.0, 9.0], [0.3, 1.0, 9.0, 9.0]])      # 9 = padding, must be ignored
     values = torch.tensor([[0.5, 0.2, 0.4, 9.0], [0.1, -0.2, 9.0, 9.0]])
     mask = torch.tensor([[1.0, 1, 1, 0], [1, 1, 0, 0]])
-    adv, ret = nsr.gae_advantages(rewards, values, mask, gamma=0.9, lam=0.8)
+    adv, ret = ppo.gae_advantages(rewards, values, mask, gamma=0.9, lam=0.8)
     torch.testing.assert_close(adv[0, :3], torch.tensor([0.10624, 0.592, 0.6]))
     ref = _reference_gae(rewards.tolist(), values.tolist(), [3, 2], 0.9, 0.8)
     torch.testing.assert_close(adv[1, :2], torch.tensor(ref[1]))
     assert (adv[mask == 0] == 0).all() and (ret[mask == 0] == 0).all()
     torch.testing.assert_close(ret, (adv + values) * mask)
     # gamma = lam = 1: A_t = (sum of the rewards from t on) - V_t
-    adv, ret = nsr.gae_advantages(rewards, values, mask)
+    adv, ret = ppo.gae_advantages(rewards, values, mask)
     to_go = torch.tensor([[1.0, 1.0, 1.0, 0.0], [1.3, 1.0, 0.0, 0.0]])
     torch.testing.assert_close(adv, (to_go - values) * mask)
     torch.testing.assert_close(ret, to_go)
@@ -1789,7 +1798,7 @@ def test_gae_equals_a_hand_computed_example_and_the_return_minus_value_at_gamma_
 def test_masked_whiten_has_mean_zero_and_std_one_over_the_masked_tokens_only():
     x = torch.tensor([[1.0, 2.0, 3.0, 100.0], [4.0, 5.0, -50.0, 7.0]])
     mask = torch.tensor([[1.0, 1, 1, 0], [1, 1, 0, 1]])
-    w = nsr.masked_whiten(x, mask)
+    w = ppo.masked_whiten(x, mask)
     real = w[mask == 1]
     assert abs(float(real.mean())) < 1e-6 and abs(float(real.std()) - 1) < 1e-4   # unbiased std, as verl
     assert (w[mask == 0] == 0).all()
@@ -1800,7 +1809,7 @@ def test_value_clipping_stops_the_gradient_exactly_past_half_a_unit_from_the_old
     # of the two errors is the clipped one and the gradient is 0; inside the band it is V - R
     old, ret, mask = torch.zeros(1, 4), torch.full((1, 4), 2.0), torch.ones(1, 4)
     values = torch.tensor([[0.3, 0.49, 0.51, 0.9]], requires_grad=True)
-    nsr.value_loss(values, old, ret, mask, normalizer=1.0, clip=0.5).backward()
+    ppo.value_loss(values, old, ret, mask, normalizer=1.0, clip=0.5).backward()
     torch.testing.assert_close(values.grad[0, :2], values.detach()[0, :2] - 2.0)   # 0.5 * d(V-R)^2 = V - R
     assert (values.grad[0, 2:] == 0).all()
 
@@ -1808,8 +1817,8 @@ def test_value_clipping_stops_the_gradient_exactly_past_half_a_unit_from_the_old
 def test_explained_variance_is_one_for_a_perfect_critic_and_zero_for_the_mean():
     ret = torch.tensor([[1.0, 2.0, 3.0, 0.0]])
     mask = torch.tensor([[1.0, 1, 1, 0]])
-    assert nsr.explained_variance(ret.clone(), ret, mask) == pytest.approx(1.0)
-    assert nsr.explained_variance(torch.full((1, 4), 2.0), ret, mask) == pytest.approx(0.0)
+    assert ppo.explained_variance(ret.clone(), ret, mask) == pytest.approx(1.0)
+    assert ppo.explained_variance(torch.full((1, 4), 2.0), ret, mask) == pytest.approx(0.0)
 
 
 @pytest.mark.smoke
@@ -1822,7 +1831,7 @@ def test_ppo_trains_a_critic_logs_its_metrics_and_resumes_exactly(tmp_path, monk
     for m in lines:
         assert {"value_loss", "explained_variance", "adv_mean", "critic_grad_norm"} <= set(m)
         assert m["value_loss"] > 0 and m["critic_grad_norm"] > 0 and m["updates"] == 2   # 8 samples / M = 4
-    ckpt = nsr.latest_checkpoint(tmp_path / "full")
+    ckpt = runs.latest_checkpoint(tmp_path / "full")
     assert (ckpt / "critic" / "config.json").is_file()
     # stopped after step 1, resumed: the same metrics (but timing) and the same policy and critic weights
     nsr.train(_tiny_config(world, tmp_path / "cut", steps=1, **ppo))
@@ -1832,8 +1841,8 @@ def test_ppo_trains_a_critic_logs_its_metrics_and_resumes_exactly(tmp_path, monk
     assert [{k: v for k, v in m.items() if k not in timing} for m in cut] == \
            [{k: v for k, v in m.items() if k not in timing} for m in lines]
     for sub in ("", "critic"):
-        a = AutoModelForCausalLM if not sub else nsr.AutoModelForTokenClassification
-        full, resumed = (a.from_pretrained(nsr.latest_checkpoint(tmp_path / r) / sub) for r in ("full", "cut"))
+        a = AutoModelForCausalLM if not sub else AutoModelForTokenClassification
+        full, resumed = (a.from_pretrained(runs.latest_checkpoint(tmp_path / r) / sub) for r in ("full", "cut"))
         for p, q in zip(full.parameters(), resumed.parameters()):
             assert torch.equal(p, q)
 
@@ -1849,12 +1858,12 @@ def test_optimizer_offload_gives_bit_identical_weights_to_on_device_fp32_masters
     nsr.train(_tiny_config(world, tmp_path / "offload", optimizer_offload=True, **bf16))
     nsr.train(_tiny_config(world, tmp_path / "cut", optimizer_offload=True, **{**bf16, "steps": 2}))
     nsr.train(_tiny_config(world, tmp_path / "cut", optimizer_offload=True, resume=True, **bf16))
-    runs = {r: torch.load(nsr.latest_checkpoint(tmp_path / r) / "trainer_state.pt", weights_only=True)
-            for r in ("device", "offload", "cut")}
+    states = {r: torch.load(runs.latest_checkpoint(tmp_path / r) / "trainer_state.pt", weights_only=True)
+              for r in ("device", "offload", "cut")}
     start = AutoModelForCausalLM.from_pretrained(world)
     moved = False
-    for i, m in enumerate(runs["device"]["master"]):
-        assert torch.equal(m, runs["offload"]["master"][i]) and torch.equal(m, runs["cut"]["master"][i])
+    for i, m in enumerate(states["device"]["master"]):
+        assert torch.equal(m, states["offload"]["master"][i]) and torch.equal(m, states["cut"]["master"][i])
         moved = moved or not torch.equal(m, list(start.parameters())[i].float())
     assert moved                                                    # the 3 steps did change the weights
 
@@ -2018,7 +2027,7 @@ def test_memory_plan_parameter_counts_equal_transformers_models_built_from_the_t
 
     published = {"Qwen/Qwen2.5-Math-1.5B": 1.54, "Qwen/Qwen2.5-Math-7B": 7.62, "Qwen/Qwen2.5-0.5B-Instruct": 0.49,
                  "Qwen/Qwen3-0.6B": 0.60, "meta-llama/Llama-3.2-1B-Instruct": 1.24}
-    for name, a in nsr.ARCHITECTURES.items():
+    for name, a in presets.ARCHITECTURES.items():
         config_cls, model_cls = ((Qwen3Config, Qwen3ForCausalLM) if a["qk_norm"] else
                                  (Qwen2Config, Qwen2ForCausalLM) if a["qkv_bias"] else (LlamaConfig, LlamaForCausalLM))
         config = config_cls(hidden_size=a["hidden"], num_hidden_layers=a["layers"], num_attention_heads=a["heads"],
@@ -2027,58 +2036,58 @@ def test_memory_plan_parameter_counts_equal_transformers_models_built_from_the_t
                             tie_word_embeddings=a["tied"])
         with torch.device("meta"):
             model = model_cls(config)
-        assert sum(p.numel() for p in model.parameters()) == nsr.num_params(a), name
-        assert round(nsr.num_params(a) / 1e9, 2) == published[name], name
+        assert sum(p.numel() for p in model.parameters()) == presets.param_count(a), name
+        assert round(presets.param_count(a) / 1e9, 2) == published[name], name
 
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_memory_plan_reads_architecture_numbers_from_a_local_model_dir_and_counts_its_parameters(tmp_path, arch):
     model = tiny_model(arch)
     model.save_pretrained(tmp_path)
-    assert nsr.num_params(nsr.arch_from_config(tmp_path)) == sum(p.numel() for p in model.parameters())
+    assert presets.param_count(presets.arch_from_config(tmp_path)) == sum(p.numel() for p in model.parameters())
 
 
 @pytest.mark.parametrize("preset", ["qwen2.5-0.5b-instruct", "qwen3-0.6b", "llama-3.2-1b-instruct"])
 def test_memory_plan_of_every_preset_fits_24_gib_and_sets_only_config_fields(preset):
-    plan = nsr.memory_plan(preset)
-    n, cfg = plan["params"], nsr.PRESETS[preset]
+    plan = presets.memory_plan(nsr.Config(**presets.PRESETS[preset]))
+    n, cfg = plan["params"], presets.PRESETS[preset]
     bf16 = cfg["dtype"] == "bfloat16"
     assert plan["weights"] == plan["gradients"] == (2 if bf16 else 4) * n
     # fp32 masters + their grads (bf16 or offloaded) + AdamW m, v: 16 or 8 bytes/param
     assert plan["fp32_state"] == (16 if bf16 or cfg.get("optimizer_offload") else 8) * n
-    no_ckpt = nsr.memory_plan(dict(cfg, grad_checkpointing="off"))
+    no_ckpt = presets.memory_plan(nsr.Config(**dict(cfg, grad_checkpointing="off")))
     assert plan["activations"] < no_ckpt["activations"] / 5
     assert plan["fits"] and plan["peak"] <= 24 * 2 ** 30
     assert cfg["lr"] == 1e-6 and cfg["temperature"] == 1.0 and cfg["group_size"] == 8
-    assert plan["seq_len"] <= nsr.ARCHITECTURES[cfg["model"]]["max_positions"]
+    assert plan["seq_len"] <= presets.ARCHITECTURES[cfg["model"]]["max_positions"]
     assert set(cfg) <= {f.name for f in dataclasses.fields(nsr.Config)}
-    assert nsr.parse_config(["--preset", preset, "--dry-run"]).model == cfg["model"]
+    assert settings.parse_config(nsr.Config, ["--preset", preset, "--dry-run"], nsr.TOY_DEFAULTS).model == cfg["model"]
 
 
 def test_memory_plan_matches_a_by_hand_estimate_and_shows_why_1_5b_and_7b_do_not_fit():
     run = dict(model="Qwen/Qwen2.5-Math-1.5B", dtype="bfloat16", batch_prompts=32, group_size=8,
                max_prompt_len=1024, max_new_tokens=3072, micro_batch_size=1, grad_checkpointing="on",
                chunk_size=32)
-    plan = nsr.memory_plan(run)
+    plan = presets.memory_plan(nsr.Config(**run))
     # by hand: 28 layers x 2 (k, v) x 2 kv heads x 128 dims x 4096 tokens x 32 rows x 2 bytes = 3.5 GiB
     assert plan["kv_cache"] == 28 * 2 * 2 * 128 * 4096 * 32 * 2 == int(3.5 * 2 ** 30)
     # logits, as train() computes them: with checkpointing the output layer runs over chunks of
     # head_chunk = 128 positions, so 1 sequence x 128 positions x 151936 vocab x (2 + 4 + 4) bytes;
     # without it, logits of the 3072 response positions only (logits_to_keep), never the prompt's
     assert plan["logits"] == 128 * 151936 * 10
-    assert nsr.memory_plan(dict(run, grad_checkpointing="off"))["logits"] == 3072 * 151936 * 10
+    assert presets.memory_plan(nsr.Config(**dict(run, grad_checkpointing="off")))["logits"] == 3072 * 151936 * 10
     # 20 bytes/param for bf16 + fp32 master: 1.54e9 x 20 = 28.8 GiB before any activation
     assert not plan["fits"] and plan["peak"] > 20 * plan["params"]
-    offloaded = nsr.memory_plan(dict(run, optimizer_offload=True))      # the GPU keeps 2 + 2 + 4 B/param
+    offloaded = presets.memory_plan(nsr.Config(**dict(run, optimizer_offload=True)))      # the GPU keeps 2 + 2 + 4 B/param
     assert offloaded["fits"] and offloaded["cpu_ram"] == 16 * plan["params"]
     assert offloaded["peak_training"] == (offloaded["weights"] + offloaded["gradients"] + 4 * plan["params"]
                                           + offloaded["activations"] + offloaded["logits"] + 2 ** 30)
     # ppo's critic is a second copy: its weights on the GPU, its fp32 state in CPU RAM as well
     assert offloaded["ppo_peak"] == offloaded["peak"] + offloaded["weights"] and offloaded["ppo_fits"]
     assert offloaded["ppo_cpu_ram"] == 2 * offloaded["cpu_ram"]
-    assert not nsr.memory_plan(dict(run, model="Qwen/Qwen2.5-Math-7B", optimizer_offload=True))["fits"]
+    assert not presets.memory_plan(nsr.Config(**dict(run, model="Qwen/Qwen2.5-Math-7B", optimizer_offload=True)))["fits"]
     # the preset is exactly this run with the paper's update, and fits
-    assert nsr.memory_plan("qwen2.5-math-1.5b")["fits"]
+    assert presets.memory_plan(nsr.Config(**presets.PRESETS["qwen2.5-math-1.5b"]))["fits"]
 
 
 @pytest.mark.smoke
@@ -2107,16 +2116,16 @@ def test_load_model_and_template_auto_run_one_training_step_and_an_evaluation_en
     assert [json.loads(line)["step"] for line in lines] == [1]
     assert set(result["evals"]["test"]) == {0, 1}
     assert all(r["num_problems"] == 1 and r["n"] == 2 for r in result["evals"]["test"].values())
-    model, loaded = sample.load_model(nsr.latest_checkpoint(tmp_path / "run"), device="cpu")
+    model, loaded = sample.load_model(runs.latest_checkpoint(tmp_path / "run"), device="cpu")
     assert sample.render_prompt(loaded, "1+1") == sample.render_prompt(tokenizer, "1+1")   # chat template kept
 
 
 def test_format_memory_plan_prints_every_component_and_the_verdict():
-    text = nsr.format_memory_plan(nsr.memory_plan("qwen3-0.6b"))
+    text = presets.format_memory_plan(presets.memory_plan(nsr.Config(**presets.PRESETS["qwen3-0.6b"])))
     for label in ("weights", "gradients", "fp32 masters + grads + AdamW", "checkpointing on", "logits",
                   "KV cache while sampling", "PEAK while training", "fits", "with --objective ppo"):
         assert label in text
-    assert "CPU RAM" in nsr.format_memory_plan(nsr.memory_plan("qwen2.5-math-1.5b"))
+    assert "CPU RAM" in presets.format_memory_plan(presets.memory_plan(nsr.Config(**presets.PRESETS["qwen2.5-math-1.5b"])))
     assert "ESTIMATE" in text
 
 

@@ -1,0 +1,377 @@
+"""
+runs.py -- a run's start, files and checkpoints. OPTIONAL READING: nsr.train calls these around its loop;
+none of them changes what a step computes.
+
+    start(cfg, objectives) -> (cfg, Run)   check the config, fill in the toy world, prepare the run
+                                           directory, load the models, optimizers and data, resume
+    prompt_batch, sample_rollouts          the problems of a step and their rollouts (divergence = a clear stop)
+    StepStats, step_metrics                what a step did -> its metrics.jsonl line (docs/training.md)
+    evaluate, finish                       Pass@k on every eval set -> eval/, eval.jsonl, the final table
+    save_checkpoint, latest_checkpoint     atomic checkpoints that resume a run exactly
+
+THE RUN DIRECTORY (--out-dir): config.json (the resolved Config), metrics.jsonl (one line per step),
+eval.jsonl (one line per evaluation and set), eval/step<NNNNNN>_<set>.json (each evaluation's per-problem
+counts), checkpoint-<NNNNNN>/ (model, tokenizer, critic/, trainer_state.pt) and `latest`, which names it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import pathlib
+import shutil
+from dataclasses import dataclass, field
+
+import torch
+from tqdm import tqdm
+
+import passk
+import ppo
+import precision
+import sample
+import settings
+import toy
+
+
+@dataclass
+class Run:
+    """Everything the loop reads and updates, built by start() (a plain record, no behaviour)."""
+    dir: pathlib.Path             # the run directory (--out-dir)
+    policy: precision.Trainable
+    tokenizer: object
+    critic: precision.Trainable | None   # ppo only
+    ref_model: object | None      # the frozen initial policy, when a KL term is on
+    generator: torch.Generator    # all training-rollout randomness
+    prompt_ids: list              # token ids of every training prompt
+    problems: list                # the training problems (gold answers), aligned with prompt_ids
+    eval_sets: dict               # {name: problems}
+    evals: dict                   # {name: {step: passk result}}
+    start_step: int
+    head_chunk: int               # sample.response_logprobs' head_chunk (0 without gradient checkpointing)
+    pad_id: int
+
+
+# ---- start: check, resolve, prepare the directory, load -----------------------------------------
+
+def start(cfg, objectives) -> tuple[object, Run]:
+    """Everything before the first step: -> (the resolved cfg, the Run). Raises settings.UserError on bad
+    input, before the run directory is touched or any weights are loaded."""
+    settings.check_config(cfg, objectives)
+    cfg = resolve(cfg)
+    print("config:\n" + json.dumps(dataclasses.asdict(cfg), indent=1))
+    run_dir, ckpt = prepare_run_dir(cfg)
+    return cfg, setup(cfg, run_dir, ckpt)
+
+
+def resolve(cfg):
+    """The derived values, in one place: the toy world's model and data when --model / --train / --eval are
+    not given, and the KL coefficient in force (-1 = the paper's: 0.001 for ppo, 0 otherwise)."""
+    kl = cfg.kl_coef if cfg.kl_coef >= 0 else (0.001 if cfg.objective == "ppo" else 0.0)
+    cfg = dataclasses.replace(cfg, kl_coef=kl)
+    if cfg.model:
+        return cfg
+    base = pathlib.Path(toy.ensure_base(recipe=toy.ToyRecipe(seed=cfg.toy_seed)))
+    return dataclasses.replace(cfg, model=str(base), train=cfg.train or str(base / "train.jsonl"),
+                               eval=cfg.eval or [str(base / "test_easy.jsonl"), str(base / "test_hard.jsonl")])
+
+
+def prepare_run_dir(cfg) -> tuple[pathlib.Path, pathlib.Path | None]:
+    """The run directory and the checkpoint to resume from (None = a fresh run, which owns the directory:
+    old logs would otherwise interleave with the new ones). Writes config.json."""
+    run_dir = pathlib.Path(cfg.out_dir)
+    ckpt = latest_checkpoint(run_dir) if cfg.resume else None
+    if cfg.resume and ckpt is None:
+        raise FileNotFoundError(f"--resume: no checkpoint in {run_dir} (expected {run_dir}/latest)")
+    if cfg.resume and (run_dir / "config.json").is_file():
+        saved = json.loads((run_dir / "config.json").read_text())
+        may_differ = {"resume", "steps", "save_every", "eval_every", "max_nonfinite"}   # not the evaluation:
+        # a resumed run re-uses the evaluation of the start that is on disk
+        changed = [k for k, v in dataclasses.asdict(cfg).items() if k not in may_differ and saved.get(k) != v]
+        if changed:
+            print(f"WARNING: resuming with different settings than the stopped run: {', '.join(changed)} "
+                  f"(the result will not equal an uninterrupted run)")
+    if not cfg.resume and run_dir.exists():
+        print(f"fresh run: clearing old logs and checkpoints in {run_dir} (use --resume to continue it)")
+        for name in ("metrics.jsonl", "eval.jsonl", "latest"):
+            (run_dir / name).unlink(missing_ok=True)
+        for old in [run_dir / "eval", *run_dir.glob("checkpoint-*"), *run_dir.glob(".tmp-checkpoint-*")]:
+            shutil.rmtree(old, ignore_errors=True)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1) + "\n")
+    return run_dir, ckpt
+
+
+def setup(cfg, run_dir: pathlib.Path, ckpt: pathlib.Path | None) -> Run:
+    """Load the models (from the checkpoint when resuming), optimizers, random state and data."""
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto"
+                          else cfg.device)
+    model, tokenizer = sample.load_model(ckpt or cfg.model, dtype=cfg.dtype, device=device)
+    size = sum(p.numel() for p in model.parameters())
+    checkpointing = precision.checkpointing_on(cfg, size)
+    critic_model = ppo.load_critic(ckpt / "critic" if ckpt else cfg.model, cfg, device) if cfg.objective == "ppo" else None
+    for m in (model, critic_model):
+        if m is not None:
+            if checkpointing:
+                precision.enable_gradient_checkpointing(m)
+            m.train()    # NOTE: Qwen/Llama have no dropout by default; train() only switches checkpointing on
+    ref_model = None
+    if cfg.kl_coef > 0:  # the frozen initial policy (always the original --model, also when resuming)
+        ref_model, _ = sample.load_model(cfg.model, dtype=cfg.dtype, device=device)
+        ref_model.requires_grad_(False)
+    policy = precision.make_trainable(model, cfg, cfg.lr)
+    critic = precision.make_trainable(critic_model, cfg, cfg.critic_lr) if critic_model is not None else None
+    generator = torch.Generator(device=device).manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    start_step = 0
+    if ckpt is not None:
+        start_step = restore(ckpt, policy, critic, generator)
+        if start_step > cfg.steps:
+            raise ValueError(f"--resume: the checkpoint in {run_dir} is at step {start_step}, past --steps {cfg.steps}")
+        for name in ("metrics.jsonl", "eval.jsonl"):
+            truncate_jsonl(run_dir / name, start_step)
+        print(f"resumed from {ckpt} at step {start_step}")
+
+    problems = sample.load_problems(cfg.train, cfg.problem_field, cfg.answer_field)
+    prompt_ids, kept, n_skipped = sample.encode_prompts(tokenizer, problems, cfg.template, cfg.max_prompt_len or None)
+    if not kept:
+        raise ValueError(f"{cfg.train}: every prompt is longer than --max-prompt-len {cfg.max_prompt_len}")
+    eval_sets = {pathlib.Path(path).stem: sample.load_problems(path, cfg.problem_field, cfg.answer_field)
+                 [:cfg.eval_limit or None] for path in (cfg.eval if cfg.eval_n > 0 else [])}
+    # a resumed run re-uses the evaluation of the start that is on disk
+    evals = {name: ({0: passk.load_result(eval_path(run_dir, 0, name))}
+                    if ckpt is not None and eval_path(run_dir, 0, name).is_file() else {})
+             for name in eval_sets}
+    print(f"model {cfg.model}: {size / 1e6:.1f}M parameters, {next(model.parameters()).dtype}, "
+          f"{device}, gradient checkpointing {'on' if checkpointing else 'off'}, "
+          f"{'fp32 master weights' if policy.master is not policy.params else 'fp32 weights'}"
+          f"{' in CPU RAM' if cfg.optimizer_offload else ''}; {len(kept)} training problems "
+          f"({n_skipped} skipped as too long)" + ("; critic: a copy with a value head" if critic else ""))
+    return Run(run_dir, policy, tokenizer, critic, ref_model, generator, prompt_ids, kept, eval_sets, evals,
+               start_step, cfg.head_chunk if checkpointing else 0,
+               tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
+
+
+# ---- sample -------------------------------------------------------------------------------------
+
+def prompt_batch(step: int, num_problems: int, batch_prompts: int, seed: int) -> list[int]:
+    """Indices of the B training problems of a step (0-based). Epochs are reshuffled with a generator
+    seeded by (seed, epoch), so a step's batch is a pure function of the step: resuming needs no state."""
+    indices, perms = [], {}
+    for i in range(step * batch_prompts, (step + 1) * batch_prompts):
+        epoch, j = divmod(i, num_problems)
+        if epoch not in perms:
+            g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+            perms[epoch] = torch.randperm(num_problems, generator=g).tolist()
+        indices.append(perms[epoch][j])
+    return indices
+
+
+def sample_rollouts(run: Run, cfg, prompts: list[list[int]], step: int) -> sample.Rollouts:
+    """sample.generate with the run's settings and generator; a policy that has diverged (non-finite
+    logits) stops the run with a message that names the step and the likely cause."""
+    diverged = (f"step {step + 1}: the policy produced non-finite logits while sampling. The model has "
+                f"diverged; the likely cause is a too-high learning rate (lr={cfg.lr}): NSR alone at a high "
+                f"lr keeps pushing the sampled tokens' logits down without bound. Lower --lr or use "
+                f"w-reinforce; the last good checkpoint (if any) is in {cfg.out_dir}.")
+    try:
+        rollouts = sample.generate(run.policy.model, prompts, cfg.max_new_tokens, temperature=cfg.temperature,
+                                   top_p=cfg.top_p, generator=run.generator, chunk_size=cfg.chunk_size)
+    except RuntimeError as e:
+        # non-finite logits normally come back as NaN log-probs (checked just below); an error raised
+        # while the weights are non-finite is divergence too (e.g. torch.multinomial's "probability
+        # tensor ..." if a student swaps the sampler back); anything else (out of memory) is re-raised
+        if "probability tensor" in str(e) or not precision.all_finite(run.policy.model):
+            raise RuntimeError(diverged) from e
+        raise
+    if not all(math.isfinite(v) for row in rollouts.logprobs for v in row):
+        raise RuntimeError(diverged)
+    return rollouts
+
+
+# ---- log ----------------------------------------------------------------------------------------
+
+@dataclass
+class StepStats:
+    """What the update of one step did (nsr.rl_step fills it; step_metrics turns it into the log line)."""
+    losses: list = field(default_factory=list)        # each optimizer step's loss
+    grad_norms: list = field(default_factory=list)    # each optimizer step's gradient norm (before clipping)
+    trained: int = 0                                  # samples that got a gradient
+    updates: int = 0                                  # optimizer steps
+    skipped: bool = False                             # a non-finite loss or gradient: the rest was dropped
+    critic: list = field(default_factory=list)        # ppo: (value loss, grad norm) of each critic step
+
+
+def step_metrics(step: int, cfg, rewards, rollouts, stats: StepStats, targets, seconds: tuple) -> dict:
+    """One JSON line per step with fixed keys (docs/training.md explains each one). targets: ppo's."""
+    r = torch.tensor(rewards, dtype=torch.float32).view(cfg.batch_prompts, cfg.group_size)
+    n_tokens = sum(len(t) for t in rollouts.tokens)
+
+    def mean(xs):
+        return None if stats.skipped else (sum(xs) / len(xs) if xs else 0.0)
+
+    metrics = {
+        "step": step + 1,
+        "reward": r.mean().item(),
+        "all_correct": (r.min(dim=1).values == 1).float().mean().item(),
+        "all_wrong": (r.max(dim=1).values == 0).float().mean().item(),
+        "response_len": n_tokens / len(rollouts.tokens),
+        "truncated": sum(rollouts.truncated) / len(rollouts.tokens),
+        "entropy": math.fsum(v for row in rollouts.entropies for v in row) / max(n_tokens, 1),
+        "loss": mean(stats.losses),
+        "grad_norm": mean(stats.grad_norms),
+        "trained_samples": stats.trained,
+        "updates": stats.updates,
+        "skipped": stats.skipped,
+        "sample_s": round(seconds[0], 3),
+        "train_s": round(seconds[1], 3),
+        "tokens_per_s": round(n_tokens / max(seconds[0] + seconds[1], 1e-9), 1),
+    }
+    if targets is not None:
+        n = max(len(stats.critic), 1)
+        metrics.update(value_loss=sum(loss for loss, _ in stats.critic) / n,
+                       critic_grad_norm=sum(norm for _, norm in stats.critic) / n,
+                       explained_variance=targets.explained_variance, adv_mean=targets.adv_mean)
+    return metrics
+
+
+def append_jsonl(path: pathlib.Path, line: dict) -> None:
+    with path.open("a") as f:
+        f.write(json.dumps(line) + "\n")
+
+
+def truncate_jsonl(path: pathlib.Path, last_step: int) -> None:
+    """Keep only the lines of steps <= last_step (a resumed run rewrites the lines after its checkpoint).
+    A torn last line (the process was killed mid-write) is dropped too: it belongs to a step after the
+    checkpoint, which the resumed run writes again."""
+    if not path.is_file():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= last_step:
+                keep.append(line)
+        except (ValueError, KeyError, TypeError):
+            continue
+    path.write_text("".join(line + "\n" for line in keep))
+
+
+# ---- evaluate -----------------------------------------------------------------------------------
+
+def eval_path(run_dir: pathlib.Path, step: int, name: str) -> pathlib.Path:
+    """Where the evaluation of eval set `name` at `step` is saved."""
+    return run_dir / "eval" / f"step{step:06d}_{name}.json"
+
+
+def evaluate(run: Run, cfg, step: int) -> None:
+    """passk.evaluate on every eval set -> run.evals[name][step]; saves eval_path() and one eval.jsonl
+    line per set. The same seed at every step: base and trained use the same random numbers."""
+    for name, problems in run.eval_sets.items():
+        result = passk.evaluate(run.policy.model, run.tokenizer, problems, cfg.eval_n,
+                                temperature=cfg.eval_temperature, top_p=cfg.eval_top_p,
+                                max_new_tokens=cfg.eval_max_new_tokens or cfg.max_new_tokens,
+                                seed=cfg.seed, template=cfg.template, chunk_size=cfg.chunk_size,
+                                desc=f"eval {name} @ step {step}", out=eval_path(run.dir, step, name),
+                                model_name=cfg.model, data_name=name)
+        run.evals[name][step] = result
+        ends = passk.passk_curve(result["counts"], cfg.eval_n, [1, cfg.eval_n])
+        append_jsonl(run.dir / "eval.jsonl", {
+            "step": step, "eval": name, "pass@1": ends[1], f"pass@{cfg.eval_n}": ends[cfg.eval_n],
+            "mean_length": result["mean_length"], "mean_entropy": result["mean_entropy"]})
+
+
+def finish(run: Run, cfg) -> str:
+    """Evaluate the end (a run resumed after its last step re-uses the saved results) -> the Pass@k table."""
+    for name in run.eval_sets:
+        saved = eval_path(run.dir, cfg.steps, name)
+        if run.start_step == cfg.steps and saved.is_file():
+            run.evals[name][cfg.steps] = passk.load_result(saved)
+    if run.eval_sets and any(cfg.steps not in by_step for by_step in run.evals.values()):
+        truncate_jsonl(run.dir / "eval.jsonl", cfg.steps - 1)
+        evaluate(run, cfg, cfg.steps)
+    rows = {}
+    for name, by_step in run.evals.items():
+        first, last = min(by_step), max(by_step)
+        rows[f"{name} base" if first == 0 else f"{name} step {first}"] = by_step[first]
+        rows[f"{name} {cfg.objective} step {last}"] = by_step[last]
+    return passk.format_table(rows) if rows else ""
+
+
+def nonfinite_stop(step: int, streak: int, cfg) -> None:
+    """Report a skipped step; stop the run after cfg.max_nonfinite of them in a row."""
+    tqdm.write(f"step {step + 1}: non-finite loss or gradient; step skipped ({streak} in a row)")
+    if streak >= cfg.max_nonfinite:
+        raise RuntimeError(
+            f"step {step + 1}: {streak} consecutive steps had a non-finite loss or gradient; stopping. The "
+            f"model has likely diverged (lr={cfg.lr}); the last good checkpoint (if any) is in {cfg.out_dir}.")
+
+
+# ---- checkpoints (resume exactness is tested) -----------------------------------------------------
+
+def trainable_state(t: precision.Trainable) -> dict:
+    """What a checkpoint needs beyond save_pretrained: AdamW's state and the fp32 masters (a bf16
+    save_pretrained alone would lose what was not yet rounded into the model)."""
+    return {"optimizer": t.optimizer.state_dict(),
+            "master": None if t.master is t.params else [m.detach().cpu() for m in t.master]}
+
+
+def load_trainable_state(t: precision.Trainable, state: dict) -> None:
+    t.optimizer.load_state_dict(state["optimizer"])
+    if state["master"] is not None:
+        with torch.no_grad():
+            for m, saved in zip(t.master, state["master"]):
+                m.copy_(saved)
+
+
+def save_checkpoint(run: Run, step: int) -> pathlib.Path:
+    """Write run.dir/checkpoint-<step> atomically: everything goes to a temporary directory that is
+    renamed into place only when complete, then the `latest` pointer is replaced (os.replace is
+    atomic), then older checkpoints are removed. A crash at any point leaves a complete checkpoint.
+    Holds: the policy (save_pretrained), the tokenizer, critic/ (ppo), trainer_state.pt."""
+    if not precision.all_finite(run.policy.model):
+        raise RuntimeError(f"step {step}: the model has non-finite weights; refusing to save it "
+                           f"(the last checkpoint in {run.dir} stays good)")
+    final = run.dir / f"checkpoint-{step:06d}"
+    tmp = run.dir / f".tmp-checkpoint-{step:06d}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    run.policy.model.save_pretrained(tmp)
+    run.tokenizer.save_pretrained(tmp)
+    if run.critic is not None:
+        run.critic.model.save_pretrained(tmp / "critic")
+    torch.save({"step": step, **trainable_state(run.policy),
+                "critic": trainable_state(run.critic) if run.critic is not None else None,
+                "rng": {"sampler": run.generator.get_state(), "torch": torch.get_rng_state(),
+                        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}},
+               tmp / "trainer_state.pt")
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    (run.dir / "latest.tmp").write_text(final.name + "\n")
+    os.replace(run.dir / "latest.tmp", run.dir / "latest")
+    for old in run.dir.glob("checkpoint-*"):
+        if old != final:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def restore(ckpt: pathlib.Path, policy, critic, generator) -> int:
+    """Load a checkpoint's optimizer state, masters and random state -> the step it was written at."""
+    state = torch.load(ckpt / "trainer_state.pt", map_location="cpu", weights_only=True)
+    load_trainable_state(policy, state)
+    if critic is not None:
+        load_trainable_state(critic, state["critic"])
+    generator.set_state(state["rng"]["sampler"])
+    torch.set_rng_state(state["rng"]["torch"])
+    if state["rng"]["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+    return state["step"]
+
+
+def latest_checkpoint(run_dir: pathlib.Path) -> pathlib.Path | None:
+    pointer = run_dir / "latest"
+    if not pointer.is_file():
+        return None
+    path = run_dir / pointer.read_text().strip()
+    return path if (path / "trainer_state.pt").is_file() else None

@@ -1,0 +1,139 @@
+"""
+settings.py -- from the command line to a checked nsr.Config. OPTIONAL READING: nsr.py's Config lists
+every field with its comment; this file turns them into flags and checks the values, once.
+
+    parse_config(Config, argv, toy_defaults) -> a Config: every field is a flag (--batch-prompts for
+        batch_prompts), with its comment as --help. Precedence: Config defaults < toy_defaults (no
+        --model: the main job on the toy world) < --preset (presets.PRESETS) < explicit flags.
+    config_problems(cfg, objectives) -> everything wrong with a config, as messages (empty = valid);
+    check_config raises them as one UserError.
+    UserError: a problem with the user's input; nsr.main prints it in one line and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import inspect
+import pathlib
+import re
+
+import torch
+
+import presets
+import sample
+
+
+class UserError(ValueError):
+    """Bad input (a flag, a file, a model path): shown as one clear message and exit status 2, not a traceback."""
+
+
+def field_help(config_cls) -> dict[str, str]:
+    """The comment after each Config field, for --help (read from the source: one place to document)."""
+    help_text, name = {}, None
+    for line in inspect.getsource(config_cls).splitlines():
+        m = re.match(r"\s+(\w+): [^=]+=.*?#\s*(.*)$", line)
+        more = re.match(r"\s+#\s*(.*)$", line)
+        if m:
+            name, help_text[m.group(1)] = m.group(1), m.group(2)
+        elif more and name and not more.group(1).startswith(("----", "====")):
+            help_text[name] += " " + more.group(1)     # a comment continued on the next line
+        else:
+            name = None
+    return help_text
+
+
+def parse_config(config_cls, argv=None, toy_defaults: dict | None = None):
+    """argv -> a config_cls instance (not yet checked: config_problems does that, once, before any work)."""
+    parser = argparse.ArgumentParser(
+        prog="nsr.py", description="PSR / NSR / W-REINFORCE / REINFORCE / GRPO / PPO with verifiable rewards. "
+        "No arguments: the main job on the toy world.", argument_default=argparse.SUPPRESS)
+    help_text = field_help(config_cls)
+    for f in dataclasses.fields(config_cls):
+        flag, h = "--" + f.name.replace("_", "-"), help_text.get(f.name, "")
+        if f.type == "bool":
+            parser.add_argument(flag, action="store_true", help=h)
+        elif f.type == "list":
+            parser.add_argument(flag, action="append", metavar="FILE", help=h)
+        else:
+            kind = {"int": int, "float": float, "str": str}[f.type]
+            parser.add_argument(flag, type=kind, help=f"{h} (default: {f.default})")
+    given = vars(parser.parse_args(argv))
+    preset = {}
+    if given.get("preset"):
+        if given["preset"] not in presets.PRESETS:
+            parser.error(f"unknown --preset {given['preset']!r}; choose one of {', '.join(presets.PRESETS)}")
+        preset = presets.PRESETS[given["preset"]]
+    toy_world = not (given.get("model") or preset.get("model"))
+    return config_cls(**{**((toy_defaults or {}) if toy_world else {}), **preset, **given})
+
+
+def config_problems(cfg, objectives) -> list[str]:
+    """Everything wrong with a config, as messages (empty = valid). Checked before any work starts."""
+    bad = []
+    if cfg.objective not in objectives:
+        bad.append(f"--objective {cfg.objective!r} is unknown; choose one of {', '.join(objectives)}")
+    if cfg.lam < 0:
+        bad.append(f"--lam must be >= 0 (weight of correct samples in w-reinforce), got {cfg.lam}")
+    if cfg.objective == "grpo" and cfg.group_size < 2:
+        bad.append(f"--group-size must be >= 2 for grpo (a group std needs two samples), got {cfg.group_size}")
+    for name in ("steps", "batch_prompts", "group_size", "max_new_tokens", "chunk_size", "micro_batch_size",
+                 "max_nonfinite"):
+        if getattr(cfg, name) < 1:
+            bad.append(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
+    for name in ("max_prompt_len", "eval_n", "eval_every", "eval_limit", "eval_max_new_tokens", "save_every",
+                 "grad_clip", "weight_decay", "entropy_coef", "clip_eps", "checkpointing_min_params",
+                 "head_chunk", "threads", "mini_batch_size", "value_clip"):
+        if getattr(cfg, name) < 0:
+            bad.append(f"--{name.replace('_', '-')} must be >= 0, got {getattr(cfg, name)}")
+    if cfg.kl_coef < 0 and cfg.kl_coef != -1:
+        bad.append(f"--kl-coef must be >= 0, or -1 for the paper's default, got {cfg.kl_coef}")
+    for name in ("lr", "critic_lr"):
+        if not getattr(cfg, name) > 0:
+            bad.append(f"--{name.replace('_', '-')} must be > 0, got {getattr(cfg, name)}")
+    for name in ("gae_gamma", "gae_lam"):
+        if not 0 <= getattr(cfg, name) <= 1:
+            bad.append(f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(cfg, name)}")
+    if cfg.objective == "ppo" and cfg.clip_eps == 0:
+        bad.append("--objective ppo needs --clip-eps > 0 (the paper: 0.2)")
+    if not 0 < cfg.temperature:
+        bad.append(f"--temperature must be > 0 for training (the loss needs a sampling distribution), "
+                   f"got {cfg.temperature}")
+    for name in ("top_p", "eval_top_p"):
+        if not 0 < getattr(cfg, name) <= 1:
+            bad.append(f"--{name.replace('_', '-')} must be in (0, 1], got {getattr(cfg, name)}")
+    if cfg.eval_temperature < 0:
+        bad.append(f"--eval-temperature must be >= 0, got {cfg.eval_temperature}")
+    for name in ("adam_beta1", "adam_beta2"):
+        if not 0 <= getattr(cfg, name) < 1:
+            bad.append(f"--{name.replace('_', '-')} must be in [0, 1), got {getattr(cfg, name)}")
+    if cfg.normalizer not in ("tokens", "constant"):
+        bad.append(f"--normalizer must be 'tokens' or 'constant', got {cfg.normalizer!r}")
+    if cfg.dtype not in ("auto", "float32", "bfloat16"):
+        bad.append(f"--dtype must be auto, float32 or bfloat16, got {cfg.dtype!r}")
+    if cfg.grad_checkpointing not in ("auto", "on", "off"):
+        bad.append(f"--grad-checkpointing must be auto, on or off, got {cfg.grad_checkpointing!r}")
+    if cfg.template not in sample.TEMPLATES:
+        bad.append(f"--template {cfg.template!r} is unknown; choose one of {', '.join(sample.TEMPLATES)}")
+    if cfg.mini_batch_size > 0 and cfg.clip_eps == 0:
+        bad.append("--mini-batch-size > 0 needs --clip-eps > 0: every mini-batch after the first is off-policy "
+                   "(use --mini-batch-size 0 for one on-policy step)")
+    if cfg.clip_eps > 0 and cfg.top_p < 1:
+        bad.append("--clip-eps needs --top-p 1: the ratio uses the sampler's log-probs, which top-p truncates")
+    if cfg.train and not pathlib.Path(cfg.train).is_file():
+        bad.append(f"--train {cfg.train}: no such file")
+    for path in cfg.eval:
+        if not pathlib.Path(path).is_file():
+            bad.append(f"--eval {path}: no such file")
+    if cfg.model and not cfg.train and not cfg.dry_run:
+        bad.append("--model is given but --train is not: a real model needs --train FILE.jsonl")
+    if cfg.device != "auto" and cfg.device.startswith("cuda") and not torch.cuda.is_available():
+        bad.append(f"--device {cfg.device}: CUDA is not available on this machine")
+    return bad
+
+
+def check_config(cfg, objectives) -> None:
+    """Raise UserError listing everything wrong with cfg (config_problems), or return."""
+    problems = config_problems(cfg, objectives)
+    if problems:
+        raise UserError("invalid configuration:\n  " + "\n  ".join(problems))
