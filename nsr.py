@@ -31,20 +31,17 @@ THE IDEA
   pushes the sampled wrong token down and hands its probability to every other token in proportion to
   what the model already believes; PSR (w = +1) sharpens onto the sampled token. --demo-gradient shows it.
 
-READ IN THIS ORDER, top to bottom: OBJECTIVES (rewards -> weights -> the one loss), ONE RL STEP
-  (rl_step: sample -> verify -> weight -> subset -> mini-batches -> loss -> backward -> optimizer step),
-  THE LOOP (train), CONFIG, main. The rest is optional reading, each in its own file: sample.py (the
-  KV-cache sampler, the log-probs), verifier.py, passk.py, ppo.py (the critic), precision.py (fp32
-  masters, offload, checkpointing), runs.py (run directory, checkpoints), settings.py (flags and their
-  checks), presets.py (24 GB presets, memory plan), toy.py (the toy world). Where we depart from the
-  paper and its official code, and why: docs/training.md (the README has the short list).
+READ IN THIS ORDER: OBJECTIVES, ONE RL STEP (rl_step), THE LOOP (train), CONFIG, main. Everything else
+  is optional reading in flat files named for what they hold: sample.py (sampler, log-probs), verifier.py,
+  passk.py, ppo.py (the critic), precision.py (fp32 masters, offload, checkpointing), runs.py (run dir,
+  checkpoints), settings.py (flags, checks), presets.py (24 GB presets), toy.py (the toy world).
+  Where we depart from the paper and its official code, and why: docs/training.md.
 
 COMMANDS
   python nsr.py                          # main job: toy world, NSR, Pass@k table of base vs trained
   python nsr.py --objective psr          # or nsr, w-reinforce, reinforce, grpo, ppo
   python nsr.py --demo-gradient          # one PSR / NSR / W-REINFORCE step on 5 tokens, as numbers
-  python nsr.py --preset qwen2.5-0.5b-instruct --train math_train.jsonl --eval math_test.jsonl \\
-                --out-dir runs/qwen-nsr     # a real model on one 24 GB GPU (presets.py, --dry-run)
+  python nsr.py --preset qwen2.5-0.5b-instruct --train math_train.jsonl --eval math_test.jsonl  # 24 GB GPU
   python nsr.py ... --resume             # continue a stopped run exactly (same flags)
   python nsr.py --help                   # every Config field, with its comment
 """
@@ -412,11 +409,9 @@ class Config:
     max_nonfinite: int = 3        # stop after this many consecutive steps with a non-finite loss or gradient
 
 
-# The main job (`python nsr.py`, no --model): values sized for the toy world on 2 CPU cores, applied under
-# --preset and explicit flags (a real model without a preset uses the Config defaults). threads=1: the toy
-# model is so small that a second CPU thread only adds synchronisation (on a busy 2-core machine 2 threads
-# made sampling 10-40x slower). mini_batch_size 32 = a quarter of the 16 x 8 batch (the paper's ratio);
-# critic_lr = 10 x lr (the paper's).
+# The main job (`python nsr.py`, no --model): sized for the toy world on 2 CPU cores, under --preset and
+# flags. threads=1: a second thread on a tiny model only adds synchronisation (10-40x slower sampling on a
+# busy 2-core machine). mini_batch_size 32 = 1/4 of the 16 x 8 batch and critic_lr = 10 x lr, the paper's.
 TOY_DEFAULTS = dict(out_dir="runs/nsr-toy", steps=100, batch_prompts=16, group_size=8, max_new_tokens=64,
                     lr=2e-4, critic_lr=2e-3, mini_batch_size=32, micro_batch_size=64, eval_n=64,
                     eval_temperature=1.0, eval_top_p=1.0, threads=1)

@@ -1,14 +1,16 @@
 """
-sample.py -- the bottom of the stack: load a model, render prompts, read problems, and sample rollouts.
+sample.py -- the bottom of the stack: load a model, render prompts, read problems, sample rollouts, and
+score responses (their log-probs with gradient, for training).
 
-Everything that turns "a model and some problems" into "token ids and sampled responses", shared by
-passk.py (evaluation), nsr.py (training) and toy.py (the toy world). It imports only verifier.py, so
-the files import one way:   verifier.py, sample.py  <-  passk.py  <-  toy.py  <-  nsr.py  <-  reproduce.py
+Everything that turns "a model and some problems" into "token ids, sampled responses and their
+log-probs", shared by passk.py (evaluation), nsr.py (training) and toy.py (the toy world). It imports
+only verifier.py, so the files import one way (README: "The files").
 
     load_model(name_or_dir)                  -> (model, tokenizer), eval mode, every end-of-turn id as EOS
     load_problems(path.jsonl)                -> [{"problem", "answer"}], errors name FILE:LINE
     encode_prompts(tokenizer, problems)      -> prompt token ids (the paper's prompt template)
     generate(model, prompt_ids, max_new)     -> Rollouts(tokens, logprobs, truncated, entropies)
+    response_logprobs(model, *pack(...), R)  -> log pi_theta(y_t | x, y_<t) (n, R) with gradient, entropy
 
 What is ours and what is transformers': for Qwen2, Qwen3 and Llama the whole sampler is ours -- the
 decode loop, the KV cache (KVCache) and the forward pass (forward), written out in torch and reading
@@ -456,7 +458,7 @@ class KVCache:
     def batch_select_indices(self, rows: torch.Tensor):
         """Keep (or repeat) batch rows, rows: (b,) indices. Named as DynamicCache's method, so the decode
         loop above drives both caches the same way. Copies only the filled slots, one layer at a time, so
-        an old and a new cache never both exist whole (nsr.py's memory plan counts one)."""
+        an old and a new cache never both exist whole (presets.memory_plan counts one)."""
         for kv in (self.k, self.v):
             for layer, old in enumerate(kv):
                 kv[layer] = old.new_zeros((rows.shape[0], *old.shape[1:]))
