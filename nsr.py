@@ -276,9 +276,8 @@ def minibatch_backward(policy: precision.Trainable, batch: MiniBatch, cfg: Confi
     num_tokens = float(sum(len(r) for r in batch.responses))                  # the entropy / KL token mean
     kl_coef = 0.0 if cfg.objective == "ppo" else cfg.kl_coef                  # ppo's KL is in its reward
     total = torch.zeros((), device=device)
-    for start in range(0, len(batch.prompts), cfg.micro_batch_size):
-        rows = slice(start, start + cfg.micro_batch_size)
-        input_ids, attn, pos, mask = sample.pack(batch.prompts[rows], batch.responses[rows], device, pad_id)
+    for rows, input_ids, attn, pos, mask in sample.micro_batches(batch.prompts, batch.responses,
+                                                                 cfg.micro_batch_size, device, pad_id):
         R = mask.shape[1]                                                     # mask (m, R): real response tokens
         logp, entropy = sample.response_logprobs(policy.model, input_ids, attn, pos, R, cfg.temperature,
                                                  with_entropy=cfg.entropy_coef > 0, head_chunk=head_chunk)

@@ -21,7 +21,6 @@ the whole batch. The critic takes one optimizer step per policy mini-batch (nsr.
 
 from __future__ import annotations
 
-import pathlib
 from dataclasses import dataclass
 
 import torch
@@ -34,7 +33,7 @@ import sample
 
 
 def gae_advantages(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0,
-                   lam: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+                   gae_lam: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Generalised advantage estimation over right-padded rows -> (advantages, returns), all (N, T).
 
     rewards, values, mask: (N, T); positions with mask 0 are ignored (their reward and value count as 0,
@@ -46,7 +45,7 @@ def gae_advantages(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tens
     next_advantage = torch.zeros_like(rewards[:, 0])                         # (N,) A_{t+1}
     for t in reversed(range(rewards.shape[1])):
         delta = rewards[:, t] + gamma * next_value - values[:, t]            # (N,) TD error
-        next_advantage = delta + gamma * lam * next_advantage                # (N,) A_t
+        next_advantage = delta + gamma * gae_lam * next_advantage                # (N,) A_t
         advantages[:, t] = next_advantage
         next_value = values[:, t]
     advantages = advantages * mask
@@ -101,7 +100,7 @@ def load_critic(name_or_dir, cfg, device):
     as transformers' token-classification model, as verl does (the head starts random: its first values
     are noise, which is why a healthy run's explained variance starts near 0). classifier_dropout = 0:
     verl switches the head's dropout off too (values must not be random in train mode)."""
-    local = pathlib.Path(str(name_or_dir)).is_dir()
+    local = sample.is_local(name_or_dir)
     config = AutoConfig.from_pretrained(str(name_or_dir), num_labels=1, local_files_only=local)
     config.classifier_dropout = 0.0
     torch.manual_seed(cfg.seed)                      # the head's random init: the same seed, the same critic
@@ -126,9 +125,8 @@ def advantages(run, cfg, prompts, rollouts, rewards) -> tuple[torch.Tensor, Targ
     N, T = len(prompts), max(len(t) for t in rollouts.tokens)
     values, ref_logp = torch.zeros(N, T, device=device), torch.zeros(N, T, device=device)
     with torch.no_grad():
-        for start in range(0, N, cfg.micro_batch_size):
-            rows = slice(start, start + cfg.micro_batch_size)
-            input_ids, attn, pos, mask = sample.pack(prompts[rows], rollouts.tokens[rows], device, run.pad_id)
+        for rows, input_ids, attn, pos, mask in sample.micro_batches(prompts, rollouts.tokens, cfg.micro_batch_size,
+                                                                     device, run.pad_id):
             R = mask.shape[1]
             values[rows, :R] = critic_values(run.critic.model, input_ids, attn, pos, R) * mask
             if run.ref_model is not None:
@@ -153,15 +151,13 @@ def critic_step(run, cfg, prompts, rollouts, mini: list[int], targets: Targets, 
     mini-batch (times m / M for a partial one, as the policy's). Returns (value loss, grad norm)."""
     device = next(run.critic.model.parameters()).device
     Z = float(sum(len(rollouts.tokens[i]) for i in mini))
+    old_values, returns = targets.old_values[mini], targets.returns[mini]                 # (M, T)
     total = 0.0
-    for start in range(0, len(mini), cfg.micro_batch_size):
-        rows = mini[start:start + cfg.micro_batch_size]
-        input_ids, attn, pos, mask = sample.pack([prompts[i] for i in rows], [rollouts.tokens[i] for i in rows],
-                                                 device, run.pad_id)
+    for rows, input_ids, attn, pos, mask in sample.micro_batches(
+            [prompts[i] for i in mini], [rollouts.tokens[i] for i in mini], cfg.micro_batch_size, device, run.pad_id):
         R = mask.shape[1]
         values = critic_values(run.critic.model, input_ids, attn, pos, R)                # (m, R)
-        loss = value_loss(values, targets.old_values[rows, :R], targets.returns[rows, :R], mask, Z,
-                          cfg.value_clip) * scale
+        loss = value_loss(values, old_values[rows, :R], returns[rows, :R], mask, Z, cfg.value_clip) * scale
         loss.backward()
         precision.grads_to_master(run.critic)
         total += loss.item()

@@ -215,6 +215,14 @@ def pack(prompt_ids: list[list[int]], responses: list[list[int]], device, pad_id
     return input_ids, mask, position_ids, mask[:, -R:].float()
 
 
+def micro_batches(prompt_ids: list[list[int]], responses: list[list[int]], size: int, device, pad_id: int = 0):
+    """Training rows in consecutive micro-batches of `size` (bounded memory): yields (rows, input_ids,
+    attention_mask, position_ids, response_mask), rows the slice of the inputs each one packs."""
+    for start in range(0, len(prompt_ids), size):
+        rows = slice(start, start + size)
+        yield (rows, *pack(prompt_ids[rows], responses[rows], device, pad_id))
+
+
 def pad_rows(rows: list[list[float]], width: int, device) -> torch.Tensor:
     """Ragged per-token values (e.g. the sampler's log-probs) -> (n, width) fp32, 0.0 past each row's end."""
     out = torch.zeros((len(rows), width), dtype=torch.float32)
@@ -616,6 +624,11 @@ END_OF_TURN_TOKENS = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|end_of_tex
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def is_local(name_or_dir) -> bool:
+    """A local model directory (loaded with local_files_only: no network), not a hub name."""
+    return pathlib.Path(str(name_or_dir)).is_dir()
+
+
 def torch_dtype(dtype: str, device: torch.device) -> torch.dtype:
     """Our --dtype names -> a torch dtype: "auto" = bfloat16 on CUDA and float32 on CPU (NOTE: OUR
     "auto", not transformers' "use the checkpoint's dtype"), or "float32" / "bfloat16" / "float16"."""
@@ -639,7 +652,7 @@ def load_model(name_or_dir, dtype="auto", device=None):
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(device)
-    local = pathlib.Path(str(name_or_dir)).is_dir()
+    local = is_local(name_or_dir)
     # transformers 5.x takes `dtype=` (the old `torch_dtype=` is deprecated).
     model = AutoModelForCausalLM.from_pretrained(str(name_or_dir), dtype=torch_dtype(dtype, device),
                                                  local_files_only=local)

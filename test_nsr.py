@@ -1782,7 +1782,7 @@ def test_gae_equals_a_hand_computed_example_and_the_return_minus_value_at_gamma_
     rewards = torch.tensor([[0.0, 0.0, 1.0, 9.0], [0.3, 1.0, 9.0, 9.0]])      # 9 = padding, must be ignored
     values = torch.tensor([[0.5, 0.2, 0.4, 9.0], [0.1, -0.2, 9.0, 9.0]])
     mask = torch.tensor([[1.0, 1, 1, 0], [1, 1, 0, 0]])
-    adv, ret = ppo.gae_advantages(rewards, values, mask, gamma=0.9, lam=0.8)
+    adv, ret = ppo.gae_advantages(rewards, values, mask, gamma=0.9, gae_lam=0.8)
     torch.testing.assert_close(adv[0, :3], torch.tensor([0.10624, 0.592, 0.6]))
     ref = _reference_gae(rewards.tolist(), values.tolist(), [3, 2], 0.9, 0.8)
     torch.testing.assert_close(adv[1, :2], torch.tensor(ref[1]))
