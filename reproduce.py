@@ -102,12 +102,12 @@ def run_job(job: dict) -> dict:
     """Train (unless it is a base job), evaluate, write result.json. stdout/stderr go to log.txt."""
     torch.set_num_threads(1)
     run_dir = pathlib.Path(job["run_dir"])
-    run_dir.mkdir(parents=True, exist_ok=True)
     done = run_dir / "result.json"
     if done.is_file() and json.loads(done.read_text()).get("key") == job["key"]:
         return json.loads(done.read_text())                      # finished by an earlier, stopped run
+    resume = claim_job_dir(run_dir, job["key"])
     start = time.time()
-    with open(run_dir / "log.txt", "w") as log:
+    with open(run_dir / "log.txt", "a" if resume else "w") as log:
         stdout, stderr = os.dup(1), os.dup(2)
         os.dup2(log.fileno(), 1)
         os.dup2(log.fileno(), 2)
@@ -116,7 +116,7 @@ def run_job(job: dict) -> dict:
             record = {**job, "diverged": None}
             model_dir = base
             if job["method"] != "base":
-                cfg = nsr.Config(**job["config"])
+                cfg = nsr.Config(**{**job["config"], "resume": resume})
                 try:
                     nsr.train(cfg)
                 except RuntimeError as e:                        # diverged: evaluate the last good checkpoint
@@ -143,6 +143,21 @@ def run_job(job: dict) -> dict:
     print(f"  done: {job['name']} ({record['seconds']:.0f} s)" + (" DIVERGED" if record["diverged"] else ""),
           flush=True)
     return record
+
+
+def claim_job_dir(run_dir: pathlib.Path, key: str) -> bool:
+    """Make the job's directory ready; True = an interrupted training run of this very job is there, resume
+    it (exactly: nsr's checkpoints every 10 steps). Anything else in the way -- another job's output, or a
+    partial run of this one with no checkpoint yet -- is moved aside to <dir>.1 (.2, ...), never deleted."""
+    marker = run_dir / "job.json"
+    ours = marker.is_file() and json.loads(marker.read_text()).get("key") == key
+    if ours and runs.latest_checkpoint(run_dir) is not None:
+        return True
+    if run_dir.exists() and (runs.holds_run(run_dir) or (not ours and any(run_dir.iterdir()))):
+        print(f"  {run_dir} held earlier output: moved it to {sample.move_aside(run_dir)}", flush=True)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    marker.write_text(json.dumps({"key": key}) + "\n")
+    return False
 
 
 def recipe_for(job: dict) -> toy.ToyRecipe:
@@ -376,12 +391,16 @@ def main(argv=None) -> int:
     by_seed = verdicts_by_recipe_seed(summary) if len(args.recipe_seeds) > 1 else {}
     summary["verdicts_by_recipe_seed"] = {str(seed): v for seed, v in by_seed.items()}
     summary["diverged"] = {r["name"]: r["diverged"] for r in records if r.get("diverged")}
+    summary["job_keys"] = sorted(job["key"] for job in jobs)     # exactly which runs this summary holds
     summary["settings"] = {"training": {k: v for k, v in jobs[-1]["config"].items()
                                         if k not in ("objective", "seed", "out_dir", "model", "train")},
                            "recipe_seeds": args.recipe_seeds, "train_seeds": args.seeds,
                            "seconds": round(time.time() - start, 1)}
     out = pathlib.Path(args.out)
-    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    earlier = out / "summary.json"           # another reproduction's summary (other jobs) is moved aside
+    if earlier.is_file() and json.loads(earlier.read_text()).get("job_keys") != summary["job_keys"]:
+        print(f"{earlier} summarised other jobs: moved it to {sample.move_aside(earlier)}")
+    earlier.write_text(json.dumps(summary, indent=1))
     print("\n" + tables(summary) + "\n\n" + format_verdicts(found))
     if by_seed:
         print("\neach recipe seed alone (its evidence: summary.json \"verdicts_by_recipe_seed\"):")

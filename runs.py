@@ -21,11 +21,14 @@ import json
 import math
 import os
 import pathlib
+import re
 import shutil
 from dataclasses import dataclass, field
 
 import torch
+from safetensors import safe_open
 from tqdm import tqdm
+from transformers import AutoConfig, AutoTokenizer
 
 import passk
 import ppo
@@ -53,16 +56,30 @@ class Run:
     pad_id: int
 
 
-# ---- start: check, resolve, prepare the directory, load -----------------------------------------
+# ---- start: check every input, resolve, prepare the directory, load ------------------------------
+# The order is the order of cost: nothing is moved and no weight is loaded before every input has been
+# read and checked, and a bad one stops the run with ONE message (settings.UserError -> exit status 2).
+
+@dataclass
+class Inputs:
+    """What start() read and checked before the run directory is touched or any weights are loaded."""
+    checkpoint: pathlib.Path | None   # --resume: the checkpoint to continue from
+    problems: list                    # the training problems kept (prompt within --max-prompt-len)
+    prompt_ids: list                  # their prompts' token ids
+    skipped: int                      # training prompts skipped as too long
+    eval_sets: dict                   # {name: problems}
+
 
 def start(cfg, objectives) -> tuple[object, Run]:
-    """Everything before the first step: -> (the resolved cfg, the Run). Raises settings.UserError on bad
-    input, before the run directory is touched or any weights are loaded."""
-    settings.check_config(cfg, objectives)
-    cfg = resolve(cfg)
+    """Everything before the first step -> (the resolved cfg, the Run)."""
+    settings.check_config(cfg, objectives)                     # the values (no I/O)
+    ckpt = resume_checkpoint(cfg)                              # --resume: is there anything to resume?
+    data = {path: read_problems(path, cfg) for path in [cfg.train, *cfg.eval] if path}   # files given: parsed
+    cfg = resolve(cfg)                                         # the toy world: built here when not cached
+    inputs = check_inputs(cfg, ckpt, data)                     # the model(s), the toy's files, the prompts
     print("config:\n" + json.dumps(dataclasses.asdict(cfg), indent=1))
-    run_dir, ckpt = prepare_run_dir(cfg)
-    return cfg, setup(cfg, run_dir, ckpt)
+    run_dir = prepare_run_dir(cfg, ckpt)                       # an earlier run is moved aside, never deleted
+    return cfg, setup(cfg, run_dir, inputs)
 
 
 def resolve(cfg):
@@ -77,14 +94,107 @@ def resolve(cfg):
                                eval=cfg.eval or [str(base / "test_easy.jsonl"), str(base / "test_hard.jsonl")])
 
 
-def prepare_run_dir(cfg) -> tuple[pathlib.Path, pathlib.Path | None]:
-    """The run directory and the checkpoint to resume from (None = a fresh run, which owns the directory:
-    old logs would otherwise interleave with the new ones). Writes config.json."""
+def resume_checkpoint(cfg) -> pathlib.Path | None:
+    """--resume: the run directory's latest checkpoint (a UserError when there is none, or when it is past
+    --steps); None for a fresh run. The step is read from the checkpoint's name (no weights loaded)."""
+    if not cfg.resume:
+        return None
     run_dir = pathlib.Path(cfg.out_dir)
-    ckpt = latest_checkpoint(run_dir) if cfg.resume else None
-    if cfg.resume and ckpt is None:
-        raise FileNotFoundError(f"--resume: no checkpoint in {run_dir} (expected {run_dir}/latest)")
-    if cfg.resume and (run_dir / "config.json").is_file():
+    ckpt = latest_checkpoint(run_dir)
+    if ckpt is None:
+        raise settings.UserError(f"--resume: {run_dir} holds no checkpoint to resume (no {run_dir / 'latest'}); "
+                                 f"run without --resume to start a new run there")
+    step = int(ckpt.name.split("-")[-1])
+    if step > cfg.steps:
+        raise settings.UserError(f"--resume: the checkpoint in {run_dir} is at step {step}, past --steps {cfg.steps}")
+    return ckpt
+
+
+def read_problems(path, cfg) -> list[dict]:
+    """sample.load_problems, its errors (FILE:LINE, the missing field) as a UserError."""
+    try:
+        return sample.load_problems(path, cfg.problem_field, cfg.answer_field)
+    except (OSError, ValueError) as e:
+        raise settings.UserError(str(e)) from None
+
+
+def check_model(name, flag: str = "--model") -> None:
+    """A local model directory whose config and weights can be read, or a hub name that resolves (its
+    config only: no weights are downloaded here). Anything else is a UserError naming it."""
+    path = pathlib.Path(str(name))
+    if path.is_dir():
+        problem = unreadable(path)
+        if problem and (path / "recipe.json").is_file():               # a cached toy base: say how to rebuild
+            recipe = json.loads((path / "recipe.json").read_text())["recipe"]
+            where = "" if path.resolve() == toy.base_dir(recipe["seed"]).resolve() else f" --out {path}"
+            problem += (f"; it is a cached toy base: rebuild it with `python toy.py --seed {recipe['seed']}"
+                        f"{' --quick' if recipe.get('quick') else ''}{where} --force`")
+        if problem:
+            raise settings.UserError(f"{flag} {name}: {problem}")
+        return
+    if re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", str(name)) and not path.parent.is_dir():   # "org/name"
+        try:
+            AutoConfig.from_pretrained(str(name))
+        except (OSError, ValueError) as e:
+            raise settings.UserError(f"{flag} {name}: not a local directory, and the hub has no such model or "
+                                     f"cannot be reached ({str(e).splitlines()[0]})") from None
+        return
+    raise settings.UserError(f"{flag} {name}: no such directory")
+
+
+def unreadable(model_dir: pathlib.Path) -> str | None:
+    """Why a local model directory cannot be loaded (its config.json, its weights' headers), or None."""
+    try:
+        json.loads((model_dir / "config.json").read_text())
+    except (OSError, ValueError) as e:
+        return f"config.json unreadable ({e})"
+    weights = sorted(model_dir.glob("*.safetensors")) or sorted(model_dir.glob("pytorch_model*.bin"))
+    if not weights:
+        return "no model weights (*.safetensors) in it"
+    for f in weights:
+        if f.suffix == ".safetensors":
+            try:
+                with safe_open(str(f), "pt"):
+                    pass
+            except Exception as e:                                     # safetensors raises its own error type
+                return f"{f.name} unreadable ({e})"
+    return None
+
+
+def check_inputs(cfg, ckpt, data: dict) -> Inputs:
+    """The model (and the checkpoint) readable, every data file parsed, the template's tokens present,
+    every prompt encoded: all before the run directory is touched or a weight is loaded."""
+    check_model(cfg.model)
+    if ckpt is not None:
+        check_model(ckpt, "--resume")
+    for path in [cfg.train, *cfg.eval]:
+        if path not in data:
+            data[path] = read_problems(path, cfg)
+    tokenizer = AutoTokenizer.from_pretrained(str(ckpt or cfg.model), local_files_only=sample.is_local(ckpt or cfg.model))
+    missing = [t for t in sample.TEMPLATE_TOKENS.get(cfg.template, ()) if t not in tokenizer.get_vocab()]
+    if missing:
+        raise settings.UserError(f"--template {cfg.template} needs the tokens {', '.join(missing)}, which the "
+                                 f"tokenizer of {cfg.model} does not have; use --template auto or plain")
+    prompt_ids, kept, skipped = sample.encode_prompts(tokenizer, data[cfg.train], cfg.template,
+                                                      cfg.max_prompt_len or None)
+    if not kept:
+        raise settings.UserError(f"{cfg.train}: every prompt is longer than --max-prompt-len {cfg.max_prompt_len}")
+    eval_sets = {pathlib.Path(path).stem: data[path][:cfg.eval_limit or None]
+                 for path in (cfg.eval if cfg.eval_n > 0 else [])}
+    return Inputs(ckpt, kept, prompt_ids, skipped, eval_sets)
+
+
+def holds_run(run_dir: pathlib.Path) -> bool:
+    """Does a directory hold (part of) a run: its logs, evaluations or checkpoints?"""
+    return any((run_dir / name).exists() for name in ("metrics.jsonl", "eval.jsonl", "latest", "eval")) or \
+        any(run_dir.glob("checkpoint-*"))
+
+
+def prepare_run_dir(cfg, ckpt) -> pathlib.Path:
+    """The run directory. A fresh run (no --resume) in a directory that holds an earlier run moves that run
+    aside to <dir>.1 (.2, ...) and says so: nothing is ever deleted. Writes config.json."""
+    run_dir = pathlib.Path(cfg.out_dir)
+    if ckpt is not None and (run_dir / "config.json").is_file():
         saved = json.loads((run_dir / "config.json").read_text())
         may_differ = {"resume", "steps", "save_every", "eval_every", "max_nonfinite"}   # not the evaluation:
         # a resumed run re-uses the evaluation of the start that is on disk
@@ -92,19 +202,19 @@ def prepare_run_dir(cfg) -> tuple[pathlib.Path, pathlib.Path | None]:
         if changed:
             print(f"WARNING: resuming with different settings than the stopped run: {', '.join(changed)} "
                   f"(the result will not equal an uninterrupted run)")
-    if not cfg.resume and run_dir.exists():
-        print(f"fresh run: clearing old logs and checkpoints in {run_dir} (use --resume to continue it)")
-        for name in ("metrics.jsonl", "eval.jsonl", "latest"):
-            (run_dir / name).unlink(missing_ok=True)
-        for old in [run_dir / "eval", *run_dir.glob("checkpoint-*"), *run_dir.glob(".tmp-checkpoint-*")]:
-            shutil.rmtree(old, ignore_errors=True)
+    elif ckpt is None and holds_run(run_dir):
+        last = latest_checkpoint(run_dir)
+        aside = sample.move_aside(run_dir)
+        print(f"{run_dir} held an earlier run ({'its last checkpoint: ' + last.name if last else 'no checkpoint'}): "
+              f"moved it to {aside}; nothing is deleted (--resume continues a run instead)")
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1) + "\n")
-    return run_dir, ckpt
+    return run_dir
 
 
-def setup(cfg, run_dir: pathlib.Path, ckpt: pathlib.Path | None) -> Run:
-    """Load the models (from the checkpoint when resuming), optimizers, random state and data."""
+def setup(cfg, run_dir: pathlib.Path, inputs: Inputs) -> Run:
+    """Load the models (from the checkpoint when resuming), optimizers and random state."""
+    ckpt = inputs.checkpoint
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto"
@@ -129,28 +239,21 @@ def setup(cfg, run_dir: pathlib.Path, ckpt: pathlib.Path | None) -> Run:
     start_step = 0
     if ckpt is not None:
         start_step = restore(ckpt, policy, critic, generator)
-        if start_step > cfg.steps:
-            raise ValueError(f"--resume: the checkpoint in {run_dir} is at step {start_step}, past --steps {cfg.steps}")
         for name in ("metrics.jsonl", "eval.jsonl"):
             truncate_jsonl(run_dir / name, start_step)
         print(f"resumed from {ckpt} at step {start_step}")
 
-    problems = sample.load_problems(cfg.train, cfg.problem_field, cfg.answer_field)
-    prompt_ids, kept, n_skipped = sample.encode_prompts(tokenizer, problems, cfg.template, cfg.max_prompt_len or None)
-    if not kept:
-        raise ValueError(f"{cfg.train}: every prompt is longer than --max-prompt-len {cfg.max_prompt_len}")
-    eval_sets = {pathlib.Path(path).stem: sample.load_problems(path, cfg.problem_field, cfg.answer_field)
-                 [:cfg.eval_limit or None] for path in (cfg.eval if cfg.eval_n > 0 else [])}
     # a resumed run re-uses the evaluation of the start that is on disk
     evals = {name: ({0: passk.load_result(eval_path(run_dir, 0, name))}
                     if ckpt is not None and eval_path(run_dir, 0, name).is_file() else {})
-             for name in eval_sets}
+             for name in inputs.eval_sets}
     print(f"model {cfg.model}: {size / 1e6:.1f}M parameters, {next(model.parameters()).dtype}, "
           f"{device}, gradient checkpointing {'on' if checkpointing else 'off'}, "
           f"{'fp32 master weights' if policy.master is not policy.params else 'fp32 weights'}"
-          f"{' in CPU RAM' if cfg.optimizer_offload else ''}; {len(kept)} training problems "
-          f"({n_skipped} skipped as too long)" + ("; critic: a copy with a value head" if critic else ""))
-    return Run(run_dir, policy, tokenizer, critic, ref_model, generator, prompt_ids, kept, eval_sets, evals,
+          f"{' in CPU RAM' if cfg.optimizer_offload else ''}; {len(inputs.problems)} training problems "
+          f"({inputs.skipped} skipped as too long)" + ("; critic: a copy with a value head" if critic else ""))
+    return Run(run_dir, policy, tokenizer, critic, ref_model, generator, inputs.prompt_ids, inputs.problems,
+               inputs.eval_sets, evals,
                start_step, cfg.head_chunk if checkpointing else 0,
                tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
 

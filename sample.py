@@ -613,6 +613,10 @@ def next_token_logits(model, input_ids, attention_mask, position_ids, cache, fus
 SYSTEM = "You are a helpful assistant."
 INSTRUCTION = "\nPlease reason step by step, and put your final answer within \\boxed{}."
 TEMPLATES = ("auto", "plain", "qwen2.5-math", "qwen3", "llama3")
+# The special tokens each written-out template needs as single tokens of the vocabulary: a tokenizer
+# without them would spell "<|im_start|>" out character by character, a prompt the model never saw.
+TEMPLATE_TOKENS = {"qwen2.5-math": ("<|im_start|>", "<|im_end|>"), "qwen3": ("<|im_start|>", "<|im_end|>"),
+                   "llama3": ("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")}
 
 # Tokens that end an assistant turn in the chat formats above. A base model (Qwen2.5-Math-1.5B has
 # eos = <|endoftext|>) prompted in ChatML ends its answer with <|im_end|>, so sampling must stop on
@@ -731,7 +735,8 @@ def load_problems(path, problem_field: str = "problem", answer_field: str = "ans
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
+                raise ValueError(f"{path}:{lineno}: malformed JSON ({e.msg.removesuffix(' at')} at column "
+                                 f"{e.colno})") from None
             if not isinstance(record, dict):
                 raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
             if problem_field not in record:
@@ -758,6 +763,18 @@ def load_problems(path, problem_field: str = "problem", answer_field: str = "ans
     if not problems:
         raise ValueError(f"{path}: no problems (the file is empty or no record has an answer)")
     return problems
+
+
+def move_aside(path) -> pathlib.Path:
+    """Rename a file or directory that is in the way to the first free <path>.1, <path>.2, ... and return
+    the new path: the one way this project makes room for new output. Nothing is ever deleted unasked."""
+    path = pathlib.Path(path)
+    n = 1
+    while path.with_name(f"{path.name}.{n}").exists():
+        n += 1
+    aside = path.with_name(f"{path.name}.{n}")
+    path.rename(aside)
+    return aside
 
 
 def encode_prompts(tokenizer, problems, template: str = "auto", max_prompt_len=None):

@@ -15,6 +15,7 @@ import json
 import math
 import pathlib
 import random
+import shutil
 import string
 import sys
 import time
@@ -1845,6 +1846,132 @@ def test_ppo_trains_a_critic_logs_its_metrics_and_resumes_exactly(tmp_path, monk
         full, resumed = (a.from_pretrained(runs.latest_checkpoint(tmp_path / r) / sub) for r in ("full", "cut"))
         for p, q in zip(full.parameters(), resumed.parameters()):
             assert torch.equal(p, q)
+
+
+# ---- nothing lost: bad input stops in one line before any work; a rerun never deletes a run ----
+
+def _argv(world, out, *extra):
+    """nsr.py's command line for _tiny_config's run (plain template, 2 steps, no evaluation)."""
+    return ["--model", str(world), "--train", str(world / "train.jsonl"), "--template", "plain", "--steps", "2",
+            "--batch-prompts", "2", "--group-size", "4", "--max-new-tokens", "6", "--lr", "1e-3",
+            "--micro-batch-size", "3", "--eval-n", "0", "--device", "cpu", "--out-dir", str(out), *extra]
+
+
+def _files(run: pathlib.Path) -> dict:
+    return {str(f.relative_to(run)): f.read_bytes() for f in sorted(run.rglob("*")) if f.is_file()}
+
+
+@pytest.mark.smoke
+def test_a_rerun_with_a_malformed_data_file_stops_in_one_line_and_the_finished_run_survives(tmp_path, capsys):
+    world = _tiny_world(tmp_path)
+    run = tmp_path / "run"
+    nsr.main(_argv(world, run))
+    before = _files(run)
+    assert "checkpoint-000002/model.safetensors" in before and "metrics.jsonl" in before
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"problem": "1+1", "answer": "2"}\n{"problem": "2+2", "answer": "4"}\n{"problem": "3+\n')
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stop:
+        nsr.main(_argv(world, run, "--train", str(bad)))            # no --resume, and a bad file
+    err = capsys.readouterr().err.strip().splitlines()
+    assert stop.value.code == 2 and len(err) == 1
+    assert err[0] == f"nsr.py: error: {bad}:3: malformed JSON (Invalid control character at column 16)"
+    assert _files(run) == before                                    # not a byte of the finished run changed
+    # the same rerun with good input moves the finished run aside, whole, and starts a new one
+    nsr.main(_argv(world, run))
+    assert _files(tmp_path / "run.1") == before
+    assert runs.latest_checkpoint(run).name == "checkpoint-000002"
+    assert "moved it to " + str(tmp_path / "run.1") in capsys.readouterr().out
+
+
+@pytest.mark.smoke
+def test_every_user_error_is_one_line_and_exit_status_2_before_any_weights_are_loaded(tmp_path, capsys,
+                                                                                      monkeypatch):
+    world = _tiny_world(tmp_path)
+    (tmp_path / "nofield.jsonl").write_text('{"question": "1+1", "answer": "2"}\n')
+    (tmp_path / "empty.jsonl").write_text("\n")
+    toy_base, truncated = tmp_path / "toybase", tmp_path / "truncated"
+    toy.ensure_base(toy_base, quick=True, log=lambda *a: None)        # a char tokenizer without ChatML's tokens
+    shutil.copytree(toy_base, truncated)
+    (truncated / "model.safetensors").write_bytes((truncated / "model.safetensors").read_bytes()[:100])
+    nsr.main(_argv(world, tmp_path / "done"))                        # a finished run, to resume past its end
+    cases = [(["--eval", str(tmp_path / "nofield.jsonl"), "--eval-n", "2"], "nofield.jsonl:1: missing field 'problem'"),
+             (["--train", str(tmp_path / "empty.jsonl")], "empty.jsonl: no problems"),
+             (["--model", str(tmp_path / "nowhere")], f"--model {tmp_path / 'nowhere'}: no such directory"),
+             (["--resume"], "holds no checkpoint to resume"),
+             (["--model", str(toy_base), "--template", "qwen3"], "--template qwen3 needs the tokens <|im_start|>, <|im_end|>"),
+             (["--max-prompt-len", "1"], "every prompt is longer than --max-prompt-len 1"),
+             (["--model", str(truncated)], "model.safetensors unreadable (Error while deserializing header"),
+             (["--model", str(truncated)], f"rebuild it with `python toy.py --seed 0 --quick --out {truncated} --force`"),
+             (["--lr", "-1"], "--lr must be > 0")]
+
+    def no_weights(*args, **kwargs):
+        raise AssertionError("weights were loaded before the input was checked")
+    for target in (sample, ppo):
+        monkeypatch.setattr(target, "load_model" if target is sample else "load_critic", no_weights)
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", no_weights)
+    capsys.readouterr()
+    for extra, message in cases:
+        with pytest.raises(SystemExit) as stop:
+            nsr.main(_argv(world, tmp_path / "never", *extra))
+        err = capsys.readouterr().err
+        assert stop.value.code == 2 and message in err and err.startswith("nsr.py: error: "), (extra, err)
+        assert "Traceback" not in err and not (tmp_path / "never").exists()
+    with pytest.raises(SystemExit) as stop:                          # resuming a run past its --steps
+        nsr.main(_argv(world, tmp_path / "done", "--resume", "--steps", "1"))
+    assert stop.value.code == 2 and "at step 2, past --steps 1" in capsys.readouterr().err
+
+
+@pytest.mark.smoke
+def test_a_run_killed_with_sigkill_at_a_random_point_and_resumed_writes_the_uninterrupted_metrics(tmp_path):
+    # A real process, killed with SIGKILL once its metrics.jsonl has a random number of lines (plus a random
+    # few ms: mid-step, mid-checkpoint or mid-line), then resumed with --resume until it finishes.
+    import signal
+    import subprocess
+    world = _tiny_world(tmp_path)
+    common = ["--steps", "6", "--save-every", "1", "--threads", "1", "--objective", "w-reinforce"]
+    nsr.main(_argv(world, tmp_path / "full", *common))
+    rng = random.Random(time.time_ns())                              # a different point every run of the suite
+    cut, kills = tmp_path / "cut", 0
+    argv = [sys.executable, str(HERE / "nsr.py"), *_argv(world, cut, *common)]
+    proc = subprocess.Popen(argv, cwd=HERE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_for = rng.randint(1, 4)
+    while proc.poll() is None:
+        lines = (cut / "metrics.jsonl").read_text().count("\n") if (cut / "metrics.jsonl").is_file() else 0
+        if lines >= wait_for:
+            time.sleep(rng.uniform(0, 0.02))
+            proc.send_signal(signal.SIGKILL)
+            kills += proc.wait() == -signal.SIGKILL
+            break
+        time.sleep(0.002)
+    for _ in range(3):                                               # resume (or start again) until it finishes
+        resume = ["--resume"] if runs.latest_checkpoint(cut) is not None else []
+        if subprocess.run(argv + resume, cwd=HERE, capture_output=True).returncode == 0:
+            break
+    timing = {"sample_s", "train_s", "tokens_per_s"}
+
+    def lines(run):
+        return [{k: v for k, v in json.loads(line).items() if k not in timing}
+                for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+    assert kills == 1, "the run finished before it could be killed"
+    assert lines("cut") == lines("full"), f"killed after {wait_for} lines"
+    a = sample.load_model(runs.latest_checkpoint(tmp_path / "full"), device="cpu")[0]
+    b = sample.load_model(runs.latest_checkpoint(cut), device="cpu")[0]
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+
+
+@pytest.mark.smoke
+def test_a_toy_rebuild_and_a_reproduction_with_other_jobs_move_earlier_output_aside(tmp_path):
+    base = tmp_path / "base"
+    toy.ensure_base(base, quick=True, log=lambda *a: None)
+    first = _files(base)
+    toy.ensure_base(base, quick=True, force=True, log=lambda *a: None)      # --force: rebuilt, not deleted
+    assert _files(tmp_path / "base.1") == first and (base / "model.safetensors").is_file()
+    job = tmp_path / "job"
+    job.mkdir()
+    (job / "result.json").write_text('{"key": "another job"}')
+    assert reproduce.claim_job_dir(job, "this job") is False
+    assert (tmp_path / "job.1" / "result.json").is_file() and json.loads((job / "job.json").read_text())["key"] == "this job"
 
 
 # ---- optimizer offload: the same computation with the fp32 state in CPU RAM ----

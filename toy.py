@@ -627,7 +627,8 @@ def _build(out_dir: pathlib.Path, recipe: ToyRecipe, start: float, log) -> pathl
     passk.save_result(base_eval, tmp / "base_eval.json")
     (tmp / "recipe.json").write_text(json.dumps({"hash": recipe_hash(recipe), "version": RECIPE_VERSION,
                                                  "recipe": dataclasses.asdict(recipe)}, indent=2))
-    shutil.rmtree(out_dir, ignore_errors=True)
+    if out_dir.exists():            # an earlier build (another recipe, or --force): moved aside, not deleted
+        log(f"toy: moved the earlier build in {out_dir} to {sample.move_aside(out_dir)}")
     tmp.rename(out_dir)
     log(f"toy: built in {build_seconds:.0f} s -> {out_dir}")
     return out_dir
@@ -647,7 +648,8 @@ def main(argv=None) -> int:
                                      "`python toy.py reproduce ...` runs reproduce.py.")
     parser.add_argument("--out", default=None, help="output directory (default runs/toy-base-s<seed>)")
     parser.add_argument("--quick", action="store_true", help="the seconds-long tiny build used by tests")
-    parser.add_argument("--force", action="store_true", help="rebuild even if the cache matches the recipe")
+    parser.add_argument("--force", action="store_true", help="rebuild even if the cache matches the recipe "
+                        "(the earlier build is moved aside to <out>.1, not deleted)")
     parser.add_argument("--seed", type=int, default=0, help="recipe seed (default 0)")
     args = parser.parse_args(argv)
     recipe = quick_recipe(args.seed) if args.quick else ToyRecipe(seed=args.seed)
