@@ -48,6 +48,7 @@ COMMANDS
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 from dataclasses import dataclass, field
@@ -116,20 +117,23 @@ def training_subset(rewards, objective: str) -> list[int]:
 
 
 def policy_loss(logp: torch.Tensor, weights: torch.Tensor, mask: torch.Tensor, normalizer: float,
-                old_logp: torch.Tensor | None, clip_eps: float) -> torch.Tensor:
+                old_logp: torch.Tensor | None, clip_low: float, clip_high: float) -> tuple[torch.Tensor, torch.Tensor]:
     """The ONE policy-gradient loss of every objective: L = -(1/Z) sum_i w_i sum_t log pi(y_i,t), as the
-    PPO-clipped surrogate the official code runs (clip_eps 0.2 by default):
+    PPO-clipped surrogate the official code runs (clip_low = clip_high = 0.2 by default):
 
-        per token  -min(rho * w, clip(rho, 1 - eps, 1 + eps) * w),   rho = pi_theta / pi_old
+        per token  -min(rho * w, clip(rho, 1 - clip_low, 1 + clip_high) * w),   rho = pi_theta / pi_old
 
     In the first mini-batch of a step pi_theta = pi_old (the sampler's log-probs), so rho = 1 and the
     gradient is exactly that of -w log pi (tested). Later mini-batches are off-policy, and the clip zeroes
-    the gradient where the surrogate's clipped term is the smaller one: rho > 1 + eps under w > 0 (raised
-    enough already), rho < 1 - eps under w < 0 (lowered enough already). clip_eps = 0: -w log pi itself.
+    the gradient where the clipped term is the smaller one: rho > 1 + clip_high under w > 0 (raised enough
+    already: only PSR-like samples meet the upper bound), rho < 1 - clip_low under w < 0 (lowered enough
+    already: only NSR-like samples meet the lower bound). A side set to 0 does not clip; with both 0 the
+    surrogate is -rho w, the unclipped importance-weighted gradient. old_logp None: -w log pi itself.
 
     logp (N, T) log pi_theta of each response token (carries the gradient); weights (N,) w_i, or (N, T)
     per-token advantages A_i,t (ppo); mask (N, T) 1.0 on real response tokens; normalizer Z; old_logp
-    (N, T) log pi_old, the sampler's (needed when clip_eps > 0).
+    (N, T) log pi_old, the sampler's. Returns (loss, clipped): clipped (N, T) marks the tokens whose
+    gradient the clip zeroed.
 
     The token-level gradient (the paper's analysis). At one position with logits z (V,), pi = softmax(z)
     and sampled token y: log pi_y = z_y - logsumexp(z), so d log pi_y / d z_v = 1[v = y] - pi_v, and for
@@ -140,12 +144,28 @@ def policy_loss(logp: torch.Tensor, weights: torch.Tensor, mask: torch.Tensor, n
                     found plausible, so NSR refines rather than collapses the model (tested against autograd).
     """
     w = (weights[:, None] if weights.dim() == 1 else weights).to(logp.dtype)   # (N, 1) or (N, T)
-    if clip_eps > 0:                                                         # the default: the clipped surrogate
-        ratio = torch.exp(logp - old_logp)                                   # (N, T) rho
-        per_token = -torch.minimum(ratio * w, ratio.clamp(1 - clip_eps, 1 + clip_eps) * w)
-    else:                                                                    # L itself: -w_i log pi
-        per_token = -w * logp                                                # (N, T)
-    return (per_token * mask).sum() / normalizer                             # scalar
+    if old_logp is None:                                                     # L itself: -w_i log pi
+        return (-w * logp * mask).sum() / normalizer, torch.zeros_like(mask, dtype=torch.bool)
+    ratio = torch.exp(logp - old_logp)                                       # (N, T) rho
+    low = 1 - clip_low if clip_low > 0 else 0.0                              # 0: the lower side does not clip
+    high = 1 + clip_high if clip_high > 0 else math.inf
+    per_token = -torch.minimum(ratio * w, ratio.clamp(low, high) * w)        # (N, T) the clipped surrogate
+    clipped = ((w > 0) & (ratio > high)) | ((w < 0) & (ratio < low))         # (N, T) zero gradient there
+    return (per_token * mask).sum() / normalizer, clipped
+
+
+def entropy_bonus(entropy: torch.Tensor, mask: torch.Tensor, num_tokens: float) -> torch.Tensor:
+    """The mean token entropy H = -sum_v pi_v log pi_v over the mini-batch's response tokens (the loss
+    SUBTRACTS entropy_coef times it: a bonus that keeps the policy from collapsing)."""
+    return (entropy * mask).sum() / num_tokens
+
+
+def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor, num_tokens: float) -> torch.Tensor:
+    """The mean per-token KL(pi || pi_ref) by the non-negative "k3" estimator (Schulman 2020, as GRPO):
+    exp(d) - d - 1 with d = log pi_ref - log pi; clamped as verl's low_var_kl (d to [-20, 20], the
+    estimate to at most 10), so one token that left the reference far behind cannot dominate the loss."""
+    d = (ref_logp - logp).clamp(-20, 20)
+    return ((d.exp() - d - 1).clamp(max=10) * mask).sum() / num_tokens
 
 
 def loss_normalizer(weights: torch.Tensor, lengths, mode: str = "tokens", max_new_tokens: int = 1) -> float:
@@ -178,7 +198,8 @@ def gradient_demo(lr: float = 1.0, lam: float = 0.1) -> str:
         logp = torch.log_softmax(z, dim=-1)
         tokens = torch.tensor([t for t, _ in samples])
         weights = torch.tensor([w for _, w in samples])
-        policy_loss(logp[tokens][:, None], weights, torch.ones(len(samples), 1), len(samples), None, 0.0).backward()
+        loss, _ = policy_loss(logp[tokens][:, None], weights, torch.ones(len(samples), 1), len(samples), None, 0, 0)
+        loss.backward()
         with torch.no_grad():
             return torch.softmax(z - lr * z.grad, dim=-1), -lr * z.grad  # SGD on the logits
 
@@ -226,7 +247,10 @@ def rl_step(run: runs.Run, cfg: Config, step: int) -> dict:
     t1 = time.time()
     # ---- verify: r_i = 1 if the last \boxed{} of the response equals the gold answer, else 0 ----
     texts = [run.tokenizer.decode(t, skip_special_tokens=True) for t in rollouts.tokens]
-    rewards = [verifier.reward(text, gold) for text, gold in zip(texts, golds)]        # (N,) in {0, 1}
+    rewards = true_rewards = [verifier.reward(text, gold) for text, gold in zip(texts, golds)]   # (N,)
+    if cfg.reward == "random":    # the control: r_i ~ Bernoulli(p) from the run's generator, whatever the answer
+        draws = torch.rand(len(rewards), generator=run.generator, device=run.generator.device)
+        rewards = (draws < cfg.random_reward_p).float().tolist()
     # ---- weight: w_i from the objective; ppo: per-token advantages A_i,t from the critic ----
     targets = None
     if cfg.objective == "ppo":
@@ -254,7 +278,7 @@ def rl_step(run: runs.Run, cfg: Config, step: int) -> dict:
         mini_batch = MiniBatch([prompts[i] for i in rows], [rollouts.tokens[i] for i in rows],
                                [rollouts.logprobs[i] for i in rows], weights[rows], Z, scale)
         # ---- loss -> backward (micro-batch by micro-batch) -> ONE optimizer step ----
-        loss = minibatch_backward(run.policy, mini_batch, cfg, run.ref_model, run.head_chunk, run.pad_id)
+        loss = minibatch_backward(run, mini_batch, cfg, stats)
         grad_norm = precision.optimizer_step(run.policy, cfg.grad_clip) if loss is not None else None
         if loss is None or not torch.isfinite(grad_norm):
             precision.zero_grads(run.policy)             # drop what the failed micro-batches accumulated
@@ -264,46 +288,45 @@ def rl_step(run: runs.Run, cfg: Config, step: int) -> dict:
         stats.grad_norms.append(grad_norm.item())
         stats.trained += len(rows)
         stats.updates += 1
-    return runs.step_metrics(step, cfg, rewards, rollouts, stats, targets, (t1 - t0, time.time() - t1))
+    return runs.step_metrics(step, cfg, rewards, true_rewards, rollouts, stats, targets,
+                             (t1 - t0, time.time() - t1))
 
 
-def minibatch_backward(policy: precision.Trainable, batch: MiniBatch, cfg: Config, ref_model=None,
-                       head_chunk: int = 0, pad_id: int = 0) -> float | None:
+def minibatch_backward(run: runs.Run, batch: MiniBatch, cfg: Config, stats: runs.StepStats) -> float | None:
     """Accumulate the gradient of one mini-batch's loss, cfg.micro_batch_size sequences at a time (bounded
     memory; Z is the whole mini-batch's, so the gradient does not depend on the micro-batch size).
     Returns the loss, or None if it was not finite (the caller then drops the gradient)."""
-    device = next(policy.model.parameters()).device
+    model = run.policy.model
+    device = next(model.parameters()).device
     num_tokens = float(sum(len(r) for r in batch.responses))                  # the entropy / KL token mean
     kl_coef = 0.0 if cfg.objective == "ppo" else cfg.kl_coef                  # ppo's KL is in its reward
+    ratio = cfg.clip_low > 0 or cfg.clip_high > 0 or cfg.mini_batch_size > 0  # off-policy mini-batches need it
     total = torch.zeros((), device=device)
     for rows, input_ids, attn, pos, mask in sample.micro_batches(batch.prompts, batch.responses,
-                                                                 cfg.micro_batch_size, device, pad_id):
+                                                                 cfg.micro_batch_size, device, run.pad_id):
         R = mask.shape[1]                                                     # mask (m, R): real response tokens
-        logp, entropy = sample.response_logprobs(policy.model, input_ids, attn, pos, R, cfg.temperature,
-                                                 with_entropy=cfg.entropy_coef > 0, head_chunk=head_chunk)
+        logp, entropy = sample.response_logprobs(model, input_ids, attn, pos, R, cfg.temperature,
+                                                 with_entropy=cfg.entropy_coef > 0, head_chunk=run.head_chunk)
         w = torch.as_tensor(batch.weights[rows], dtype=torch.float32, device=device)   # (m,) or (m, T)
         w = w if w.dim() == 1 else w[:, :R]
-        old = sample.pad_rows(batch.old_logprobs[rows], R, device) if cfg.clip_eps > 0 else None   # (m, R)
+        old = sample.pad_rows(batch.old_logprobs[rows], R, device) if ratio else None  # log pi_old (m, R)
         # ----- STUDENT REGION: the loss terms (a new term is one more line here) -----
         # the policy-gradient term (the objectives): -(1/Z) sum w_i sum_t log pi(y_i,t), clipped
-        loss = policy_loss(logp, w, mask, batch.normalizer, old, cfg.clip_eps)
-        if cfg.entropy_coef > 0:
-            # entropy bonus: - c_H * (mean token entropy over the mini-batch's response tokens)
-            loss = loss - cfg.entropy_coef * (entropy * mask).sum() / num_tokens
-        if kl_coef > 0:
-            # KL(pi || pi_ref) per token with the non-negative "k3" estimator (Schulman 2020, as GRPO):
-            #   exp(log pi_ref - log pi) - (log pi_ref - log pi) - 1
+        loss, clipped = policy_loss(logp, w, mask, batch.normalizer, old, cfg.clip_low, cfg.clip_high)
+        if cfg.entropy_coef > 0:                                              # - c_H * mean token entropy
+            loss = loss - cfg.entropy_coef * entropy_bonus(entropy, mask, num_tokens)
+        if kl_coef > 0:                                                       # + beta * mean k3 KL to pi_ref
             with torch.no_grad():
-                ref_logp, _ = sample.response_logprobs(ref_model, input_ids, attn, pos, R, cfg.temperature,
-                                                       head_chunk=head_chunk)
-            d = ref_logp - logp
-            loss = loss + kl_coef * ((d.exp() - d - 1) * mask).sum() / num_tokens
+                ref_logp, _ = sample.response_logprobs(run.ref_model, input_ids, attn, pos, R, cfg.temperature,
+                                                       head_chunk=run.head_chunk)
+            loss = loss + kl_coef * kl_penalty(logp, ref_logp, mask, num_tokens)
         # ----- END OF STUDENT REGION -----
         loss = loss * batch.scale                                             # a partial mini-batch: m / M
         if not torch.isfinite(loss):
             return None
         loss.backward()
-        precision.grads_to_master(policy)                                    # bf16 grads -> the fp32 masters
+        precision.grads_to_master(run.policy)                                # bf16 grads -> the fp32 masters
+        runs.count_clipped(stats, w, clipped, mask)
         total += loss.detach()
     return total.item()
 
@@ -318,7 +341,7 @@ def train(cfg: Config) -> dict:
     cfg, run = runs.start(cfg, OBJECTIVES)      # check every input, then the run dir, models, data (resume)
     if run.eval_sets and run.start_step == 0:
         runs.evaluate(run, cfg, 0)                                            # ---- evaluate the start ----
-    metrics, streak = {}, 0
+    metrics = {}
     bar = tqdm(range(run.start_step, cfg.steps), initial=run.start_step, total=cfg.steps, desc=cfg.objective,
                dynamic_ncols=True)
     for step in bar:
@@ -327,9 +350,9 @@ def train(cfg: Config) -> dict:
         bar.set_postfix(reward=f"{metrics['reward']:.3f}", len=f"{metrics['response_len']:.0f}",
                         ent=f"{metrics['entropy']:.2f}", updates=metrics["updates"],
                         gnorm="skip" if metrics["skipped"] else f"{metrics['grad_norm']:.3f}")
-        streak = streak + 1 if metrics["skipped"] else 0
+        run.nonfinite_streak = run.nonfinite_streak + 1 if metrics["skipped"] else 0   # saved in checkpoints
         if metrics["skipped"]:
-            runs.nonfinite_stop(step, streak, cfg)                            # stops after cfg.max_nonfinite
+            runs.nonfinite_stop(step, run.nonfinite_streak, cfg)              # stops after cfg.max_nonfinite
         done = step + 1                                                       # ---- evaluate / checkpoint ----
         if run.eval_sets and cfg.eval_every and done % cfg.eval_every == 0 and done != cfg.steps:
             runs.evaluate(run, cfg, done)
@@ -350,13 +373,17 @@ class Config:
     # ---- the objective and the update ----
     objective: str = "nsr"        # psr, nsr, w-reinforce, reinforce, grpo or ppo (the OBJECTIVES table)
     lam: float = 0.1              # lambda of w-reinforce: weight of correct samples (the paper: 0.1)
-    clip_eps: float = 0.2         # PPO ratio clipping epsilon (the paper: 0.2); 0 = plain -w log pi, on-policy only
+    clip_eps: float = 0.2         # PPO ratio clipping epsilon, both sides (the paper: 0.2); 0 = no clipping
+    clip_low: float = -1.0        # the ratio's lower bound 1 - clip_low (acts on w < 0); -1 = clip_eps, 0 = none
+    clip_high: float = -1.0       # the ratio's upper bound 1 + clip_high (acts on w > 0); -1 = clip_eps, 0 = none
     mini_batch_size: int = 64     # M: responses per optimizer step, counted after the objective's subset;
                                   # 0 = the whole subset in one step (the paper: 1/4 of a full batch)
     entropy_coef: float = 0.001   # entropy bonus: loss -= entropy_coef * mean token entropy (official yaml 1e-3)
     kl_coef: float = -1.0         # KL to the frozen initial model; -1 = the paper's: 0.001 for ppo (a reward
                                   # penalty), 0 for the rest (for them a k3 loss term, as GRPO's)
     normalizer: str = "tokens"    # Z of the loss: tokens (response tokens of weighted samples) or constant
+    reward: str = "verifier"      # verifier, or random: the control r_i ~ Bernoulli(random_reward_p), answer unseen
+    random_reward_p: float = 0.5  # P(r_i = 1) under --reward random
     # ---- rollouts and optimisation ----
     steps: int = 100              # training steps (one rollout batch each)
     batch_prompts: int = 32       # B: prompts per step

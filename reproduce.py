@@ -4,13 +4,17 @@ reproduce.py -- the paper's comparison on the toy world, with verdicts that carr
     python reproduce.py                                    # recipe seed 0, training seeds 0 1, every method
     python reproduce.py --recipe-seeds 0 1 2 --seeds 0 1   # one base per recipe seed (cached per seed)
     python reproduce.py --methods psr nsr --set lr=1e-4    # any nsr.Config field: --set FIELD=VALUE
+    python reproduce.py --methods w-reinforce --sweep lam=0.1,0.25,1   # one more run per value, labelled
 
 THE LOOP (all of it):
     for each recipe seed:  base = toy.ensure_base(seed)                     (built once, cached)
         evaluate the base                                                   (passk.evaluate, n = 256)
         for each training seed, each method:  nsr.train(from the base)  ->  evaluate its last checkpoint
-    -> summary.json: every run's per-problem correct counts and mean entropy on both test splits
-    -> the Pass@k tables (mean over seeds) and the verdicts of the paper's four findings
+    -> summary.json: every run's per-problem correct counts and mean entropy on both test splits;
+       "coverage" (per method and split, the problems kept, lost, gained and solved by neither at k = n,
+       against its base); "dynamics" (reward, rollout entropy, all-correct share against the step, from
+       metrics.jsonl; also dynamics.png with matplotlib)
+    -> the Pass@k tables (mean over seeds), the coverage table and the verdicts of the paper's four findings
 
 FAIR BY CONSTRUCTION: every method trains from the same base with the same nsr.Config except `objective`
 (nsr.TOY_DEFAULTS: the main job's budget, the paper's update); every model, the base included, is
@@ -27,13 +31,15 @@ inconclusive. "X above Y" needs the whole interval above 0; "below", the whole i
   (b) PSR above the base at k = 1 and below it at k = 256, on at least one split
   (c) W-REINFORCE's Pass@1 within 2 points of the best method's (non-inferiority, margin 2), and
       W-REINFORCE >= base at k = 256, on both splits
-  (d) test entropy: PSR below the base and NSR above PSR (bootstrap over runs: mean_entropy is per run)
+  (d) test entropy: PSR below the base and NSR above PSR (mean_entropy is one number per run, so the
+      bootstrap resamples the independent units: recipe seeds, then training seeds; entropy_draws)
 With several recipe seeds, each is also judged alone (`verdicts_by_recipe_seed`): a finding robust over
 bases holds overall and fails on none of them.
 
 Jobs run in --jobs processes (one torch thread each: the toy model is too small for two); each writes
 its result to <out>/<run>/result.json, and a job whose result is already there is not run again, so an
-interrupted reproduction continues where it stopped.
+interrupted reproduction continues where it stopped (an interrupted training job resumes from its last
+checkpoint). Output in the way (another job's, another reproduction's summary) is moved aside, never deleted.
 """
 
 from __future__ import annotations
@@ -124,6 +130,7 @@ def run_job(job: dict) -> dict:
                         raise                                    # anything else (out of memory, ...) is no result
                     record["diverged"] = str(e)
                 model_dir = runs.latest_checkpoint(run_dir)
+                record["curves"] = read_curves(run_dir / "metrics.jsonl")
             if model_dir is None:                                # diverged before its first checkpoint
                 record["splits"] = {s: {"counts": [0] * len(sample.load_problems(base / f"{s}.jsonl")),
                                         "mean_entropy": float("nan")} for s in SPLITS}
@@ -145,6 +152,12 @@ def run_job(job: dict) -> dict:
     return record
 
 
+def read_curves(path: pathlib.Path) -> dict:
+    """{"step": [...], key: [...] for key in DYNAMICS} from a run's metrics.jsonl."""
+    lines = [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+    return {key: [line[key] for line in lines] for key in ("step", *DYNAMICS)}
+
+
 def claim_job_dir(run_dir: pathlib.Path, key: str) -> bool:
     """Make the job's directory ready; True = an interrupted training run of this very job is there, resume
     it (exactly: nsr's checkpoints every 10 steps). Anything else in the way -- another job's output, or a
@@ -164,8 +177,12 @@ def recipe_for(job: dict) -> toy.ToyRecipe:
     return toy.quick_recipe(job["recipe_seed"]) if job["quick"] else toy.ToyRecipe(seed=job["recipe_seed"])
 
 
-def make_jobs(args, overrides: dict) -> list[dict]:
+def make_jobs(args, overrides: dict, sweep: tuple | None = None) -> list[dict]:
+    """One base job per recipe seed, then one training job per (recipe seed, training seed, method): the
+    unswept runs, and with --sweep FIELD=V1,V2 one more per value, labelled method[FIELD=V] (its "method")."""
     out = pathlib.Path(args.out)
+    field, values = sweep or (None, [])
+    variants = [("", {})] + [(f"[{field}={text}]", {field: value}) for text, value in values]
     jobs = []
     for r in args.recipe_seeds:
         base = pathlib.Path(args.bases) / (f"toy-quick-s{r}" if args.quick else toy.base_dir(r).name)
@@ -173,11 +190,13 @@ def make_jobs(args, overrides: dict) -> list[dict]:
                      "base": str(base), "run_dir": str(out / f"r{r}-base"), "config": None, "quick": args.quick})
         for t in args.seeds:
             for method in args.methods:
-                run_dir = out / f"r{r}-{method}-t{t}"
-                cfg = training_config(base, method, t, run_dir, overrides)
-                jobs.append({"name": f"{method} r{r} t{t}", "method": method, "recipe_seed": r, "train_seed": t,
-                             "base": str(base), "run_dir": str(run_dir), "config": dataclasses.asdict(cfg),
-                             "quick": args.quick})
+                for label, change in variants:
+                    run_dir = out / (f"r{r}-{method}-t{t}" if not label else
+                                     f"r{r}-{method}-{field}-{label.split('=', 1)[1][:-1]}-t{t}")
+                    cfg = training_config(base, method, t, run_dir, {**overrides, **change})
+                    jobs.append({"name": f"{method}{label} r{r} t{t}", "method": method + label, "recipe_seed": r,
+                                 "train_seed": t, "base": str(base), "run_dir": str(run_dir),
+                                 "config": dataclasses.asdict(cfg), "quick": args.quick})
     for job in jobs:   # a result on disk is re-used only for exactly the same job (recipe, config, settings)
         blob = json.dumps({**job, "recipe": toy.recipe_hash(recipe_for(job)), "eval": eval_settings()},
                           sort_keys=True)
@@ -281,15 +300,8 @@ def verdicts(summary: dict, draws: dict) -> list[dict]:
                    evidence(f"W-REINFORCE - base, {s}, k=256", diff[("w-reinforce", s)], i256)]
         found.append({"finding": "c", "claim": "W-REINFORCE's Pass@1 within 2 points of the best method, "
                       ">= base at k=256, on both splits", "verdict": combine(parts), "evidence": ev})
-    if {"psr", "nsr"} <= methods:   # (d) entropy: PSR < base, NSR > PSR (per run: bootstrap over runs)
-        ent = {(r["method"], r["recipe_seed"], r["train_seed"], r["split"]): r["mean_entropy"] for r in summary["runs"]}
-        pairs = [k for k in ent if k[0] == "psr"]
-        psr_minus_base = np.array([ent[k] - ent[("base", k[1], None, k[3])] for k in pairs])
-        nsr_minus_psr = np.array([ent[("nsr",) + k[1:]] - ent[k] for k in pairs])
-        rng = np.random.default_rng(1)
-        boot = [rng.choice(len(pairs), len(pairs)) for _ in range(2000)]
-        a = np.array([psr_minus_base[i].mean() for i in boot])
-        b = np.array([nsr_minus_psr[i].mean() for i in boot])
+    if {"psr", "nsr"} <= methods:   # (d) entropy: PSR < base, NSR > PSR (mean_entropy is one number per run)
+        a, b = entropy_draws(summary)
         side = [("holds" if interval(x)[1] < 0 else "fails" if interval(x)[0] > 0 else "inconclusive") for x in (a,)]
         side += [("holds" if interval(x)[0] > 0 else "fails" if interval(x)[1] < 0 else "inconclusive") for x in (b,)]
         found.append({"finding": "d", "claim": "test entropy: PSR below the base, NSR above PSR",
@@ -297,6 +309,104 @@ def verdicts(summary: dict, draws: dict) -> list[dict]:
                       "evidence": [("entropy PSR - base (nats/token)", float(a.mean()), *interval(a)),
                                    ("entropy NSR - PSR (nats/token)", float(b.mean()), *interval(b))]})
     return found
+
+
+def entropy_draws(summary: dict, resamples: int = 2000, seed: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """Bootstrap draws of the mean entropy differences PSR - base and NSR - PSR (nats/token), resampling the
+    INDEPENDENT units: recipe seeds (independent bases), then the training seeds within each (independent
+    runs from one base). The two test splits of one run are not independent (the same weights), so a run's
+    difference is its mean over the splits, never two units."""
+    ent = {(r["method"], r["recipe_seed"], r["train_seed"], r["split"]): r["mean_entropy"] for r in summary["runs"]}
+    units = {}                                                    # recipe seed -> [(PSR - base, NSR - PSR) per run]
+    for method, recipe, train, _ in sorted(k for k in ent if k[0] == "psr" and k[3] == SPLITS[0]):
+        a = np.mean([ent[("psr", recipe, train, s)] - ent[("base", recipe, None, s)] for s in SPLITS])
+        b = np.mean([ent[("nsr", recipe, train, s)] - ent[("psr", recipe, train, s)] for s in SPLITS])
+        units.setdefault(recipe, []).append((a, b))
+    rng, recipes = np.random.default_rng(seed), sorted(units)
+    draws = np.zeros((resamples, 2))
+    for i in range(resamples):
+        picked = [units[r][j] for r in rng.choice(recipes, len(recipes))
+                  for j in rng.integers(0, len(units[r]), len(units[r]))]
+        draws[i] = np.mean(picked, axis=0)
+    return draws[:, 0], draws[:, 1]
+
+
+# =================================================================================================
+# COVERAGE AND DYNAMICS: which problems a method kept, lost, gained; its training curves
+# =================================================================================================
+
+def coverage(summary: dict) -> list[dict]:
+    """Per (method, split): the problems the base solves at k = n (at least one right of n samples) that the
+    method solves too (kept) or not (lost), those only the method solves (gained) and neither solves
+    (neither): the mean count over the method's runs (each against its own base) and the range over runs."""
+    base = {(r["recipe_seed"], r["split"]): r["counts"] for r in summary["runs"] if r["method"] == "base"}
+    per_run = {}
+    for r in summary["runs"]:
+        if r["method"] == "base":
+            continue
+        pairs = [(b > 0, m > 0) for b, m in zip(base[(r["recipe_seed"], r["split"])], r["counts"])]
+        sets = {"kept": sum(b and m for b, m in pairs), "lost": sum(b and not m for b, m in pairs),
+                "gained": sum(m and not b for b, m in pairs), "neither": sum(not (b or m) for b, m in pairs)}
+        per_run.setdefault((r["method"], r["split"]), []).append(sets)
+    rows = []
+    for (method, split), runs_ in sorted(per_run.items(), key=lambda kv: (label_order(kv[0][0]), kv[0][1])):
+        row = {"method": method, "split": split, "runs": len(runs_)}
+        for key in ("kept", "lost", "gained", "neither"):
+            values = [run[key] for run in runs_]
+            row[key], row[f"{key}_range"] = float(np.mean(values)), [min(values), max(values)]
+        rows.append(row)
+    return rows
+
+
+def format_coverage(rows: list[dict]) -> str:
+    lines = [f"coverage at k = {N} against the base (problems; mean over runs [min-max])",
+             f"{'method':<28}{'split':<11}" + "".join(f"{key:>16}" for key in ("kept", "lost", "gained", "neither"))]
+    for row in rows:
+        cells = "".join(f"{row[key]:>7.1f} [{row[key + '_range'][0]:>2}-{row[key + '_range'][1]:>2}]  "
+                        for key in ("kept", "lost", "gained", "neither"))
+        lines.append(f"{display(row['method']):<28}{row['split']:<11}{cells}")
+    return "\n".join(lines)
+
+
+DYNAMICS = ("reward", "true_reward", "entropy", "all_correct")   # metrics.jsonl keys, against the step
+
+
+def dynamics(records: list[dict]) -> dict:
+    """{method: {"step": [...], key: [mean over the method's runs at each step] for key in DYNAMICS}}: the
+    training curves, read from each run's metrics.jsonl (entropy = of the training rollouts)."""
+    curves = {}
+    for record in records:
+        if record.get("curves"):
+            curves.setdefault(record["method"], []).append(record["curves"])
+    out = {}
+    for method, runs_ in sorted(curves.items(), key=lambda kv: label_order(kv[0])):
+        steps = min(len(c["step"]) for c in runs_)
+        out[method] = {"step": runs_[0]["step"][:steps],
+                       **{key: [float(np.mean([c[key][i] for c in runs_])) for i in range(steps)] for key in DYNAMICS}}
+    return out
+
+
+def plot_dynamics(curves: dict, path: pathlib.Path) -> pathlib.Path | None:
+    """The curves as one figure (reward, rollout entropy, all-correct share against the step), if matplotlib."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    for ax, key, title in zip(axes, ("reward", "entropy", "all_correct"),
+                              ("training reward", "entropy of the training rollouts (nats/token)",
+                               "share of prompts with all G samples right")):
+        for method, c in curves.items():
+            ax.plot(c["step"], c[key], label=display(method))
+        ax.set_title(title)
+        ax.set_xlabel("step")
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def verdicts_by_recipe_seed(summary: dict, resamples: int = 2000) -> dict:
@@ -320,17 +430,30 @@ def format_verdicts(found: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def label_order(label: str) -> tuple:
+    """Base first, then the paper's methods in Table 1's order, each method's swept variants after it."""
+    method = label.split("[")[0]
+    return (0 if method == "base" else 1 + METHODS.index(method), label)
+
+
+def display(label: str) -> str:
+    """psr -> PSR, w-reinforce[lam=0.25] -> W-REINFORCE[lam=0.25]."""
+    method, bracket, rest = label.partition("[")
+    return NAMES[method] + bracket + rest
+
+
 def tables(summary: dict) -> str:
-    """Pass@k (%) per split, one row per method: the mean over every recipe and training seed (the counts
-    of all runs together: Pass@k is a mean over problems, so this is the mean over runs)."""
+    """Pass@k (%) per split, one row per method (and swept variant): the mean over every recipe and training
+    seed (the counts of all runs together: Pass@k is a mean over problems, so this is the mean over runs)."""
     out = []
-    order = ["base", *[m for m in METHODS if any(r["method"] == m for r in summary["runs"])]]
+    order = sorted({r["method"] for r in summary["runs"]}, key=label_order)
+    width = max(len(display(m)) for m in order)
     for s in SPLITS:
         rows = {}
         for m in order:
             counts = [c for r in summary["runs"] if r["method"] == m and r["split"] == s for c in r["counts"]]
             ent = [r["mean_entropy"] for r in summary["runs"] if r["method"] == m and r["split"] == s]
-            rows[f"{NAMES[m]:<12} H={np.mean(ent):.3f}"] = {"counts": counts, "n": N}
+            rows[f"{display(m):<{width}} H={np.mean(ent):.3f}"] = {"counts": counts, "n": N}
         out.append(f"{s} ({'MATH' if s == 'test_easy' else 'AIME'} role), mean over seeds; H = test entropy\n"
                    + passk.format_table(rows, KS))
     return "\n\n".join(out)
@@ -347,6 +470,9 @@ def parse_args(argv=None):
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS, help="default: all six")
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                         help="override an nsr.Config field for every method, e.g. --set lr=1e-4 (repeatable)")
+    parser.add_argument("--sweep", default=None, metavar="FIELD=V1,V2,...",
+                        help="also run every method at each value of one nsr.Config field, labelled "
+                             "method[FIELD=V] in the tables; the verdicts use the unswept runs only")
     parser.add_argument("--jobs", type=int, default=2, help="parallel processes (default 2: one per core)")
     parser.add_argument("--out", default="runs/reproduce", help="output directory (default runs/reproduce)")
     parser.add_argument("--bases", default="runs", help="where the toy bases are cached (default runs/)")
@@ -354,27 +480,34 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     fields = {f.name: f for f in dataclasses.fields(nsr.Config)}
     kind = {"int": int, "float": float, "str": str, "bool": lambda v: v.lower() in ("1", "true", "yes")}
-    overrides = {}
-    for item in args.set:
+
+    def field_value(flag, item):
         name, _, value = item.partition("=")
         if name not in fields or not value:
-            parser.error(f"--set {item!r}: expected FIELD=VALUE with FIELD one of nsr.Config's fields")
-        overrides[name] = kind.get(fields[name].type, str)(value)
+            parser.error(f"{flag} {item!r}: expected FIELD=VALUE with FIELD one of nsr.Config's fields")
+        try:
+            return name, [(text, kind.get(fields[name].type, str)(text)) for text in value.split(",")]
+        except ValueError:
+            parser.error(f"{flag} {item!r}: {value!r} is not a {fields[name].type}")
+
+    overrides = {name: values[0][1] for name, values in (field_value("--set", item) for item in args.set)}
+    sweep = field_value("--sweep", args.sweep) if args.sweep else None
     if args.jobs < 1:
         parser.error(f"--jobs must be >= 1, got {args.jobs}")
     for name in ("recipe_seeds", "seeds", "methods"):
         if len(set(getattr(args, name))) != len(getattr(args, name)):
             parser.error(f"--{name.replace('_', '-')} must be distinct, got {getattr(args, name)}")
-    problems = settings.config_problems(nsr.Config(**{**nsr.TOY_DEFAULTS, **overrides}), nsr.OBJECTIVES)
-    if problems:
-        parser.error("invalid training settings:\n  " + "\n  ".join(problems))
-    return args, overrides
+    for change in [{}] + [{sweep[0]: value} for _, value in (sweep[1] if sweep else [])]:
+        problems = settings.config_problems(nsr.Config(**{**nsr.TOY_DEFAULTS, **overrides, **change}), nsr.OBJECTIVES)
+        if problems:
+            parser.error("invalid training settings:\n  " + "\n  ".join(problems))
+    return args, overrides, sweep
 
 
 def main(argv=None) -> int:
-    args, overrides = parse_args(argv)
+    args, overrides, sweep = parse_args(argv)
     start = time.time()
-    jobs = make_jobs(args, overrides)
+    jobs = make_jobs(args, overrides, sweep)
     print(f"reproduce: {len(jobs)} jobs ({len(args.recipe_seeds)} bases, {len(jobs) - len(args.recipe_seeds)} "
           f"training runs) in {args.jobs} processes -> {args.out}", flush=True)
     # the bases first (each training job needs its base built), then every training run
@@ -386,14 +519,19 @@ def main(argv=None) -> int:
         {"method": r["method"], "recipe_seed": r["recipe_seed"], "train_seed": r["train_seed"], "split": s,
          "counts": r["splits"][s]["counts"], "mean_entropy": r["splits"][s]["mean_entropy"]}
         for r in records for s in SPLITS]}
-    found = verdicts(summary, bootstrap(summary))
+    unswept = dict(summary, runs=[r for r in summary["runs"] if "[" not in r["method"]])   # the verdicts' runs
+    found = verdicts(unswept, bootstrap(unswept))
     summary["verdicts"] = found
-    by_seed = verdicts_by_recipe_seed(summary) if len(args.recipe_seeds) > 1 else {}
+    by_seed = verdicts_by_recipe_seed(unswept) if len(args.recipe_seeds) > 1 else {}
     summary["verdicts_by_recipe_seed"] = {str(seed): v for seed, v in by_seed.items()}
+    summary["coverage"] = coverage(summary)
+    summary["dynamics"] = dynamics(records)
     summary["diverged"] = {r["name"]: r["diverged"] for r in records if r.get("diverged")}
     summary["job_keys"] = sorted(job["key"] for job in jobs)     # exactly which runs this summary holds
-    summary["settings"] = {"training": {k: v for k, v in jobs[-1]["config"].items()
+    first = next((j for j in jobs if j["config"]), None)
+    summary["settings"] = {"training": {k: v for k, v in (first["config"] if first else {}).items()
                                         if k not in ("objective", "seed", "out_dir", "model", "train")},
+                           "sweep": {"field": sweep[0], "values": [v for _, v in sweep[1]]} if sweep else None,
                            "recipe_seeds": args.recipe_seeds, "train_seeds": args.seeds,
                            "seconds": round(time.time() - start, 1)}
     out = pathlib.Path(args.out)
@@ -401,14 +539,17 @@ def main(argv=None) -> int:
     if earlier.is_file() and json.loads(earlier.read_text()).get("job_keys") != summary["job_keys"]:
         print(f"{earlier} summarised other jobs: moved it to {sample.move_aside(earlier)}")
     earlier.write_text(json.dumps(summary, indent=1))
-    print("\n" + tables(summary) + "\n\n" + format_verdicts(found))
+    plot = plot_dynamics(summary["dynamics"], out / "dynamics.png") if summary["dynamics"] else None
+    print("\n" + tables(summary) + "\n\n" + format_coverage(summary["coverage"]) + "\n\n" + format_verdicts(found))
     if by_seed:
         print("\neach recipe seed alone (its evidence: summary.json \"verdicts_by_recipe_seed\"):")
         for seed, seed_found in by_seed.items():
             print(f"  recipe seed {seed}: " + "  ".join(f"({f['finding']}) {f['verdict']}" for f in seed_found))
     for name, message in summary["diverged"].items():
         print(f"NOTE: {name} diverged; its last good checkpoint was evaluated ({message.splitlines()[0][:120]})")
-    print(f"\n{out / 'summary.json'} written; {time.time() - start:.0f} s in all")
+    print(f"\n{out / 'summary.json'} written" + (f", training curves in {plot}" if plot else
+          " (training curves as numbers: summary.json \"dynamics\"; pip install matplotlib for the plot)")
+          + f"; {time.time() - start:.0f} s in all")
     return 0
 
 

@@ -54,6 +54,7 @@ class Run:
     start_step: int
     head_chunk: int               # sample.response_logprobs' head_chunk (0 without gradient checkpointing)
     pad_id: int
+    nonfinite_streak: int = 0     # consecutive skipped steps (saved in checkpoints: a resume keeps counting)
 
 
 # ---- start: check every input, resolve, prepare the directory, load ------------------------------
@@ -84,9 +85,11 @@ def start(cfg, objectives) -> tuple[object, Run]:
 
 def resolve(cfg):
     """The derived values, in one place: the toy world's model and data when --model / --train / --eval are
-    not given, and the KL coefficient in force (-1 = the paper's: 0.001 for ppo, 0 otherwise)."""
+    not given, the KL coefficient in force (-1 = the paper's: 0.001 for ppo, 0 otherwise) and each clip
+    side (-1 = --clip-eps)."""
     kl = cfg.kl_coef if cfg.kl_coef >= 0 else (0.001 if cfg.objective == "ppo" else 0.0)
-    cfg = dataclasses.replace(cfg, kl_coef=kl)
+    low, high = settings.clip_sides(cfg)
+    cfg = dataclasses.replace(cfg, kl_coef=kl, clip_low=low, clip_high=high)
     if cfg.model:
         return cfg
     base = pathlib.Path(toy.ensure_base(recipe=toy.ToyRecipe(seed=cfg.toy_seed)))
@@ -236,9 +239,9 @@ def setup(cfg, run_dir: pathlib.Path, inputs: Inputs) -> Run:
     critic = precision.make_trainable(critic_model, cfg, cfg.critic_lr) if critic_model is not None else None
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
     torch.manual_seed(cfg.seed)
-    start_step = 0
+    start_step, streak = 0, 0
     if ckpt is not None:
-        start_step = restore(ckpt, policy, critic, generator)
+        start_step, streak = restore(ckpt, policy, critic, generator)
         for name in ("metrics.jsonl", "eval.jsonl"):
             truncate_jsonl(run_dir / name, start_step)
         print(f"resumed from {ckpt} at step {start_step}")
@@ -255,7 +258,7 @@ def setup(cfg, run_dir: pathlib.Path, inputs: Inputs) -> Run:
     return Run(run_dir, policy, tokenizer, critic, ref_model, generator, inputs.prompt_ids, inputs.problems,
                inputs.eval_sets, evals,
                start_step, cfg.head_chunk if checkpointing else 0,
-               tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
+               tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0, streak)
 
 
 # ---- sample -------------------------------------------------------------------------------------
@@ -306,12 +309,25 @@ class StepStats:
     updates: int = 0                                  # optimizer steps
     skipped: bool = False                             # a non-finite loss or gradient: the rest was dropped
     critic: list = field(default_factory=list)        # ppo: (value loss, grad norm) of each critic step
+    clip_counts: torch.Tensor = field(default_factory=lambda: torch.zeros(4))   # tokens with w > 0, of them
+                                                      # clipped; tokens with w < 0, of them clipped (count_clipped)
 
 
-def step_metrics(step: int, cfg, rewards, rollouts, stats: StepStats, targets, seconds: tuple) -> dict:
-    """One JSON line per step with fixed keys (docs/training.md explains each one). targets: ppo's."""
+def count_clipped(stats: StepStats, weights: torch.Tensor, clipped: torch.Tensor, mask: torch.Tensor) -> None:
+    """Add one micro-batch's tokens, by the sign of their weight, and those whose gradient the clip zeroed
+    (nsr.policy_loss's `clipped`). Kept as a tensor: no device sync until the step is logged."""
+    w = weights if weights.dim() == 2 else weights[:, None].expand_as(mask)     # (m, R)
+    pos, neg = (w > 0) & (mask > 0), (w < 0) & (mask > 0)
+    counts = torch.stack([pos.sum(), (pos & clipped).sum(), neg.sum(), (neg & clipped).sum()]).float()
+    stats.clip_counts = stats.clip_counts.to(counts.device) + counts
+
+
+def step_metrics(step: int, cfg, rewards, true_rewards, rollouts, stats: StepStats, targets, seconds: tuple) -> dict:
+    """One JSON line per step with fixed keys (docs/training.md explains each one). rewards: those trained
+    on; true_rewards: the verifier's (the same unless --reward random); targets: ppo's."""
     r = torch.tensor(rewards, dtype=torch.float32).view(cfg.batch_prompts, cfg.group_size)
     n_tokens = sum(len(t) for t in rollouts.tokens)
+    pos, pos_clipped, neg, neg_clipped = stats.clip_counts.tolist()
 
     def mean(xs):
         return None if stats.skipped else (sum(xs) / len(xs) if xs else 0.0)
@@ -319,6 +335,7 @@ def step_metrics(step: int, cfg, rewards, rollouts, stats: StepStats, targets, s
     metrics = {
         "step": step + 1,
         "reward": r.mean().item(),
+        "true_reward": sum(true_rewards) / len(true_rewards),
         "all_correct": (r.min(dim=1).values == 1).float().mean().item(),
         "all_wrong": (r.max(dim=1).values == 0).float().mean().item(),
         "response_len": n_tokens / len(rollouts.tokens),
@@ -328,6 +345,8 @@ def step_metrics(step: int, cfg, rewards, rollouts, stats: StepStats, targets, s
         "grad_norm": mean(stats.grad_norms),
         "trained_samples": stats.trained,
         "updates": stats.updates,
+        "clip_frac_pos": pos_clipped / pos if pos else None,
+        "clip_frac_neg": neg_clipped / neg if neg else None,
         "skipped": stats.skipped,
         "sample_s": round(seconds[0], 3),
         "train_s": round(seconds[1], 3),
@@ -444,7 +463,7 @@ def save_checkpoint(run: Run, step: int) -> pathlib.Path:
     run.tokenizer.save_pretrained(tmp)
     if run.critic is not None:
         run.critic.model.save_pretrained(tmp / "critic")
-    torch.save({"step": step, **trainable_state(run.policy),
+    torch.save({"step": step, "nonfinite_streak": run.nonfinite_streak, **trainable_state(run.policy),
                 "critic": trainable_state(run.critic) if run.critic is not None else None,
                 "rng": {"sampler": run.generator.get_state(), "torch": torch.get_rng_state(),
                         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}},
@@ -459,8 +478,8 @@ def save_checkpoint(run: Run, step: int) -> pathlib.Path:
     return final
 
 
-def restore(ckpt: pathlib.Path, policy, critic, generator) -> int:
-    """Load a checkpoint's optimizer state, masters and random state -> the step it was written at."""
+def restore(ckpt: pathlib.Path, policy, critic, generator) -> tuple[int, int]:
+    """Load a checkpoint's optimizer state, masters and random state -> (its step, the non-finite streak)."""
     state = torch.load(ckpt / "trainer_state.pt", map_location="cpu", weights_only=True)
     load_trainable_state(policy, state)
     if critic is not None:
@@ -469,7 +488,7 @@ def restore(ckpt: pathlib.Path, policy, critic, generator) -> int:
     torch.set_rng_state(state["rng"]["torch"])
     if state["rng"]["cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-    return state["step"]
+    return state["step"], state.get("nonfinite_streak", 0)
 
 
 def latest_checkpoint(run_dir: pathlib.Path) -> pathlib.Path | None:

@@ -94,8 +94,18 @@ def config_problems(cfg, objectives) -> list[str]:
     for name in ("gae_gamma", "gae_lam"):
         if not 0 <= getattr(cfg, name) <= 1:
             bad.append(f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(cfg, name)}")
-    if cfg.objective == "ppo" and cfg.clip_eps == 0:
-        bad.append("--objective ppo needs --clip-eps > 0 (the paper: 0.2)")
+    low, high = clip_sides(cfg)
+    if cfg.objective == "ppo" and low == high == 0:
+        bad.append("--objective ppo needs clipping: --clip-eps > 0 (the paper: 0.2), or --clip-low / --clip-high")
+    if not (cfg.clip_low == -1 or 0 <= cfg.clip_low <= 1):
+        bad.append(f"--clip-low must be in [0, 1] (the ratio's lower bound is 1 - clip_low), or -1 for --clip-eps; "
+                   f"got {cfg.clip_low}")
+    if not (cfg.clip_high == -1 or cfg.clip_high >= 0):
+        bad.append(f"--clip-high must be >= 0, or -1 for --clip-eps; got {cfg.clip_high}")
+    if cfg.reward not in ("verifier", "random"):
+        bad.append(f"--reward must be verifier or random, got {cfg.reward!r}")
+    if not 0 <= cfg.random_reward_p <= 1:
+        bad.append(f"--random-reward-p must be in [0, 1], got {cfg.random_reward_p}")
     if not 0 < cfg.temperature:
         bad.append(f"--temperature must be > 0 for training (the loss needs a sampling distribution), "
                    f"got {cfg.temperature}")
@@ -115,11 +125,9 @@ def config_problems(cfg, objectives) -> list[str]:
         bad.append(f"--grad-checkpointing must be auto, on or off, got {cfg.grad_checkpointing!r}")
     if cfg.template not in sample.TEMPLATES:
         bad.append(f"--template {cfg.template!r} is unknown; choose one of {', '.join(sample.TEMPLATES)}")
-    if cfg.mini_batch_size > 0 and cfg.clip_eps == 0:
-        bad.append("--mini-batch-size > 0 needs --clip-eps > 0: every mini-batch after the first is off-policy "
-                   "(use --mini-batch-size 0 for one on-policy step)")
-    if cfg.clip_eps > 0 and cfg.top_p < 1:
-        bad.append("--clip-eps needs --top-p 1: the ratio uses the sampler's log-probs, which top-p truncates")
+    if (low > 0 or high > 0 or cfg.mini_batch_size > 0) and cfg.top_p < 1:
+        bad.append("clipping and mini-batches need --top-p 1: the ratio uses the sampler's log-probs, which top-p "
+                   "truncates (--clip-eps 0 --mini-batch-size 0 for one on-policy step at another top-p)")
     if cfg.train and not pathlib.Path(cfg.train).is_file():
         bad.append(f"--train {cfg.train}: no such file")
     for path in cfg.eval:
@@ -130,6 +138,11 @@ def config_problems(cfg, objectives) -> list[str]:
     if cfg.device != "auto" and cfg.device.startswith("cuda") and not torch.cuda.is_available():
         bad.append(f"--device {cfg.device}: CUDA is not available on this machine")
     return bad
+
+
+def clip_sides(cfg) -> tuple[float, float]:
+    """(clip_low, clip_high) in force: each side's own flag, or --clip-eps where it is -1."""
+    return tuple(cfg.clip_eps if side < 0 else side for side in (cfg.clip_low, cfg.clip_high))
 
 
 def check_config(cfg, objectives) -> None:

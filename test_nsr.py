@@ -1354,7 +1354,7 @@ def test_loss_gradient_wrt_logits_equals_the_closed_form_for_psr_nsr_and_w_reinf
     weights = nsr.sample_weights([reward], objective, lam=0.1).double()
     assert weights.item() == pytest.approx(w)
     logp = torch.log_softmax(z, dim=-1)[y].reshape(1, 1)                           # (N=1, T=1)
-    nsr.policy_loss(logp, weights, torch.ones(1, 1, dtype=torch.float64), 1.0, None, 0.0).backward()
+    nsr.policy_loss(logp, weights, torch.ones(1, 1, dtype=torch.float64), 1.0, None, 0, 0)[0].backward()
     pi = torch.softmax(z.detach(), dim=-1)
     onehot = torch.nn.functional.one_hot(torch.tensor(y), 11).double()
     closed_form = -w * (onehot - pi)                                               # dL/dz_v
@@ -1367,7 +1367,7 @@ def test_nsr_gradient_step_lowers_the_sampled_logit_and_raises_the_others_in_pro
     y, lr = 1, 0.1
     logp = torch.log_softmax(z, dim=-1)[y].reshape(1, 1)
     weights = nsr.sample_weights([0.0], "nsr").double()
-    nsr.policy_loss(logp, weights, torch.ones(1, 1, dtype=torch.float64), 1.0, None, 0.0).backward()
+    nsr.policy_loss(logp, weights, torch.ones(1, 1, dtype=torch.float64), 1.0, None, 0, 0)[0].backward()
     with torch.no_grad():
         delta = (z - lr * z.grad) - z0
     pi = torch.softmax(z0, dim=-1)
@@ -1413,12 +1413,15 @@ def test_clipped_loss_at_ratio_one_has_the_same_gradient_as_the_unclipped_loss()
     weights = torch.tensor([1.0, -1.0, 0.5])
     mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1], [1, 0, 0, 0]], dtype=torch.float32)
     grads = []
-    for clip in (0.0, 0.2):
+    for old, low, high in ((None, 0, 0), ("rollout", 0.2, 0.2), ("rollout", 0.1, 0.3), ("rollout", 0, 0)):
         logits.grad = None
         logp = torch.log_softmax(logits, -1).gather(-1, tokens[..., None]).squeeze(-1)
-        nsr.policy_loss(logp, weights, mask, 8.0, old_logp=logp.detach(), clip_eps=clip).backward()
+        loss, clipped = nsr.policy_loss(logp, weights, mask, 8.0, logp.detach() if old else None, low, high)
+        loss.backward()
         grads.append(logits.grad.clone())
-    torch.testing.assert_close(grads[0], grads[1])
+        assert not clipped.any()                                    # at ratio 1 nothing is clipped
+    for g in grads[1:]:                                             # plain, symmetric, asymmetric, unclipped ratio
+        torch.testing.assert_close(grads[0], g)
     assert grads[0].abs().sum() > 0
 
 
@@ -1457,14 +1460,17 @@ def _grads(model):
 
 
 def _backward(model, prompts, responses, weights, Z, micro, policy=None, old_logprobs=None, clip_eps=0.0,
-              head_chunk=0):
-    """nsr.minibatch_backward on one mini-batch with the policy-gradient term alone (no entropy, no KL).
-    Without a policy the grads stay in the model's own .grad (a Trainable whose masters are its params)."""
+              head_chunk=0, stats=None, **terms):
+    """nsr.minibatch_backward on one mini-batch, by default with the policy-gradient term alone (terms:
+    entropy_coef, kl_coef, ref_model). Without a policy the grads stay in the model's own .grad (a
+    Trainable whose masters are its params)."""
     params = list(model.parameters())
-    policy = policy or precision.Trainable(model, params, params, None)
-    cfg = nsr.Config(micro_batch_size=micro, clip_eps=clip_eps, entropy_coef=0.0, kl_coef=0.0)
+    run = types.SimpleNamespace(policy=policy or precision.Trainable(model, params, params, None),
+                                ref_model=terms.pop("ref_model", None), head_chunk=head_chunk, pad_id=0)
+    cfg = nsr.Config(micro_batch_size=micro, clip_eps=clip_eps, clip_low=clip_eps, clip_high=clip_eps,
+                     mini_batch_size=0, **{"entropy_coef": 0.0, "kl_coef": 0.0, **terms})
     batch = nsr.MiniBatch(prompts, responses, old_logprobs or [[] for _ in prompts], weights, Z)
-    return nsr.minibatch_backward(policy, batch, cfg, head_chunk=head_chunk)
+    return nsr.minibatch_backward(run, batch, cfg, stats or runs.StepStats())
 
 
 def test_gradients_with_micro_batch_size_one_equal_the_full_batch_gradients():
@@ -1576,8 +1582,9 @@ def test_train_two_steps_write_a_checkpoint_two_metrics_lines_and_a_loadable_mod
     run = tmp_path / "run"
     lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in lines] == [1, 2]
-    keys = {"step", "reward", "all_correct", "all_wrong", "response_len", "truncated", "entropy", "loss",
-            "grad_norm", "trained_samples", "updates", "skipped", "sample_s", "train_s", "tokens_per_s"}
+    keys = {"step", "reward", "true_reward", "all_correct", "all_wrong", "response_len", "truncated", "entropy",
+            "loss", "grad_norm", "trained_samples", "updates", "clip_frac_pos", "clip_frac_neg", "skipped",
+            "sample_s", "train_s", "tokens_per_s"}
     assert all(set(m) == keys for m in lines)
     ckpt = runs.latest_checkpoint(run)
     assert ckpt is not None and ckpt.name == "checkpoint-000002"
@@ -1650,8 +1657,12 @@ def test_train_config_rejects_bad_values_with_clear_messages_before_any_work(tmp
     cases = [(["--objective", "ppo2"], "--objective 'ppo2' is unknown; choose one of psr, nsr"),
              (["--lam", "-0.5"], "--lam must be >= 0"),
              (["--objective", "grpo", "--group-size", "1"], "--group-size must be >= 2 for grpo"),
-             (["--clip-eps", "0", "--mini-batch-size", "8"], "--mini-batch-size > 0 needs --clip-eps > 0"),
-             (["--objective", "ppo", "--clip-eps", "0", "--mini-batch-size", "0"], "ppo needs --clip-eps > 0"),
+             (["--top-p", "0.9"], "clipping and mini-batches need --top-p 1"),
+             (["--objective", "ppo", "--clip-eps", "0", "--mini-batch-size", "0"], "ppo needs clipping"),
+             (["--clip-low", "1.5"], "--clip-low must be in [0, 1]"),
+             (["--clip-high", "-0.5"], "--clip-high must be >= 0, or -1"),
+             (["--reward", "coin"], "--reward must be verifier or random"),
+             (["--random-reward-p", "1.5"], "--random-reward-p must be in [0, 1]"),
              (["--kl-coef", "-0.5"], "--kl-coef must be >= 0, or -1"),
              (["--critic-lr", "0"], "--critic-lr must be > 0"),
              (["--gae-lam", "1.5"], "--gae-lam must be in [0, 1]"),
@@ -1714,9 +1725,9 @@ def test_a_last_partial_mini_batch_steps_too_with_its_loss_scaled_by_its_size_ov
     _fake_rewards(monkeypatch, [1, 0, 0, 1, 0, 0, 1, 0, 1, 0, 0, 1])       # 7 wrong of 12
     calls, real = [], nsr.minibatch_backward
 
-    def spy(policy, batch, *args):
+    def spy(run, batch, *args):
         calls.append((len(batch.prompts), batch.scale))
-        return real(policy, batch, *args)
+        return real(run, batch, *args)
     monkeypatch.setattr(nsr, "minibatch_backward", spy)
     world = _tiny_world(tmp_path)
     nsr.train(_tiny_config(world, tmp_path / "run", objective="nsr", steps=1, batch_prompts=3, group_size=4,
@@ -1742,22 +1753,175 @@ def test_the_first_mini_batch_gradient_is_the_on_policy_gradient_of_the_sampled_
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
 
 
-def test_the_clipped_surrogate_gradient_vanishes_exactly_where_ppos_does():
-    # d loss / d log pi is 0 exactly when ratio > 1 + eps under w > 0 or ratio < 1 - eps under w < 0
-    # (`torch.maximum` in place of `torch.minimum` would vanish in the other two corners instead)
-    eps = 0.2
-    ratios = torch.tensor([0.5, 0.79, 0.81, 1.0, 1.19, 1.21, 2.0])
+@pytest.mark.parametrize("low, high", [(0.2, 0.2), (0.1, 0.3), (0.2, 0), (0, 0.2), (0, 0)])
+def test_the_clipped_surrogate_gradient_vanishes_exactly_where_ppos_does_on_each_side(low, high):
+    # d loss / d log pi is 0 exactly when ratio > 1 + high under w > 0 or ratio < 1 - low under w < 0
+    # (`torch.maximum` in place of `torch.minimum` would vanish in the other two corners instead); a side
+    # set to 0 never clips; `clipped` marks exactly the tokens whose gradient vanished
+    ratios = torch.tensor([0.5, 0.79, 0.81, 0.89, 0.91, 1.0, 1.19, 1.21, 1.29, 1.31, 2.0])
     for w in (1.0, -1.0, 0.1, -0.3):
         logp = ratios.log().clone().requires_grad_(True)[None, :]             # old log-probs = 0
         logp.retain_grad()
-        nsr.policy_loss(logp, torch.tensor([w]), torch.ones(1, 7), 1.0, old_logp=torch.zeros(1, 7),
-                        clip_eps=eps).backward()
+        loss, clipped = nsr.policy_loss(logp, torch.tensor([w]), torch.ones(1, 11), 1.0, torch.zeros(1, 11),
+                                        low, high)
+        loss.backward()
         vanishes = (logp.grad[0] == 0).tolist()
-        expected = [(r > 1 + eps and w > 0) or (r < 1 - eps and w < 0) for r in ratios.tolist()]
-        assert vanishes == expected, (w, vanishes)
+        expected = [(high > 0 and r > 1 + high and w > 0) or (low > 0 and r < 1 - low and w < 0)
+                    for r in ratios.tolist()]
+        assert vanishes == expected == clipped[0].tolist(), (w, vanishes)
         # where it does not vanish it is the policy gradient -w * ratio (d ratio / d log pi = ratio)
         live = ~torch.tensor(expected)
         torch.testing.assert_close(logp.grad[0][live], -w * ratios[live])
+
+
+# ---- research instruments: clip sides and their fractions, the random-reward control, the loss terms ----
+
+def test_clip_fractions_count_by_the_sign_of_the_weight_the_tokens_whose_gradient_the_clip_zeroed():
+    # row 0: w = +1, ratios 0.5 / 1.0 / 1.5: only 1.5 > 1 + 0.3 is clipped (the upper side acts on w > 0);
+    # row 1: w = -1, ratios 0.5 / 1.0 / (padding): only 0.5 < 1 - 0.1 is clipped (the lower side on w < 0)
+    ratios = torch.tensor([[0.5, 1.0, 1.5], [0.5, 1.0, 1.5]])
+    mask = torch.tensor([[1.0, 1, 1], [1, 1, 0]])
+    weights = torch.tensor([1.0, -1.0])
+    _, clipped = nsr.policy_loss(ratios.log(), weights, mask, 5.0, torch.zeros(2, 3), 0.1, 0.3)
+    assert clipped.tolist() == [[False, False, True], [True, False, False]]
+    stats = runs.StepStats()
+    runs.count_clipped(stats, weights, clipped, mask)
+    runs.count_clipped(stats, torch.tensor([[0.5, -2.0, 0.0], [0.0, 0.0, 0.0]]), clipped, mask)   # per-token (ppo)
+    assert stats.clip_counts.tolist() == [3 + 1, 1 + 0, 2 + 1, 1 + 0]
+    rollouts = sample.Rollouts(tokens=[[1, 2]] * 4, logprobs=[[0.0, 0.0]] * 4, truncated=[False] * 4,
+                               entropies=[[0.5, 0.5]] * 4)
+    cfg = nsr.Config(batch_prompts=2, group_size=2)
+    m = runs.step_metrics(0, cfg, [1, 0, 1, 1], [1, 0, 0, 0], rollouts, stats, None, (1.0, 1.0))
+    assert (m["clip_frac_pos"], m["clip_frac_neg"]) == (1 / 4, 1 / 3)
+    assert (m["reward"], m["true_reward"]) == (0.75, 0.25)
+    # no token of a sign: null, not 0
+    none = runs.step_metrics(0, cfg, [1, 0, 1, 1], [1, 0, 1, 1], rollouts, runs.StepStats(), None, (1.0, 1.0))
+    assert none["clip_frac_pos"] is None and none["clip_frac_neg"] is None
+
+
+@pytest.mark.smoke
+def test_a_run_with_two_clip_sides_and_the_random_reward_records_both_and_logs_every_key(tmp_path):
+    world = _tiny_world(tmp_path)
+    cfg = _tiny_config(world, tmp_path / "run", steps=2, clip_low=0.1, clip_high=0.3, reward="random",
+                       random_reward_p=0.5, mini_batch_size=2, objective="w-reinforce")
+    nsr.train(cfg)
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert (saved["clip_low"], saved["clip_high"], saved["reward"], saved["random_reward_p"]) == (0.1, 0.3, "random", 0.5)
+    for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines():
+        m = json.loads(line)
+        assert 0 <= m["true_reward"] <= 1 and m["updates"] == 4       # 8 samples in mini-batches of 2
+        for key in ("clip_frac_pos", "clip_frac_neg"):
+            assert m[key] is None or 0 <= m[key] <= 1
+    # --clip-eps sets both sides unless one is given
+    nsr.train(_tiny_config(world, tmp_path / "eps", steps=1, clip_eps=0.25, clip_high=0.4))
+    saved = json.loads((tmp_path / "eps" / "config.json").read_text())
+    assert (saved["clip_low"], saved["clip_high"]) == (0.25, 0.4)
+
+
+@pytest.mark.smoke
+def test_the_random_reward_is_bernoulli_p_independent_of_correctness_and_resumes_exactly(tmp_path, monkeypatch):
+    world = _tiny_world(tmp_path)
+    _fake_rewards(monkeypatch, [1, 0])                              # the verifier: every other sample right
+    seen = []
+    real = nsr.training_subset
+    monkeypatch.setattr(nsr, "training_subset", lambda rewards, objective: seen.append(list(rewards)) or
+                        real(rewards, objective))
+    nsr.train(_tiny_config(world, tmp_path / "run", steps=8, batch_prompts=4, group_size=8, reward="random",
+                           random_reward_p=0.3, mini_batch_size=0, clip_eps=0.0, max_new_tokens=2))
+    r = np.array(seen).reshape(-1, 2)                               # (samples / 2, [true 1, true 0])
+    sd = math.sqrt(0.3 * 0.7 / len(r))                              # 128 samples on each side
+    assert abs(r[:, 0].mean() - 0.3) < 4 * sd and abs(r[:, 1].mean() - 0.3) < 4 * sd   # the same rate either way
+    for p, value in ((0.0, 0.0), (1.0, 1.0)):                       # the ends are exact
+        seen.clear()
+        nsr.train(_tiny_config(world, tmp_path / f"p{p}", steps=1, reward="random", random_reward_p=p))
+        assert set(seen[0]) == {value}
+    # drawn from the run's seeded generator: a resumed run draws the same rewards as an uninterrupted one
+    common = dict(reward="random", random_reward_p=0.5, save_every=1)
+    nsr.train(_tiny_config(world, tmp_path / "full", steps=3, **common))
+    nsr.train(_tiny_config(world, tmp_path / "cut", steps=2, **common))
+    nsr.train(_tiny_config(world, tmp_path / "cut", steps=3, resume=True, **common))
+    timing = {"sample_s", "train_s", "tokens_per_s"}
+    lines = {run: [{k: v for k, v in json.loads(line).items() if k not in timing}
+                   for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()] for run in ("full", "cut")}
+    assert lines["full"] == lines["cut"]
+
+
+def test_entropy_bonus_and_kl_penalty_values_and_gradients_on_a_hand_made_case():
+    entropy = torch.tensor([[1.0, 2.0], [3.0, 9.0]])
+    mask = torch.tensor([[1.0, 1.0], [1.0, 0.0]])
+    assert nsr.entropy_bonus(entropy, mask, 3.0).item() == pytest.approx(2.0)        # (1 + 2 + 3) / 3
+    # k3: d = log pi_ref - log pi = log 2 -> exp(d) - d - 1 = 1 - log 2; d = 0 -> 0; the padding is ignored
+    logp = torch.zeros(1, 3, requires_grad=True)
+    ref = torch.tensor([[math.log(2.0), 0.0, 5.0]])
+    kl = nsr.kl_penalty(logp, ref, torch.tensor([[1.0, 1.0, 0.0]]), 2.0)
+    assert kl.item() == pytest.approx((1 - math.log(2)) / 2)
+    kl.backward()                                                   # d k3 / d log pi = 1 - exp(d), / 2 tokens
+    torch.testing.assert_close(logp.grad, torch.tensor([[(1 - 2.0) / 2, 0.0, 0.0]]))
+    # verl's low_var_kl clamps: d to [-20, 20], the estimate to at most 10
+    # (without the first, exp(100) overflows to inf and the capped token's gradient is 0 * inf = nan)
+    far_logp = torch.zeros(1, 2, requires_grad=True)
+    far = nsr.kl_penalty(far_logp, torch.tensor([[100.0, -30.0]]), torch.ones(1, 2), 1.0)
+    far.backward()
+    assert far.item() == pytest.approx(20.0)                        # both tokens at the cap of 10
+    assert torch.equal(far_logp.grad, torch.zeros(1, 2))            # capped: no gradient, and no nan
+
+
+def _reference_terms(model, prompts, responses, ref=None):
+    """The mean token entropy of the policy, and the mean k3 KL to `ref`, over every response token,
+    computed one unpadded sequence at a time with torch.distributions (independent of sample.pack)."""
+    entropies, kls = [], []
+    for p, r in zip(prompts, responses):
+        ids = torch.tensor([p + r])
+        logits = model(input_ids=ids).logits[0, len(p) - 1:len(p) + len(r) - 1].float()      # (len(r), V)
+        entropies.append(torch.distributions.Categorical(logits=logits).entropy())
+        if ref is not None:
+            y = torch.tensor(r)
+            logp = torch.log_softmax(logits, -1)[torch.arange(len(r)), y]
+            with torch.no_grad():
+                ref_logp = torch.log_softmax(ref(input_ids=ids).logits[0, len(p) - 1:len(p) + len(r) - 1].float(),
+                                             -1)[torch.arange(len(r)), y]
+            d = ref_logp - logp
+            kls.append(d.exp() - d - 1)
+    n = sum(len(r) for r in responses)
+    return torch.cat(entropies).sum() / n, (torch.cat(kls).sum() / n if kls else None)
+
+
+@pytest.mark.parity
+def test_the_step_subtracts_the_entropy_bonus_and_adds_the_kl_term_as_token_means_over_the_mini_batch():
+    # minibatch_backward with a term on minus the same without it = exactly that term, in value and in
+    # gradient: a flipped sign, or Z (the weighted samples' tokens) in place of all tokens, fails here
+    prompts, responses, _ = _fixed_batch(seed=3)
+    weights = torch.tensor([1.0, 0.0, -1.0, 0.0, 0.5])             # Z counts 3 of the 5 samples' tokens
+    Z = nsr.loss_normalizer(weights, [len(r) for r in responses])
+    assert Z < sum(len(r) for r in responses)
+    c, beta = 0.3, 0.7
+    ref = tiny_model("qwen2", seed=5)
+    results = {}
+    for name, terms in (("plain", {}), ("entropy", {"entropy_coef": c}), ("kl", {"kl_coef": beta, "ref_model": ref})):
+        model = tiny_model("qwen2").train()
+        loss = _backward(model, prompts, responses, weights, Z, 2, **terms)
+        results[name] = (loss, _grads(model))
+    model = tiny_model("qwen2")
+    entropy, kl = _reference_terms(model, prompts, responses, ref)
+    assert results["entropy"][0] - results["plain"][0] == pytest.approx(-c * entropy.item(), rel=1e-4)
+    assert results["kl"][0] - results["plain"][0] == pytest.approx(beta * kl.item(), rel=1e-4)
+    grads_h = torch.autograd.grad(entropy, list(model.parameters()), retain_graph=True, allow_unused=True)
+    grads_kl = torch.autograd.grad(kl, list(model.parameters()), allow_unused=True)
+    for plain, with_h, with_kl, gh, gk in zip(results["plain"][1], results["entropy"][1], results["kl"][1],
+                                              grads_h, grads_kl):
+        torch.testing.assert_close(with_h - plain, -c * (gh if gh is not None else torch.zeros_like(plain)),
+                                   rtol=1e-3, atol=1e-6)
+        torch.testing.assert_close(with_kl - plain, beta * (gk if gk is not None else torch.zeros_like(plain)),
+                                   rtol=1e-3, atol=1e-6)
+
+
+@pytest.mark.smoke
+def test_the_non_finite_streak_survives_a_resume(tmp_path, monkeypatch):
+    world = _tiny_world(tmp_path)
+    monkeypatch.setattr(nsr, "minibatch_backward", lambda *args, **kwargs: None)   # every step non-finite
+    nsr.train(_tiny_config(world, tmp_path / "run", steps=2, max_nonfinite=3, save_every=1))   # 2 in a row
+    with pytest.raises(RuntimeError, match="step 3: 3 consecutive steps had a non-finite loss"):
+        nsr.train(_tiny_config(world, tmp_path / "run", steps=4, max_nonfinite=3, save_every=1, resume=True))
 
 
 # ---- PPO: GAE, whitening, the clipped value loss, a smoke run and exact resume ----
@@ -2337,6 +2501,61 @@ def test_reproduce_runs_every_method_on_the_quick_toy_writes_summary_json_and_re
     stamp = {p: p.stat().st_mtime for p in (tmp_path / "out").glob("*/result.json")}
     assert reproduce.main(argv) == 0
     assert {p: p.stat().st_mtime for p in (tmp_path / "out").glob("*/result.json")} == stamp
+
+
+def test_reproduce_coverage_counts_kept_lost_gained_and_neither_per_run_against_its_own_base():
+    base = [0, 3, 5, 0, 10]                    # solves problems 1, 2, 4 at k = n
+    a = [0, 0, 5, 0, 2]                        # kept 2 and 4, lost 1, gained none, neither 0 and 3
+    b = [0, 4, 0, 7, 0]                        # kept 1, lost 2 and 4, gained 3, neither 0
+    summary = {"runs": [{"method": "base", "recipe_seed": 0, "train_seed": None, "split": s, "counts": base}
+                        for s in reproduce.SPLITS] +
+                       [{"method": "nsr", "recipe_seed": 0, "train_seed": t, "split": s, "counts": c}
+                        for t, c in ((0, a), (1, b)) for s in reproduce.SPLITS]}
+    rows = reproduce.coverage(summary)
+    assert [(r["method"], r["split"]) for r in rows] == [("nsr", "test_easy"), ("nsr", "test_hard")]
+    row = rows[0]
+    assert (row["kept"], row["lost"], row["gained"], row["neither"], row["runs"]) == (1.5, 1.5, 0.5, 1.5, 2)
+    assert (row["kept_range"], row["lost_range"], row["gained_range"], row["neither_range"]) == \
+           ([1, 2], [1, 2], [0, 1], [1, 2])
+    assert "NSR" in reproduce.format_coverage(rows)
+
+
+def test_reproduce_entropy_bootstrap_resamples_runs_not_splits_and_recipe_seeds_first():
+    # each run's split differences (-0.2, 0.0) are ONE unit (-0.1): every draw is exactly -0.1
+    runs_ = [{"method": "base", "recipe_seed": 0, "train_seed": None, "split": s, "counts": [1], "mean_entropy": 0.5}
+             for s in reproduce.SPLITS]
+    for t in (0, 1):
+        for s, psr in zip(reproduce.SPLITS, (0.3, 0.5)):
+            runs_ += [{"method": "psr", "recipe_seed": 0, "train_seed": t, "split": s, "counts": [1], "mean_entropy": psr},
+                      {"method": "nsr", "recipe_seed": 0, "train_seed": t, "split": s, "counts": [1],
+                       "mean_entropy": psr + 0.05}]
+    a, b = reproduce.entropy_draws({"runs": runs_}, resamples=50)
+    np.testing.assert_allclose(a, -0.1)
+    np.testing.assert_allclose(b, 0.05)
+
+
+@pytest.mark.smoke
+def test_reproduce_sweep_labels_each_value_and_judges_only_the_unswept_runs(tmp_path, capsys):
+    argv = ["--quick", "--bases", str(tmp_path / "bases"), "--out", str(tmp_path / "out"), "--jobs", "1",
+            "--seeds", "0", "--methods", "psr", "nsr", "w-reinforce", "--sweep", "lam=0,1", "--set", "steps=2",
+            "--set", "batch_prompts=2", "--set", "group_size=4"]
+    assert reproduce.main(argv) == 0
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    labels = {r["method"] for r in summary["runs"]}
+    assert labels == {"base", "psr", "nsr", "w-reinforce", "psr[lam=0]", "psr[lam=1]", "nsr[lam=0]", "nsr[lam=1]",
+                      "w-reinforce[lam=0]", "w-reinforce[lam=1]"}
+    configs = {json.loads((pathlib.Path(d) / "job.json").read_text())["key"]: d for d in (tmp_path / "out").iterdir()
+               if (d / "job.json").is_file()}
+    assert json.loads((tmp_path / "out" / "r0-w-reinforce-lam-1-t0" / "config.json").read_text())["lam"] == 1.0
+    assert len(configs) == 10
+    assert {f["finding"] for f in summary["verdicts"]} == {"a", "b", "c", "d"}   # from the unswept runs
+    assert {(r["method"], r["split"]) for r in summary["coverage"]} == \
+           {(m, s) for m in labels - {"base"} for s in reproduce.SPLITS}
+    assert set(summary["dynamics"]) == labels - {"base"}
+    assert summary["dynamics"]["nsr"]["step"] == [1, 2] and len(summary["dynamics"]["nsr"]["reward"]) == 2
+    assert summary["settings"]["sweep"] == {"field": "lam", "values": [0.0, 1.0]}
+    out = capsys.readouterr().out
+    assert "W-REINFORCE[lam=1]" in out and "coverage at k = 256" in out
 
 
 @pytest.mark.parametrize("extra, message", [(["--set", "lr"], "expected FIELD=VALUE"),
