@@ -21,15 +21,12 @@ THE IDEA
     Z = the number of response tokens of the samples with w_i != 0 in the mini-batch (the official
         code's token mean), or a constant (--normalizer constant).
 
-  WHAT RUNS BY DEFAULT is the official code's update (rl_step): the objective's subset (PSR trains on
-  the correct samples, NSR on the wrong ones), cut into mini-batches of M responses, each ONE optimizer
-  step on the PPO-clipped surrogate of L (clip 0.2), minus an entropy bonus. The first mini-batch of a
-  step is exactly the on-policy gradient of L (tested); --clip-eps 0 --mini-batch-size 0 --entropy-coef 0
-  runs L itself, one step per batch.
+  WHAT RUNS BY DEFAULT is the official code's update (rl_step): the objective's subset (PSR the correct
+  samples, NSR the wrong ones) in mini-batches of M responses, each ONE optimizer step on the PPO-clipped
+  surrogate of L (clip 0.2) minus an entropy bonus. Its first mini-batch is exactly the on-policy gradient
+  of L (tested); --clip-eps 0 --mini-batch-size 0 --entropy-coef 0 runs L itself, one step per batch.
 
-  The token-level gradient (policy_loss derives it): dL/dz_v = -w (1[v = y] - pi_v). NSR (w = -1)
-  pushes the sampled wrong token down and hands its probability to every other token in proportion to
-  what the model already believes; PSR (w = +1) sharpens onto the sampled token. --demo-gradient shows it.
+  The token-level gradient (policy_loss derives it, --demo-gradient shows it): dL/dz_v = -w (1[v = y] - pi_v).
 
 READ IN THIS ORDER: OBJECTIVES, ONE RL STEP (rl_step), THE LOOP (train), CONFIG, main. Everything else
   is optional reading in flat files named for what they hold: sample.py (sampler, log-probs), verifier.py,
@@ -67,9 +64,8 @@ import verifier
 # =================================================================================================
 # OBJECTIVES: rewards -> per-sample weights -> ONE policy-gradient loss
 # =================================================================================================
-# Spinning Up: "the weight for each log-prob is R". Which samples a step trains on is the official
-# code's `batch.subset` (training_subset); Z is fixed per mini-batch BEFORE it is cut into micro-batches,
-# so the gradient does not depend on the micro-batch size.
+# Spinning Up: "the weight for each log-prob is R". Z is fixed per mini-batch BEFORE it is cut into
+# micro-batches, so the gradient does not depend on the micro-batch size.
 # ----- STUDENT REGION: a new objective is a new row in sample_weights, nothing else changes. -----
 
 OBJECTIVES = ("psr", "nsr", "w-reinforce", "reinforce", "grpo", "ppo")
@@ -130,10 +126,8 @@ def policy_loss(logp: torch.Tensor, weights: torch.Tensor, mask: torch.Tensor, n
     already: only NSR-like samples meet the lower bound). A side set to 0 does not clip; with both 0 the
     surrogate is -rho w, the unclipped importance-weighted gradient. old_logp None: -w log pi itself.
 
-    logp (N, T) log pi_theta of each response token (carries the gradient); weights (N,) w_i, or (N, T)
-    per-token advantages A_i,t (ppo); mask (N, T) 1.0 on real response tokens; normalizer Z; old_logp
-    (N, T) log pi_old, the sampler's. Returns (loss, clipped): clipped (N, T) marks the tokens whose
-    gradient the clip zeroed.
+    logp (N, T) log pi_theta (carries the gradient); weights (N,) w_i, or (N, T) A_i,t (ppo); mask (N, T) 1.0
+    on real response tokens; old_logp (N, T) the sampler's. Returns (loss, clipped (N, T): gradient zeroed).
 
     The token-level gradient (the paper's analysis). At one position with logits z (V,), pi = softmax(z)
     and sampled token y: log pi_y = z_y - logsumexp(z), so d log pi_y / d z_v = 1[v = y] - pi_v, and for
@@ -189,22 +183,19 @@ def gradient_demo(lr: float = 1.0, lam: float = 0.1) -> str:
     """--demo-gradient: one SGD step on the logits of a 5-token distribution, as a printed table: the
     probabilities before, after one PSR step and one NSR step on the same sampled token y, and after one
     W-REINFORCE step on two samples (y judged wrong, y2 correct)."""
-    names = ["a", "b", "c", "d", "e"]
-    prior = torch.tensor([0.40, 0.25, 0.20, 0.10, 0.05])
+    names, prior = "abcde", torch.tensor([0.40, 0.25, 0.20, 0.10, 0.05])
     y, y2 = 1, 0                                       # sampled token "b"; for W-REINFORCE also "a"
 
     def step(samples):                                 # samples: [(token, weight)], one position each
         z = prior.log().clone().requires_grad_(True)   # logits (V,) whose softmax is the prior
         logp = torch.log_softmax(z, dim=-1)
-        tokens = torch.tensor([t for t, _ in samples])
-        weights = torch.tensor([w for _, w in samples])
+        tokens, weights = torch.tensor([t for t, _ in samples]), torch.tensor([w for _, w in samples])
         loss, _ = policy_loss(logp[tokens][:, None], weights, torch.ones(len(samples), 1), len(samples), None, 0, 0)
         loss.backward()
         with torch.no_grad():
             return torch.softmax(z - lr * z.grad, dim=-1), -lr * z.grad  # SGD on the logits
 
-    psr, nsr = step([(y, 1.0)]), step([(y, -1.0)])
-    wr = step([(y, -1.0), (y2, lam)])
+    psr, nsr, wr = step([(y, 1.0)]), step([(y, -1.0)]), step([(y, -1.0), (y2, lam)])
     rows = [("probabilities before", prior),
             (f"after PSR on {names[y]} (w=+1)", psr[0]),
             (f"after NSR on {names[y]} (w=-1)", nsr[0]),
@@ -286,8 +277,7 @@ def rl_step(run: runs.Run, cfg: Config, step: int) -> dict:
             break
         stats.losses.append(loss)
         stats.grad_norms.append(grad_norm.item())
-        stats.trained += len(rows)
-        stats.updates += 1
+        stats.trained, stats.updates = stats.trained + len(rows), stats.updates + 1
     return runs.step_metrics(step, cfg, rewards, true_rewards, rollouts, stats, targets,
                              (t1 - t0, time.time() - t1))
 
@@ -296,8 +286,7 @@ def minibatch_backward(run: runs.Run, batch: MiniBatch, cfg: Config, stats: runs
     """Accumulate the gradient of one mini-batch's loss, cfg.micro_batch_size sequences at a time (bounded
     memory; Z is the whole mini-batch's, so the gradient does not depend on the micro-batch size).
     Returns the loss, or None if it was not finite (the caller then drops the gradient)."""
-    model = run.policy.model
-    device = next(model.parameters()).device
+    model, device = run.policy.model, next(run.policy.model.parameters()).device
     num_tokens = float(sum(len(r) for r in batch.responses))                  # the entropy / KL token mean
     kl_coef = 0.0 if cfg.objective == "ppo" else cfg.kl_coef                  # ppo's KL is in its reward
     ratio = cfg.clip_low > 0 or cfg.clip_high > 0 or cfg.mini_batch_size > 0  # off-policy mini-batches need it
@@ -435,9 +424,8 @@ class Config:
     max_nonfinite: int = 3        # stop after this many consecutive steps with a non-finite loss or gradient
 
 
-# The main job (`python nsr.py`, no --model): sized for the toy world on 2 CPU cores, under --preset and
-# flags. threads=1: a second thread on a tiny model only adds synchronisation (10-40x slower sampling on a
-# busy 2-core machine). mini_batch_size 32 = 1/4 of the 16 x 8 batch and critic_lr = 10 x lr, the paper's.
+# The main job (`python nsr.py`, no --model), sized for 2 CPU cores (under --preset and flags). threads=1: a
+# second thread on a tiny model only adds synchronisation. mini_batch_size = 1/4 of the batch, critic_lr = 10 lr.
 TOY_DEFAULTS = dict(out_dir="runs/nsr-toy", steps=100, batch_prompts=16, group_size=8, max_new_tokens=64,
                     lr=2e-4, critic_lr=2e-3, mini_batch_size=32, micro_batch_size=64, eval_n=64,
                     eval_temperature=1.0, eval_top_p=1.0, threads=1)
@@ -446,20 +434,15 @@ TOY_DEFAULTS = dict(out_dir="runs/nsr-toy", steps=100, batch_prompts=16, group_s
 def main(argv=None) -> None:
     cfg = settings.parse_config(Config, argv, TOY_DEFAULTS)
     try:
-        if cfg.demo_gradient:
-            print(gradient_demo())
-        elif cfg.dry_run:
+        if cfg.demo_gradient or cfg.dry_run:
             settings.check_config(cfg, OBJECTIVES)
-            print(presets.format_memory_plan(presets.memory_plan(cfg)))
-        else:
-            result = train(cfg)
-            if result["table"]:
-                print("\nPass@k (%) before and after training (eval sets: " + ", ".join(result["evals"]) + ")")
-                print(result["table"])
-            print(f"run directory: {result['run_dir']} (config.json, metrics.jsonl, eval.jsonl, eval/, checkpoint)")
-    except settings.UserError as e:
-        print(f"nsr.py: error: {e}", file=sys.stderr)
-        sys.exit(2)
+            return print(gradient_demo() if cfg.demo_gradient else presets.format_memory_plan(presets.memory_plan(cfg)))
+        result = train(cfg)
+    except settings.UserError as e:                  # bad input: one line, exit status 2 (a traceback = a bug)
+        sys.exit(print(f"nsr.py: error: {e}", file=sys.stderr) or 2)
+    if result["table"]:
+        print("\nPass@k (%) before and after training (eval sets: " + ", ".join(result["evals"]) + ")\n" + result["table"])
+    print(f"run directory: {result['run_dir']} (config.json, metrics.jsonl, eval.jsonl, eval/, checkpoint)")
 
 
 if __name__ == "__main__":
