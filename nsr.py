@@ -66,11 +66,10 @@ import verifier
 # =================================================================================================
 # Spinning Up: "the weight for each log-prob is R". Z is fixed per mini-batch BEFORE it is cut into
 # micro-batches, so the gradient does not depend on the micro-batch size.
-# ----- STUDENT REGION: a new objective is a new row in sample_weights, nothing else changes. -----
-
 OBJECTIVES = ("psr", "nsr", "w-reinforce", "reinforce", "grpo", "ppo")
 
 
+# PROBLEM weights (15 points): every objective's per-sample weight w_i (a new objective is one more row)
 def sample_weights(rewards, objective: str, lam: float = 0.1, group_size: int = 8) -> torch.Tensor:
     """Per-sample weights w (N,) from rewards r (N,) in {0, 1}: the table of the top docstring.
 
@@ -112,6 +111,7 @@ def training_subset(rewards, objective: str) -> list[int]:
     return list(range(len(rewards)))
 
 
+# PROBLEM policy_loss (20 points): the one loss, as the clipped surrogate, and the tokens the clip silences
 def policy_loss(logp: torch.Tensor, weights: torch.Tensor, mask: torch.Tensor, normalizer: float,
                 old_logp: torch.Tensor | None, clip_low: float, clip_high: float) -> tuple[torch.Tensor, torch.Tensor]:
     """The ONE policy-gradient loss of every objective: L = -(1/Z) sum_i w_i sum_t log pi(y_i,t), as the
@@ -119,12 +119,10 @@ def policy_loss(logp: torch.Tensor, weights: torch.Tensor, mask: torch.Tensor, n
 
         per token  -min(rho * w, clip(rho, 1 - clip_low, 1 + clip_high) * w),   rho = pi_theta / pi_old
 
-    In the first mini-batch of a step pi_theta = pi_old (the sampler's log-probs), so rho = 1 and the
-    gradient is exactly that of -w log pi (tested). Later mini-batches are off-policy, and the clip zeroes
-    the gradient where the clipped term is the smaller one: rho > 1 + clip_high under w > 0 (raised enough
-    already: only PSR-like samples meet the upper bound), rho < 1 - clip_low under w < 0 (lowered enough
-    already: only NSR-like samples meet the lower bound). A side set to 0 does not clip; with both 0 the
-    surrogate is -rho w, the unclipped importance-weighted gradient. old_logp None: -w log pi itself.
+    In the first mini-batch of a step pi_theta = pi_old (the sampler's log-probs): rho = 1, the gradient is
+    exactly that of -w log pi (tested). Later mini-batches are off-policy; the clip zeroes the gradient where
+    rho > 1 + clip_high under w > 0 (raised enough: PSR's samples) and rho < 1 - clip_low under w < 0
+    (lowered enough: NSR's). A side set to 0 does not clip (both 0: -rho w). old_logp None: -w log pi itself.
 
     logp (N, T) log pi_theta (carries the gradient); weights (N,) w_i, or (N, T) A_i,t (ppo); mask (N, T) 1.0
     on real response tokens; old_logp (N, T) the sampler's. Returns (loss, clipped (N, T): gradient zeroed).
@@ -154,6 +152,7 @@ def entropy_bonus(entropy: torch.Tensor, mask: torch.Tensor, num_tokens: float) 
     return (entropy * mask).sum() / num_tokens
 
 
+# PROBLEM kl_penalty (5 points): the k3 estimate of KL(pi || pi_ref), clamped as verl's
 def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor, num_tokens: float) -> torch.Tensor:
     """The mean per-token KL(pi || pi_ref) by the non-negative "k3" estimator (Schulman 2020, as GRPO):
     exp(d) - d - 1 with d = log pi_ref - log pi; clamped as verl's low_var_kl (d to [-20, 20], the
@@ -162,6 +161,7 @@ def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor, n
     return ((d.exp() - d - 1).clamp(max=10) * mask).sum() / num_tokens
 
 
+# PROBLEM normalizer (5 points): Z, the token mean of the official code, or a constant
 def loss_normalizer(weights: torch.Tensor, lengths, mode: str = "tokens", max_new_tokens: int = 1) -> float:
     """Z of policy_loss for a whole mini-batch (computed once, before micro-batching).
 
@@ -299,7 +299,7 @@ def minibatch_backward(run: runs.Run, batch: MiniBatch, cfg: Config, stats: runs
         w = torch.as_tensor(batch.weights[rows], dtype=torch.float32, device=device)   # (m,) or (m, T)
         w = w if w.dim() == 1 else w[:, :R]
         old = sample.pad_rows(batch.old_logprobs[rows], R, device) if ratio else None  # log pi_old (m, R)
-        # ----- STUDENT REGION: the loss terms (a new term is one more line here) -----
+        # ---- the loss terms (a new term is one more line here) ----
         # the policy-gradient term (the objectives): -(1/Z) sum w_i sum_t log pi(y_i,t), clipped
         loss, clipped = policy_loss(logp, w, mask, batch.normalizer, old, cfg.clip_low, cfg.clip_high)
         if cfg.entropy_coef > 0:                                              # - c_H * mean token entropy
@@ -309,7 +309,6 @@ def minibatch_backward(run: runs.Run, batch: MiniBatch, cfg: Config, stats: runs
                 ref_logp, _ = sample.response_logprobs(run.ref_model, input_ids, attn, pos, R, cfg.temperature,
                                                        head_chunk=run.head_chunk)
             loss = loss + kl_coef * kl_penalty(logp, ref_logp, mask, num_tokens)
-        # ----- END OF STUDENT REGION -----
         loss = loss * batch.scale                                             # a partial mini-batch: m / M
         if not torch.isfinite(loss):
             return None

@@ -65,6 +65,7 @@ def _check_int(name: str, value, minimum: int = 0) -> int:
     return int(value)
 
 
+# PROBLEM pass_at_k (10 points): the unbiased estimator of Pass@k from n samples with c correct
 def pass_at_k(n: int, c: int, k: int) -> float:
     """Unbiased estimate of pass@k for one problem from n samples of which c are correct.
 

@@ -29,9 +29,7 @@ from transformers import AutoConfig, AutoModelForTokenClassification
 import precision
 import sample
 
-# ----- STUDENT REGION: the critic's advantage and loss -----
-
-
+# PROBLEM gae (10 bonus points): generalised advantage estimation, right to left over each response
 def gae_advantages(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0,
                    gae_lam: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Generalised advantage estimation over right-padded rows -> (advantages, returns), all (N, T).
@@ -71,7 +69,6 @@ def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Te
     per_token = torch.maximum((values - returns) ** 2, (clipped - returns) ** 2)
     return 0.5 * (per_token * mask).sum() / normalizer
 
-# ----- END OF STUDENT REGION -----
 
 
 def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> float:

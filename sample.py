@@ -231,6 +231,37 @@ def pad_rows(rows: list[list[float]], width: int, device) -> torch.Tensor:
     return out.to(device)
 
 
+# PROBLEM decode_step (15 points): one step of sampling: temperature, top-p, the draw, log q, entropy, EOS
+def decode_step(logits: torch.Tensor, temperature: float, top_p: float, eos: torch.Tensor,
+                generator: torch.Generator | None = None):
+    """One decoding step for b rows: the logits z (b, V) of the next token y_t -> (y_t (b,) ids, log q(y_t)
+    (b,), H_t (b,), ends (b,) bool: y_t is one of the eos ids).
+
+    q = softmax(top_p_filter(z / T)) is the sampling distribution (section comment above); y_t is drawn from
+    it with sample_from(q, generator), one random number per row; T = 0 is greedy: y_t = argmax z, a point
+    mass, so log q(y_t) = 0. H_t = -sum_y pi_1(y) log pi_1(y) is the policy's own entropy at temperature 1
+    without top-p (the paper's entropy metric), whatever T and top_p are.
+    """
+    # H_t = -sum_y pi_1(y) log pi_1(y): the policy's entropy at temperature 1, no top-p
+    logp_policy = logits.log_softmax(dim=-1)                              # (b, V)
+    p_policy = logp_policy.exp()                                          # (b, V)
+    entropy = -(p_policy * logp_policy).sum(dim=-1)                       # (b,)
+    if temperature == 0:
+        # greedy: the sampling distribution is a point mass on the argmax, so log q(y_t) = 0
+        next_ids = logits.argmax(dim=-1)                                  # (b,)
+        logq_next = torch.zeros_like(entropy)
+    else:
+        # q = softmax(top_p_filter(z / T)); reuse pi_1 when neither knob changes it
+        if temperature == 1.0 and top_p == 1.0:
+            logq, q = logp_policy, p_policy
+        else:
+            logq = top_p_filter(logits / temperature, top_p).log_softmax(dim=-1)   # (b, V)
+            q = logq.exp()                                                          # (b, V)
+        next_ids = sample_from(q, generator)                                        # (b,) y_t ~ q
+        logq_next = logq.gather(1, next_ids[:, None]).squeeze(1)                   # (b,) log q(y_t)
+    return next_ids, logq_next, entropy, torch.isin(next_ids, eos)
+
+
 def _generate_chunk(model, prompt_ids, max_new_tokens, temperature, top_p, eos_token_ids, generator, fast, ours):
     """One batch of rows through prefill + cached decoding. Called under inference_mode by generate()."""
     device = next(model.parameters()).device
@@ -279,37 +310,18 @@ def _generate_chunk(model, prompt_ids, max_new_tokens, temperature, top_p, eos_t
         cache.batch_select_indices(inverse)                  # (U, kv_heads, P, hd) -> (B, kv_heads, P, hd)
     mask, step_pos = mask[inverse], position_ids[inverse, -1:]          # (B, P + N), (B, 1) last position
 
-    # ----- STUDENT REGION: the decode step -- feed y_{t-1}, get the logits of y_t, sample y_t. -----
     for t in range(N):
         if t > 0:
             # feed y_{t-1} at the next position of each row: its k, v go to cache slot P + t - 1, and the
             # mask column P + t - 1 (the new token) is already 1. One token per row, not the whole sequence.
             logits = logits_of(model, next_ids[:, None], mask[:, :P + t], step_pos, cache, fused=fused)  # (b, V)
-
-        # H_t = -sum_y pi_1(y) log pi_1(y): the policy's entropy at temperature 1, no top-p
-        logp_policy = logits.log_softmax(dim=-1)                              # (b, V)
-        p_policy = logp_policy.exp()                                          # (b, V)
-        entropy = -(p_policy * logp_policy).sum(dim=-1)                       # (b,)
-
-        if temperature == 0:
-            # greedy: the sampling distribution is a point mass on the argmax, so log q(y_t) = 0
-            next_ids = logits.argmax(dim=-1)                                  # (b,)
-            logq_next = torch.zeros_like(entropy)
-        else:
-            # q = softmax(top_p_filter(z / T)); reuse pi_1 when neither knob changes it
-            if temperature == 1.0 and top_p == 1.0:
-                logq, q = logp_policy, p_policy
-            else:
-                logq = top_p_filter(logits / temperature, top_p).log_softmax(dim=-1)   # (b, V)
-                q = logq.exp()                                                          # (b, V)
-            next_ids = sample_from(q, generator)                                        # (b,) y_t ~ q
-            logq_next = logq.gather(1, next_ids[:, None]).squeeze(1)                   # (b,) log q(y_t)
+        next_ids, logq_next, entropy, ends = decode_step(logits, temperature, top_p, eos, generator)   # (b,) each
 
         # record step t; a row that already finished is not extended (its length stops counting)
         live = alive[rows]                                                     # (b,)
         tokens[rows, t], logprobs[rows, t], entropies[rows, t] = next_ids, logq_next, entropy
         lengths[rows] += live.long()
-        alive[rows] = live & ~torch.isin(next_ids, eos)      # the row's first generated EOS ends it
+        alive[rows] = live & ~ends                           # the row's first generated EOS ends it
         if (t + 1) % check_every == 0:
             keep = alive[rows].nonzero().squeeze(1)          # host sync: which batch rows are still live
             if keep.numel() == 0:
@@ -320,7 +332,6 @@ def _generate_chunk(model, prompt_ids, max_new_tokens, temperature, top_p, eos_t
                 cache.batch_select_indices(keep)
                 rows, mask, step_pos, next_ids = rows[keep], mask[keep], step_pos[keep], next_ids[keep]
         step_pos = step_pos + 1                                                # (b, 1) position of y_t
-    # ----- END OF STUDENT REGION -----
 
     lengths, truncated = lengths.tolist(), alive.tolist()    # the only other host syncs: once per chunk
     tokens, logprobs, entropies = tokens.tolist(), logprobs.tolist(), entropies.tolist()
@@ -339,6 +350,7 @@ def _generate_chunk(model, prompt_ids, max_new_tokens, temperature, top_p, eos_t
 # out with the sampler's positions), reading the logits of the response positions. At the first
 # mini-batch of a step both numbers are the same (tested), which is what makes the clipped ratio 1 there.
 
+# PROBLEM logprobs (10 points): log pi(y) and the entropy of every position, from the logits
 def token_logprobs(logits, targets, temperature: float = 1.0, with_entropy: bool = False):
     """logits (n, R, V) any dtype, targets (n, R) -> log pi_T(target) (n, R) fp32, entropy (n, R) or None."""
     logits = logits.float()                                                  # fp32 softmax math
@@ -432,7 +444,6 @@ def why_not_our_decoder(model) -> str | None:
     return None
 
 
-# ----- STUDENT REGION: the KV cache -- what it holds, where a step writes, what attention reads. -----
 class KVCache:
     """Keys and values of every token seen so far, for every layer, preallocated.
 
@@ -454,6 +465,7 @@ class KVCache:
         self.v = [torch.zeros(shape, dtype=weight.dtype, device=weight.device) for _ in model.model.layers]
         self.filled = 0                                  # slots [0, filled) hold tokens
 
+    # PROBLEM kv_cache (10 points): write a step's keys and values into the cache, read back every token's
     def update(self, layer: int, slot: int, k: torch.Tensor, v: torch.Tensor):
         """Write the new tokens' k, v (B, kv_heads, S, hd) at slots [slot, slot + S); return the keys and
         values of every token so far, (B, kv_heads, slot + S, hd) each (views, not copies)."""
@@ -471,7 +483,6 @@ class KVCache:
             for layer, old in enumerate(kv):
                 kv[layer] = old.new_zeros((rows.shape[0], *old.shape[1:]))
                 kv[layer][:, :, :self.filled] = old[rows, :, :self.filled]
-# ----- END OF STUDENT REGION -----
 
 
 def linear(x: torch.Tensor, layer) -> torch.Tensor:

@@ -93,6 +93,7 @@ _BOX_HEDGE_RE = re.compile(r"\bor\b|\\text\{\s*or\s*\}")
 _PHRASES = ("final answer is", "the answer is", "answer is:", "final answer", "answer:", "####")
 
 
+# PROBLEM boxed (10 points): the content of one \boxed{...}, braces matched, within a bounded window
 def _box_at(text: str, start: int, end_of_name: int):
     """Parse the box whose name ends at end_of_name. Returns (content, end) or None if unclosed/empty."""
     n = len(text)
