@@ -71,11 +71,14 @@ OBJECTIVES = ("psr", "nsr", "w-reinforce", "reinforce", "grpo", "ppo")
 
 # PROBLEM weights (15 points): every objective's per-sample weight w_i (a new objective is one more row)
 def sample_weights(rewards, objective: str, lam: float = 0.1, group_size: int = 8) -> torch.Tensor:
-    """Per-sample weights w (N,) from rewards r (N,) in {0, 1}: the table of the top docstring.
+    """Per-sample weights w (N,) float32 from rewards r (N,) in {0, 1}: the table of the top docstring.
 
-    rewards: N = num_prompts * group_size values, the group_size samples of one prompt contiguous
-    (that is how rl_step lays them out); only GRPO looks at the groups. ppo's per-token weights come
-    from ppo.advantages instead.
+    rewards: N = num_prompts * group_size values, the group_size samples of one prompt contiguous (that is
+    how rl_step lays them out); only GRPO looks at the groups: (r - group mean) / (group std + 1e-6) with
+    the UNBIASED std (torch's default, as verl), so an all-correct or all-wrong group gets exactly 0.
+    ValueError for a reward other than 0 or 1 ("rewards must be 0 or 1"), an unknown objective or ppo
+    ("unknown objective"; ppo's per-token weights come from ppo.advantages), and for grpo a group_size
+    < 2 or not dividing N ("group_size").
     """
     r = torch.as_tensor(rewards, dtype=torch.float32).flatten()             # (N,)
     if not bool(((r == 0) | (r == 1)).all()):
@@ -168,7 +171,8 @@ def loss_normalizer(weights: torch.Tensor, lengths, mode: str = "tokens", max_ne
     weights (N,) or (N, T), lengths: response lengths (N,). "tokens": sum of lengths of samples with
     w != 0 (the official token mean); "constant": N * max_new_tokens (independent of what was sampled).
     Returns 0.0 when no sample carries a weight (rl_step then skips the rows, or, when an entropy or KL
-    term is on, uses their token mean).
+    term is on, uses their token mean). A (N, T) weight carries where any of its tokens is non-zero.
+    ValueError for another mode ("normalizer must be 'tokens' or 'constant'").
     """
     lengths = torch.as_tensor(lengths, dtype=torch.float32)
     carries = (weights != 0 if weights.dim() == 1 else (weights != 0).any(dim=1)).cpu()   # (N,) bool

@@ -352,7 +352,11 @@ def _generate_chunk(model, prompt_ids, max_new_tokens, temperature, top_p, eos_t
 
 # PROBLEM logprobs (10 points): log pi(y) and the entropy of every position, from the logits
 def token_logprobs(logits, targets, temperature: float = 1.0, with_entropy: bool = False):
-    """logits (n, R, V) any dtype, targets (n, R) -> log pi_T(target) (n, R) fp32, entropy (n, R) or None."""
+    """logits (n, R, V) any dtype, targets (n, R) -> log pi_T(target) (n, R) fp32, entropy (n, R) or None.
+
+    pi_T = softmax(z / T), computed in fp32 (the logits are cast first); with_entropy: the entropy of pi_T
+    at each position, H = -sum_v pi_T(v) log pi_T(v) (at the same temperature), else None.
+    """
     logits = logits.float()                                                  # fp32 softmax math
     if temperature != 1.0:
         logits = logits / temperature                                        # pi_T = softmax(z / T)
@@ -467,8 +471,9 @@ class KVCache:
 
     # PROBLEM kv_cache (10 points): write a step's keys and values into the cache, read back every token's
     def update(self, layer: int, slot: int, k: torch.Tensor, v: torch.Tensor):
-        """Write the new tokens' k, v (B, kv_heads, S, hd) at slots [slot, slot + S); return the keys and
-        values of every token so far, (B, kv_heads, slot + S, hd) each (views, not copies)."""
+        """Write the new tokens' k, v (B, kv_heads, S, hd) of one layer at slots [slot, slot + S), set
+        self.filled = slot + S, and return the keys and values of every token so far of that layer,
+        (B, kv_heads, slot + S, hd) each (views of self.k[layer] / self.v[layer], not copies)."""
         end = slot + k.shape[2]
         self.k[layer][:, :, slot:end] = k
         self.v[layer][:, :, slot:end] = v

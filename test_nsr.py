@@ -9,18 +9,21 @@ Run:  python -m pytest -q test_nsr.py
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import itertools
 import json
 import math
 import pathlib
 import random
+import re
 import shutil
 import string
 import sys
 import time
 import types
 import warnings
+import zipfile
 from fractions import Fraction
 
 import numpy as np
@@ -1926,6 +1929,7 @@ def test_the_non_finite_streak_survives_a_resume(tmp_path, monkeypatch):
 
 # ---- PPO: GAE, whitening, the clipped value loss, a smoke run and exact resume ----
 
+# HANDOUT: cut (a textbook GAE, the gae problem's answer)
 def _reference_gae(rewards, values, lengths, gamma, lam):
     """GAE written the textbook way, one row at a time, over the real tokens only (V after the end = 0)."""
     out = []
@@ -1937,6 +1941,7 @@ def _reference_gae(rewards, values, lengths, gamma, lam):
             adv[t] = running
         out.append(adv)
     return out
+# HANDOUT: end
 
 
 @pytest.mark.parity
@@ -1949,8 +1954,10 @@ def test_gae_equals_a_hand_computed_example_and_the_return_minus_value_at_gamma_
     mask = torch.tensor([[1.0, 1, 1, 0], [1, 1, 0, 0]])
     adv, ret = ppo.gae_advantages(rewards, values, mask, gamma=0.9, gae_lam=0.8)
     torch.testing.assert_close(adv[0, :3], torch.tensor([0.10624, 0.592, 0.6]))
+    # HANDOUT: cut
     ref = _reference_gae(rewards.tolist(), values.tolist(), [3, 2], 0.9, 0.8)
     torch.testing.assert_close(adv[1, :2], torch.tensor(ref[1]))
+    # HANDOUT: end
     assert (adv[mask == 0] == 0).all() and (ret[mask == 0] == 0).all()
     torch.testing.assert_close(ret, (adv + values) * mask)
     # gamma = lam = 1: A_t = (sum of the rewards from t on) - V_t
@@ -2569,6 +2576,102 @@ def test_reproduce_rejects_bad_flags_before_any_work(tmp_path, capsys, extra, me
     assert message in capsys.readouterr().err
     assert not (tmp_path / "never").exists()
 
+
+
+# =================================================================================================
+# THE ASSIGNMENT KIT (assignment.py)
+# =================================================================================================
+#
+# Select with:  python -m pytest -q test_nsr.py -k assignment
+
+import assignment                                                   # noqa: E402 (the section's own import)
+
+
+@pytest.fixture(scope="module")
+def handout_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("kit") / "handout"
+    assignment.handout(out)
+    return out
+
+
+def test_assignment_markers_name_at_least_six_problems_each_with_checks_and_points():
+    problems = assignment.find_problems()
+    assert len([p for p in problems if not p.bonus]) >= 6
+    assert {p.id for p in problems} == set(assignment.CHECKS)
+    assert sum(p.points for p in problems if not p.bonus) == 100
+    names = {n for n, _ in ((name, None) for name in dir(sys.modules[__name__]) if name.startswith("test_"))}
+    for p in problems:                                              # every visible test exists in this file
+        assert set(assignment.CHECKS[p.id]["tests"]) <= names, p.id
+
+
+def test_assignment_handout_keeps_every_signature_and_docstring_and_no_reference_body(handout_dir):
+    for p in assignment.find_problems():
+        ref = assignment.locate(pathlib.Path(p.file).read_text(), p.qualname)
+        stub = assignment.locate((handout_dir / p.file).read_text(), p.qualname)
+        assert ast.dump(ref.args) == ast.dump(stub.args) and ast.get_docstring(ref) == ast.get_docstring(stub), p.id
+        assert ast.dump(stub.body[-1]) == ast.dump(ast.parse(assignment.STUB.format(id=p.id)).body[0])
+    texts = {f: f.read_text() for f in handout_dir.rglob("*") if f.is_file() and f.suffix in (".py", ".md")}
+    cuts = re.findall(r"(?ms)^[ \t]*# HANDOUT: cut\b.*?^[ \t]*# HANDOUT: end[^\n]*\n", (HERE / "test_nsr.py").read_text())
+    assert cuts and not any(cut in texts[handout_dir / "test_nsr.py"] for cut in cuts)   # cut regions are cut
+    for p in assignment.find_problems():                            # no line of a reference body anywhere
+        for line in assignment.body_lines(pathlib.Path(p.file).read_text(), p):
+            assert not any(line in text for text in texts.values()), (p.id, line)
+    assert not (handout_dir / "runs").exists() and (handout_dir / "HANDOUT.md").is_file()
+    assert not (handout_dir / "docs" / "assignment.md").exists()
+    with pytest.raises(SystemExit, match="not empty"):
+        assignment.handout(handout_dir)
+
+
+@pytest.mark.smoke
+def test_assignment_grader_gives_the_handout_zero_and_a_planted_bug_costs_exactly_its_problem(handout_dir, tmp_path):
+    blank = assignment.grade(handout_dir)
+    assert blank["total"] == 0 and blank["max"] == 100
+    assert all(r["points"] == 0 for r in blank["problems"].values())
+    # the reference with one plausible bug in the decode step (the temperature ignored), which every sampling
+    # test runs through: in isolation only decode_step loses points, every other problem keeps full marks
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for name in assignment.SOURCES + ("toy.py", "presets.py", "precision.py", "runs.py", "settings.py"):
+        shutil.copy(HERE / name, copy / name)
+    source = (copy / "sample.py").read_text()
+    assert source.count("top_p_filter(logits / temperature, top_p)") == 1
+    (copy / "sample.py").write_text(source.replace("top_p_filter(logits / temperature, top_p)", "top_p_filter(logits, top_p)"))
+    graded = assignment.grade(copy)
+    lost = {pid for pid, r in graded["problems"].items() if r["points"] < r["max"]}
+    assert lost == {"decode_step"}, graded
+    assert graded["problems"]["decode_step"]["failed"]
+    assert graded["total"] == 100 + 10 - (15 - graded["problems"]["decode_step"]["points"])   # bonus gae included
+    assert assignment.grade(HERE, only=["decode_step"])["total"] == 15      # the reference's own decode step
+
+
+@pytest.mark.smoke
+def test_assignment_grade_prints_a_table_and_its_last_line_is_one_json_object(tmp_path, capsys):
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for name in assignment.SOURCES:
+        shutil.copy(HERE / name, copy / name)
+    assert assignment.main(["grade", str(copy), "--json", "--only", "kv_cache", "boxed"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    result = json.loads(lines[-1])
+    assert result == {"total": 20.0, "max": 20.0, "problems": {"kv_cache": {"points": 10.0, "max": 10.0},
+                                                               "boxed": {"points": 10.0, "max": 10.0}}}
+    assert lines[0].split() == ["problem", "points", "max", "what", "failed"]
+
+
+def test_assignment_submit_zips_the_edited_files_the_writeup_and_the_logs_without_checkpoints(handout_dir, tmp_path):
+    student = tmp_path / "student"
+    shutil.copytree(handout_dir, student)
+    (student / "passk.py").write_text((student / "passk.py").read_text() + "\n# my work\n")
+    (student / "WRITEUP.md").write_text("answers")
+    run = student / "runs" / "nsr-toy"
+    (run / "eval").mkdir(parents=True)
+    (run / "checkpoint-000010").mkdir()
+    for name in ("config.json", "metrics.jsonl", "eval.jsonl", "eval/step000000_test.json",
+                 "checkpoint-000010/model.safetensors"):
+        (run / name).write_text("{}")
+    names = set(zipfile.ZipFile(assignment.submit(student)).namelist())
+    assert names == {"passk.py", "WRITEUP.md", "runs/nsr-toy/config.json", "runs/nsr-toy/metrics.jsonl",
+                     "runs/nsr-toy/eval.jsonl", "runs/nsr-toy/eval/step000000_test.json"}
 
 
 # =================================================================================================

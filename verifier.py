@@ -95,7 +95,16 @@ _PHRASES = ("final answer is", "the answer is", "answer is:", "final answer", "a
 
 # PROBLEM boxed (10 points): the content of one \boxed{...}, braces matched, within a bounded window
 def _box_at(text: str, start: int, end_of_name: int):
-    """Parse the box whose name ends at end_of_name. Returns (content, end) or None if unclosed/empty."""
+    """Parse the box whose name (\\boxed, \\fbox) spans text[start:end_of_name] -> (content, end) or None.
+
+    After any whitespace: a "{" opens the box; braces are counted, except escaped ones (\\{ \\}), only
+    within a window of MAX_ANSWER_CHARS + 2 characters from that "{"; the box ends where the count returns
+    to 0: content = what lies strictly between, end = the index just past the closing "}". An empty
+    (whitespace-only) content, or a box not closed within the window, is None. Without a "{": the
+    shorthand "\\boxed 5": _BOX_TOKEN_RE matched at end_of_name gives a token that counts if it starts
+    with a digit, "-", "." or "\\", or is separated from the name by whitespace; its content is the token
+    without trailing dots, end = the match's end. Anything else: None.
+    """
     n = len(text)
     i = _SPACES_RE.match(text, end_of_name).end()       # a regex, not a Python loop: 300k spaces are fine
     if i < n and text[i] == "{":
