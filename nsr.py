@@ -73,12 +73,10 @@ OBJECTIVES = ("psr", "nsr", "w-reinforce", "reinforce", "grpo", "ppo")
 def sample_weights(rewards, objective: str, lam: float = 0.1, group_size: int = 8) -> torch.Tensor:
     """Per-sample weights w (N,) float32 from rewards r (N,) in {0, 1}: the table of the top docstring.
 
-    rewards: N = num_prompts * group_size values, the group_size samples of one prompt contiguous (that is
-    how rl_step lays them out); only GRPO looks at the groups: (r - group mean) / (group std + 1e-6) with
-    the UNBIASED std (torch's default, as verl), so an all-correct or all-wrong group gets exactly 0.
-    ValueError for a reward other than 0 or 1 ("rewards must be 0 or 1"), an unknown objective or ppo
-    ("unknown objective"; ppo's per-token weights come from ppo.advantages), and for grpo a group_size
-    < 2 or not dividing N ("group_size").
+    rewards: N = num_prompts * group_size values, a prompt's samples contiguous (as rl_step lays them out).
+    GRPO: (r - group mean) / (group std + 1e-6), the UNBIASED std (torch's, as verl): an all-correct or
+    all-wrong group gets exactly 0. ValueError: a reward not 0 or 1 ("rewards must be 0 or 1"), an unknown
+    objective or ppo ("unknown objective"), grpo's group_size < 2 or not dividing N ("group_size").
     """
     r = torch.as_tensor(rewards, dtype=torch.float32).flatten()             # (N,)
     if not bool(((r == 0) | (r == 1)).all()):
@@ -171,8 +169,8 @@ def loss_normalizer(weights: torch.Tensor, lengths, mode: str = "tokens", max_ne
     weights (N,) or (N, T), lengths: response lengths (N,). "tokens": sum of lengths of samples with
     w != 0 (the official token mean); "constant": N * max_new_tokens (independent of what was sampled).
     Returns 0.0 when no sample carries a weight (rl_step then skips the rows, or, when an entropy or KL
-    term is on, uses their token mean). A (N, T) weight carries where any of its tokens is non-zero.
-    ValueError for another mode ("normalizer must be 'tokens' or 'constant'").
+    term is on, uses their token mean); an (N, T) row carries where any token is non-zero. ValueError for
+    another mode ("normalizer must be 'tokens' or 'constant'").
     """
     lengths = torch.as_tensor(lengths, dtype=torch.float32)
     carries = (weights != 0 if weights.dim() == 1 else (weights != 0).any(dim=1)).cpu()   # (N,) bool
@@ -200,8 +198,7 @@ def gradient_demo(lr: float = 1.0, lam: float = 0.1) -> str:
             return torch.softmax(z - lr * z.grad, dim=-1), -lr * z.grad  # SGD on the logits
 
     psr, nsr, wr = step([(y, 1.0)]), step([(y, -1.0)]), step([(y, -1.0), (y2, lam)])
-    rows = [("probabilities before", prior),
-            (f"after PSR on {names[y]} (w=+1)", psr[0]),
+    rows = [("probabilities before", prior), (f"after PSR on {names[y]} (w=+1)", psr[0]),
             (f"after NSR on {names[y]} (w=-1)", nsr[0]),
             (f"after W-REINFORCE: {names[y]} wrong (w=-1), {names[y2]} right (w=+{lam})", wr[0]),
             ("NSR logit change = -lr*(1[v=y]-pi_v)", nsr[1])]
@@ -288,8 +285,7 @@ def rl_step(run: runs.Run, cfg: Config, step: int) -> dict:
 
 def minibatch_backward(run: runs.Run, batch: MiniBatch, cfg: Config, stats: runs.StepStats) -> float | None:
     """Accumulate the gradient of one mini-batch's loss, cfg.micro_batch_size sequences at a time (bounded
-    memory; Z is the whole mini-batch's, so the gradient does not depend on the micro-batch size).
-    Returns the loss, or None if it was not finite (the caller then drops the gradient)."""
+    memory; Z is the whole mini-batch's). Returns the loss, or None if not finite (the gradient is dropped)."""
     model, device = run.policy.model, next(run.policy.model.parameters()).device
     num_tokens = float(sum(len(r) for r in batch.responses))                  # the entropy / KL token mean
     kl_coef = 0.0 if cfg.objective == "ppo" else cfg.kl_coef                  # ppo's KL is in its reward
@@ -411,6 +407,7 @@ class Config:
     gae_gamma: float = 1.0        # ppo: GAE discount gamma (verl's default, the paper's)
     gae_lam: float = 1.0          # ppo: GAE lambda (verl's default, the paper's)
     chunk_size: int = 256         # rows sampled at once (bounds the KV-cache memory)
+    optimizer: str = "adamw"      # adamw (the paper's), or sgd: plain SGD at --lr (an ablation: no per-weight scaling)
     weight_decay: float = 0.01    # AdamW weight decay
     adam_beta1: float = 0.9       # AdamW beta1
     adam_beta2: float = 0.999     # AdamW beta2

@@ -39,7 +39,7 @@ class Trainable:
 
 
 def make_trainable(model, cfg, lr: float) -> Trainable:
-    """fp32 master weights and their AdamW (cfg: adam_beta1, adam_beta2, weight_decay, optimizer_offload).
+    """fp32 master weights and their AdamW (cfg: optimizer, adam_beta1, adam_beta2, weight_decay, optimizer_offload).
 
     With cfg.optimizer_offload the masters and AdamW's m and v live in CPU RAM (pinned when a GPU is there,
     so the copies can run asynchronously). Per OPTIMIZER STEP the GPU sends P x 4 bytes of summed fp32
@@ -53,8 +53,11 @@ def make_trainable(model, cfg, lr: float) -> Trainable:
         pin = cfg.optimizer_offload and torch.cuda.is_available()
         copies = [p.detach().to(where, torch.float32).clone() for p in params]
         master = [torch.nn.Parameter(c.pin_memory() if pin else c) for c in copies]
-    optimizer = torch.optim.AdamW(master, lr=lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
-                                  weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "sgd":          # the ablation: no per-parameter scaling of the step (no momentum)
+        optimizer = torch.optim.SGD(master, lr=lr, weight_decay=cfg.weight_decay)
+    else:
+        optimizer = torch.optim.AdamW(master, lr=lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                                      weight_decay=cfg.weight_decay)
     return Trainable(model, params, master, optimizer, [None] * len(params) if cfg.optimizer_offload else None)
 
 

@@ -102,6 +102,8 @@ def config_problems(cfg, objectives) -> list[str]:
                    f"got {cfg.clip_low}")
     if not (cfg.clip_high == -1 or cfg.clip_high >= 0):
         bad.append(f"--clip-high must be >= 0, or -1 for --clip-eps; got {cfg.clip_high}")
+    if cfg.optimizer not in ("adamw", "sgd"):
+        bad.append(f"--optimizer must be adamw or sgd, got {cfg.optimizer!r}")
     if cfg.reward not in ("verifier", "random"):
         bad.append(f"--reward must be verifier or random, got {cfg.reward!r}")
     if not 0 <= cfg.random_reward_p <= 1:

@@ -1918,6 +1918,19 @@ def test_the_step_subtracts_the_entropy_bonus_and_adds_the_kl_term_as_token_mean
                                    rtol=1e-3, atol=1e-6)
 
 
+def test_the_sgd_ablation_takes_exactly_one_plain_gradient_step():
+    model = torch.nn.Linear(3, 2)
+    before = [p.detach().clone() for p in model.parameters()]
+    policy = precision.make_trainable(model, nsr.Config(optimizer="sgd", weight_decay=0.0), 0.5)
+    assert isinstance(policy.optimizer, torch.optim.SGD)
+    grads = [torch.randn_like(p) for p in model.parameters()]
+    for p, g in zip(model.parameters(), grads):
+        p.grad = g.clone()
+    precision.optimizer_step(policy, grad_clip=0.0)
+    for p, b, g in zip(model.parameters(), before, grads):          # w <- w - lr g, nothing else
+        torch.testing.assert_close(p.detach(), b - 0.5 * g)
+
+
 @pytest.mark.smoke
 def test_the_non_finite_streak_survives_a_resume(tmp_path, monkeypatch):
     world = _tiny_world(tmp_path)
