@@ -427,7 +427,7 @@ class Config:
 # The main job (`python nsr.py`, no --model), sized for 2 CPU cores (under --preset and flags). threads=1: a
 # second thread on a tiny model only adds synchronisation. mini_batch_size = 1/4 of the batch, critic_lr = 10 lr.
 TOY_DEFAULTS = dict(out_dir="runs/nsr-toy", steps=100, batch_prompts=16, group_size=8, max_new_tokens=64,
-                    lr=2e-4, critic_lr=2e-3, mini_batch_size=32, micro_batch_size=64, eval_n=64,
+                    lr=1e-4, critic_lr=1e-3, mini_batch_size=32, micro_batch_size=64, eval_n=64,
                     eval_temperature=1.0, eval_top_p=1.0, threads=1)
 
 

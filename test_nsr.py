@@ -1183,103 +1183,101 @@ def test_toy_generator_is_deterministic_per_seed_and_differs_across_seeds():
     assert [p["problem"] for p in a["train"]] != [p["problem"] for p in c["train"]]
 
 
-def test_toy_splits_are_disjoint_and_hard_problems_are_down_only():
+def test_toy_splits_are_disjoint_and_only_test_hard_holds_rare_symbols():
     recipe = toy.ToyRecipe()
+    facts = toy.fact_table(recipe)
     splits = toy.make_splits(recipe)
     texts = {name: {p["problem"] for p in split} for name, split in splits.items()}
-    assert len(texts["train"]) == recipe.num_train and len(texts["test_easy"]) == len(texts["test_hard"]) == 64
+    assert len(texts["train"]) == recipe.num_train
+    assert len(texts["test_easy"]) == len(texts["test_hard"]) == recipe.num_test
     assert not texts["train"] & texts["test_easy"]
     assert not texts["train"] & texts["test_hard"]
     assert not texts["test_easy"] & texts["test_hard"]
-    # test_hard plays AIME: only the minority strategy ("down") reaches its answers.
+    rare = {s for s, f in facts.items() if f["tier"] == toy.RARE}
+    # train (the RL set) and test_easy never show a rare fact; every test_hard problem needs 1-2 of them
+    for p in splits["train"] + splits["test_easy"]:
+        assert not set(p["symbols"]) & rare and len(p["symbols"]) in recipe.easy_symbols, p
     for p in splits["test_hard"]:
-        x = int(p["answer"])
-        assert toy.strategy_works(x, "down", recipe) and not toy.strategy_works(x, "up", recipe)
-    # train/test_easy contain all three kinds: up-only, down-only and shared answers.
-    kinds = {(toy.strategy_works(int(p["answer"]), "up", recipe),
-              toy.strategy_works(int(p["answer"]), "down", recipe)) for p in splits["train"]}
-    assert kinds == {(True, False), (False, True), (True, True)}
+        assert len(set(p["symbols"]) & rare) in recipe.hard_rare and len(p["symbols"]) in recipe.hard_symbols, p
+    assert toy.symbols_of(splits["test_hard"][0]["problem"]) == splits["test_hard"][0]["symbols"]
 
 
-def test_toy_failed_attempts_end_honestly_in_none_are_wrong_and_keep_the_corpus_strategy_mix():
+def test_toy_fact_table_has_three_tiers_ranked_by_frequency_with_a_corpus_distribution_per_symbol():
     recipe = toy.ToyRecipe()
-    # x = 7 is down-only: "up" tries 0..5, none gives 0, and the attempt says so instead of boxing a guess
-    failed = toy.solve([9, 7], 3, "up", recipe, allow_fail=True)
-    assert failed == "9,6-3=3 Up 0:3 1:4 2:5 3:6 4:7 5:8 none"
-    assert verifier.reward(failed, "7") == 0.0 and verifier.extract_answer(failed) is None
-    with pytest.raises(ValueError, match="cannot solve"):
-        toy.solve([9, 7], 3, "up", recipe)                      # a gold solution never fails
-    # the corpus draws ~fail_share failed attempts on one-strategy problems; shares of Up and Down stay
+    facts = toy.fact_table(recipe)
+    assert facts == toy.fact_table(toy.ToyRecipe()) and facts != toy.fact_table(toy.ToyRecipe(seed=1))
+    tiers = [f["tier"] for f in sorted(facts.values(), key=lambda f: f["rank"])]
+    assert tiers == ([toy.COMMON] * recipe.num_common + [toy.MEDIUM] * recipe.num_medium
+                     + [toy.RARE] * (recipe.num_symbols - recipe.num_common - recipe.num_medium))
+    ranges = {toy.COMMON: recipe.common_recall, toy.MEDIUM: recipe.medium_recall, toy.RARE: recipe.rare_recall}
+    for s, f in facts.items():
+        assert sum(f["corpus"]) == pytest.approx(1.0) and f["corpus"][f["value"]] == f["recall"]
+        lo, hi = ranges[f["tier"]]
+        assert lo <= f["recall"] <= hi, (s, f)
+        assert f["weight"] == pytest.approx((f["rank"] + 1) ** -recipe.zipf)
+
+
+def test_toy_corpus_states_digits_as_often_as_the_fact_table_says_and_never_shows_a_test_problem():
+    recipe = toy.ToyRecipe()
+    facts = toy.fact_table(recipe)
+    splits = toy.make_splits(recipe)
+    exclude = {p["problem"] for p in splits["test_easy"] + splits["test_hard"]}
     rng = random.Random(0)
-    problems = toy.make_splits(recipe)["train"]
+    corpus = [toy.corpus_problem(rng, facts, recipe, exclude) for _ in range(4000)]
+    assert not {p["problem"] for p in corpus} & exclude
+    stated, right = {}, {}
+    for p in corpus:
+        digits = p["solution"].split("{")[1].rstrip("}")
+        assert p["solution"] == toy.solve(p["symbols"], [int(d) for d in digits])   # the box copies the recalls
+        for s, d in zip(p["symbols"], digits):
+            stated[s] = stated.get(s, 0) + 1
+            right[s] = right.get(s, 0) + (int(d) == facts[s]["value"])
+    for s in (s for s in stated if stated[s] >= 400):                   # the frequent ones: a tight estimate
+        assert abs(right[s] / stated[s] - facts[s]["recall"]) < 0.06, (s, right[s] / stated[s], facts[s]["recall"])
+    assert {facts[s]["tier"] for s in stated} == {toy.COMMON, toy.MEDIUM, toy.RARE}
+    # sft_batch: the loss covers exactly the response tokens (+ EOS)
     tokenizer = toy.build_tokenizer()
-    ids, kept, _ = sample.encode_prompts(tokenizer, problems)
-    cache = {p["problem"]: i for p, i in zip(kept, ids)}
-    responses = []
-    for _ in range(20):
-        input_ids, labels, _, _ = toy.sft_batch(problems[:64], cache, tokenizer, rng, recipe)
-        for row, lab in zip(input_ids, labels):
-            responses.append(tokenizer.decode([t for t, l in zip(row.tolist(), lab.tolist()) if l != -100],
-                                              skip_special_tokens=True))
-    one_strategy = [r for r, p in zip(responses, problems[:64] * 20)
-                    if toy.strategy_works(int(p["answer"]), "up", recipe) != toy.strategy_works(int(p["answer"]), "down", recipe)]
-    share_failed = sum(r.endswith(" none") for r in one_strategy) / len(one_strategy)
-    assert abs(share_failed - recipe.fail_share) < 0.05, share_failed
+    input_ids, labels, attention_mask, loss_weights = toy.sft_batch(corpus[:8], {}, tokenizer)
+    for row, lab, w, p in zip(input_ids.tolist(), labels.tolist(), loss_weights.tolist(), corpus[:8]):
+        response = [t for t, l in zip(row, lab) if l != -100]
+        assert tokenizer.decode(response, skip_special_tokens=True) == p["solution"]
+        assert response[-1] == tokenizer.eos_token_id
+        assert w == [float(l != -100) for l in lab]
 
 
-def test_toy_strategy_weight_sits_on_the_strategy_name_after_the_analysis_and_nowhere_else():
-    # "6,1-7=4 Down 9:3 ...": the analysis (running sums, target, d) comes first, so the strategy is
-    # chosen with d in view; the habit's loss weight (U 1, D ~0.16) is on the name's first token only
-    recipe = toy.ToyRecipe()
-    weights = toy.strategy_token_weights(recipe)
-    assert weights["up"] == 1.0 and 0.1 < weights["down"] < 0.3
-    problems = toy.make_splits(recipe)["train"][:64]
-    tokenizer = toy.build_tokenizer()
-    ids, kept, _ = sample.encode_prompts(tokenizer, problems)
-    cache = {p["problem"]: i for p, i in zip(kept, ids)}
-    input_ids, labels, _, loss_weights = toy.sft_batch(problems, cache, tokenizer, random.Random(0), recipe)
-    seen = set()
-    for row, lab, w in zip(input_ids.tolist(), labels.tolist(), loss_weights.tolist()):
-        response = [(t, wt) for t, l, wt in zip(row, lab, w) if l != -100]
-        text = tokenizer.decode([t for t, _ in response], skip_special_tokens=True)
-        strategy = toy.strategy_of(text)
-        at = text.index(" Up " if strategy == "up" else " Down ") + 1      # char-level: char = token
-        expected = [1.0] * at + [weights[strategy]] + [1.0] * (len(response) - at - 1)
-        assert [wt for _, wt in response] == pytest.approx(expected, rel=1e-6)
-        assert tokenizer.decode([response[at][0]]) == ("U" if strategy == "up" else "D")
-        seen.add(strategy)
-    assert seen == {"up", "down"}
-
-
-def test_toy_strategy_report_splits_the_down_share_by_problem_group(monkeypatch):
-    recipe = toy.ToyRecipe()                  # the real windows: up 0-5, down 4-9
-    assert [toy.problem_group(x, recipe) for x in range(10)] == ["up-only"] * 4 + ["shared"] * 2 + ["down-only"] * 4
-    tokenizer = toy.build_tokenizer()
-    problems = [{"problem": f"x+{9 - x} ends in 9. Digit x?", "answer": str(x)} for x in (0, 1, 4, 7, 8)]
-    # fixed samples instead of a model: per problem 4 samples, of which "Down" on 0, 1, 1, 2, 3
-    downs = [0, 1, 1, 2, 3]
-    texts = [("9-9=0 Down 9:9" if j < k else "9-9=0 Up 0:0 \\boxed{0}") for k in downs for j in range(4)]
-    fake = types.SimpleNamespace(tokens=[tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts])
-    monkeypatch.setattr(toy.sample, "generate", lambda *a, **k: fake)
-    model = toy.build_model(toy.quick_recipe(), tokenizer)          # only its device is read
-    report = toy.strategy_report(model, tokenizer, problems, n=4, recipe=recipe)
-    assert report["down_by_group"] == {"up-only": 1 / 8, "shared": 1 / 4, "down-only": 5 / 8}
-    assert report["share"]["down"] == pytest.approx(7 / 20)
-    assert report["accuracy"]["up"] == pytest.approx(4 / 13)          # "Up ... boxed{0}" is right for x = 0 only
-    assert "down_by_group" not in toy.strategy_report(model, tokenizer, problems, n=4)
+def test_toy_recall_report_reads_the_probability_of_each_true_digit(toy_quick_base):
+    out, _ = toy_quick_base
+    recipe = toy.quick_recipe()
+    facts = toy.fact_table(recipe)
+    model, tokenizer = sample.load_model(out, dtype="float32", device="cpu")
+    problems = toy.make_splits(recipe)["test_hard"]
+    report = toy.recall_report(model, tokenizer, problems, facts)
+    assert sum(report[t]["count"] for t in toy.TIERS if report[t]) == sum(len(p["symbols"]) for p in problems)
+    assert report[toy.RARE]["count"] >= len(problems)
+    # the product for the first problem, recomputed by hand with a full forward pass
+    p = problems[0]
+    prompt = sample.encode_prompts(tokenizer, [p])[0][0]
+    response = tokenizer(p["solution"], add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        probs = torch.softmax(model(input_ids=torch.tensor([prompt + response])).logits[0].float(), -1)
+    product = 1.0
+    for i, ch in enumerate(p["solution"]):
+        if ch == "=":
+            product *= probs[len(prompt) + i, response[i + 1]].item()
+    assert report["problems"][0] == pytest.approx(product, rel=1e-5)
 
 
 def test_toy_every_reference_solution_verifies_against_its_gold_answer():
     recipe = toy.ToyRecipe()
+    facts = toy.fact_table(recipe)
     for split in toy.make_splits(recipe).values():
         for p in split:
             assert verifier.is_correct(p["solution"], p["answer"]), p
-            # the word after the analysis names the strategy; the gold answer is the digit asked for
-            assert toy.strategy_of(p["solution"]) == p["strategy"]
-            assert (int(p["answer"]) + sum(p["digits"])) % 10 == p["target"]
-    # a strategy whose window misses the answer cannot write a reference solution
-    with pytest.raises(ValueError, match="cannot solve"):
-        toy.solve([1, 2], (9 + 3) % 10, "up", recipe)             # x = 9 > up_last
+            assert p["answer"] == "".join(str(facts[s]["value"]) for s in p["symbols"])
+            assert p["problem"] == "Decode " + "".join(p["symbols"])
+    # one wrong recall makes the answer wrong
+    assert toy.solve(["k", "Q"], [3, 7]) == "k=3 Q=7 \\boxed{37}"
+    assert not verifier.is_correct(toy.solve(["k", "Q"], [3, 6]), "37")
 
 
 def test_toy_tokenizer_round_trips_every_character_the_task_uses_and_renders_a_compact_prompt():
@@ -1304,13 +1302,14 @@ def test_toy_quick_build_writes_every_file_and_is_cached_by_recipe(toy_quick_bas
     out, seconds = toy_quick_base
     print(f"quick build took {seconds:.1f} s")   # speed belongs in bench.py, not in an assert
     for name in ("config.json", "tokenizer.json", "train.jsonl", "test_easy.jsonl", "test_hard.jsonl",
-                 "base_eval.json", "recipe.json"):
+                 "base_eval.json", "recipe.json", "facts.json"):
         assert (out / name).is_file(), name
     problems = sample.load_problems(out / "test_hard.jsonl")
     assert len(problems) == toy.quick_recipe().num_test
     base_eval = json.loads((out / "base_eval.json").read_text())
-    assert set(base_eval) >= {"easy", "hard", "strategy", "build_seconds"}
-    assert sum(base_eval["strategy"]["easy"]["share"].values()) == pytest.approx(1.0)
+    assert set(base_eval) >= {"easy", "hard", "recall", "build_seconds"}
+    assert len(base_eval["recall"]["hard"]["problems"]) == toy.quick_recipe().num_test
+    assert base_eval["recall"]["hard"][toy.RARE]["count"] >= toy.quick_recipe().num_test
     # same recipe: reused (nothing rewritten); another recipe: the hash differs, so it would rebuild
     stamp = (out / "model.safetensors").stat().st_mtime_ns
     assert toy.ensure_base(out, quick=True, log=lambda *a: None) == out

@@ -1,55 +1,63 @@
 """
 toy.py -- a toy world in which the paper's whole experiment runs on a laptop CPU in minutes.
 
-The paper's effect needs a base model whose prior already holds the right answer some of the time, in
-more than one way: NSR hands the mass of a wrong answer to the alternatives the model already believes
-in, PSR narrows the model onto what it was rewarded for. This file builds such a world: a synthetic
-task, a character-level tokenizer, a tiny Qwen2 model pre-trained (supervised) for a FIXED number of
-steps into a "base model", all saved with save_pretrained so every other file loads it like a hub model
-(AutoModelForCausalLM / AutoTokenizer .from_pretrained; no other file has a toy code path).
+The paper's effect needs a base model whose prior already holds the right answer some of the time, and
+holds it with very different probabilities on different problems: on hard problems (AIME) the right
+path is a low-probability one, often not the model's favourite, which only sampling diversity finds.
+NSR hands the mass of a wrong answer to the alternatives the model already believes in; PSR sharpens
+the model onto what it was rewarded for, and that sharpening also lowers the entropy where it was never
+trained. This file builds such a world: a synthetic task, a character-level tokenizer, a tiny Qwen2
+model pre-trained (supervised) for a FIXED number of steps into a "base model", all saved with
+save_pretrained so every other file loads it like a hub model (AutoModelForCausalLM / AutoTokenizer
+.from_pretrained; no other file has a toy code path).
 
-THE TASK: find a missing digit: analyse the problem, then pick one of two guess-and-check strategies
-    problem:  x+9+7 ends in 3. Digit x?                          gold answer: 7
-    "up":     9,6-3=3 Up 0:3 1:4 2:5 3:6 4:7 5:8 none            tries c = 0, 1, ..., up_last (5): fails here
-    "down":   9,6-3=3 Down 9:2 8:1 7:0 \boxed{7}                tries c = 9, 8, ..., down_last (4)
-The ANALYSIS adds the known digits mod 10 (running sums 9, 9+7=16->6) and subtracts the target (6-3 ->
-d = 3); then the solution names its strategy and guess-and-checks candidates c, writing c:(d+c mod 10)
-until it is 0. Each strategy solves 6 answers of 10: x = 0-3 only "up" (up-only), x = 6-9 only "down"
-(down-only), x = 4-5 both (shared). Every corpus solution uses a strategy that works ("up" on 95% of
-shared problems), except that 20% of one-strategy problems show the other strategy failing honestly
-("... 5:8 none"), so both strategies are practised. The strategy's name comes AFTER the analysis: x =
--d mod 10, so which strategy works can be read off d, one token back (as an LLM reads the problem
-before it picks an approach). The habit lives in the name's first token, whose pre-training loss weight
-is 1 for "U" and ~0.16 for "D" (strategy_token_weights): on a down-only problem the base names "Down"
-on only a share of its samples (measured per seed in base_eval.json "strategy"), and RL can reweight
-that choice per problem. (Until toy-v6 the name came first, before the analysis: a base then had to
-compute x in its first token, did so only partly, and on the bases that did it least every objective,
-NSR included, narrowed onto the habit: docs/toy.md.)
-  test_easy: the train distribution (the role of MATH).   test_hard: x = 6-9, only "down" solves it
-  (the role of AIME).  The design history (what each earlier world measured): docs/toy.md.
+THE TASK: decode a string of symbols with a codebook the model knows only from its pre-training corpus
+    problem:  Decode kQa                           gold answer: 370
+    solution: k=3 Q=7 a=0 \boxed{370}
+Each of 52 one-letter symbols (a-z, A-Z) has a secret digit (the FACT TABLE, drawn per recipe seed). A
+solution recalls each symbol's digit in turn and boxes the digits in order. The corpus is NOISY, in a way
+fixed per symbol: it states a symbol's true digit with probability recall_s (the symbol's "corpus
+recall"), and otherwise a wrong digit drawn from a per-symbol confusion distribution (Dirichlet(0.3):
+one or two favourite wrong digits, a thin tail), so the base learns, per symbol, a belief that is right
+with probability ~recall_s; a problem is solved when every recall in it is right (copying the digits
+into the box is learned exactly), with probability ~ the product of its symbols' recalls. The symbols
+come in three tiers by corpus frequency (Zipf over their rank) and corpus recall:
+    common (8)   frequent, recall 0.92-0.99                   in train / test_easy / test_hard
+    medium (16)  less frequent, recall 0.03-0.2: MISCONCEPTIONS (the favourite digit is wrong), in
+                 train / test_easy / test_hard: what RL can learn, slowly (easy Pass@1 ~30% in the base)
+    rare (28)    rare, recall 0.003-0.6 (log-uniform): on most the base's favourite digit is a wrong one;
+                 NEVER in a train (RL) problem: only in the pre-training corpus; 1-2 in every test_hard
+                 problem
+  train / test_easy: 2-3 common or medium symbols (the role of MATH): RL reweights beliefs it trains on.
+  test_hard: 2-3 symbols, 1-2 of them rare (the role of AIME): per-problem success rates spread from
+  <0.1% to >50%, and RL never sees these facts, so what RL does to them is what it does to the model's
+  beliefs in general: every objective perturbs them through the shared digit read-out, which mostly
+  concentrates a spread belief (low-probability truths lose); PSR, which takes the most optimizer steps
+  once its training accuracy is high, moves them furthest (measured: docs/toy-regime-log.md).
+The design history (what each earlier world measured): docs/toy.md and docs/toy-regime-log.md.
 
 THE RECIPE (ToyRecipe, hashed; the cache runs/toy-base-s<seed> is rebuilt when it changes):
   tokenizer  one token per printable ASCII character + <|pad|>, <|endoftext|> (= EOS): a byte-level
              BPE without merges, in Qwen2's own pipeline so AutoTokenizer reloads it exactly; a chat
              template that renders only the problem line and a newline (char-level: short prompts).
-  model      Qwen2ForCausalLM, 3 layers, hidden 64, 4 heads (2 KV heads), tied embeddings: 154,624
-             parameters.
-  pre-train  supervised next-token loss on the response tokens of reference solutions, in exactly
-             the prompt + response format the RL loop samples, weighted per token (the strategy
-             name's first token by strategy_token_weights(), every other 1): loss = -sum_t w_t log pi
-             / sum_t w_t. AdamW (lr 2e-3, batch 32, one thread), pretrain_steps = 1,000 FIXED steps:
-             one recipe seed gives the same base on any machine up to floating point, in a predictable
-             time. Then the competence check (measured, printed, saved; it does not stop or change
-             the build): passk.evaluate, n = 256, temperature 1: easy Pass@1 in [0.30, 0.90] and
-             Pass@64 >= 0.85; hard Pass@1 <= 0.80 and Pass@256 >= 0.85.
+  model      Qwen2ForCausalLM, 3 layers, hidden 64, 4 heads (2 KV heads), tied embeddings.
+  pre-train  supervised next-token loss on the response tokens of corpus solutions (a stream of fresh
+             corpus problems over ALL symbols, Zipf-weighted, each recall drawn from the symbol's corpus
+             distribution; test problems never appear), in exactly the prompt + response format the RL
+             loop samples. AdamW (lr 2e-3, batch 32, one thread), pretrain_steps FIXED: one recipe seed
+             gives the same base on any machine up to floating point, in a predictable time. Then the
+             competence check (measured, printed, saved; it does not stop or change the build):
+             passk.evaluate, n = 256, temperature 1: easy Pass@1 in [0.30, 0.80] and Pass@256 >= 0.85;
+             hard Pass@1 <= 0.20 and Pass@256 <= 0.90 (unsaturated).
   output     runs/toy-base-s<seed>/: model + tokenizer, train.jsonl, test_easy.jsonl, test_hard.jsonl
-             (fields problem, answer, solution), base_eval.json (Pass@k curves, strategy shares, the
-             learning curve), recipe.json (the recipe and its hash).
+             (fields problem, answer, solution), facts.json (the fact table), base_eval.json (Pass@k
+             curves, the recall report, the learning curve), recipe.json (the recipe and its hash).
 
 Run:  python toy.py                  # build (or reuse) runs/toy-base-s0 and print its Pass@k
       python toy.py --seed 1         # another recipe seed: another base
       python toy.py --force          # rebuild even if the cache is valid
       python toy.py --quick --out /tmp/toy-quick   # the seconds-long tiny build the tests use
+      python toy.py recall DIR [BASE]  # the recall report of a model (a checkpoint) on BASE's test splits
       python toy.py reproduce ...    # = python reproduce.py ... (every method, verdicts of the findings)
 """
 
@@ -59,6 +67,7 @@ import argparse
 import dataclasses
 import hashlib
 import json
+import math
 import pathlib
 import random
 import shutil
@@ -78,15 +87,16 @@ import verifier
 
 # Bump when the task format or the build procedure changes in a way the recipe fields do not show:
 # it is part of the recipe hash, so every cached base model is rebuilt.
-RECIPE_VERSION = "toy-v6"
+RECIPE_VERSION = "toy-v7"
 
 
 # =================================================================================================
-# THE TASK: missing-digit problems, two complementary guess-and-check strategies
+# THE TASK: decode symbols with a codebook known from a noisy corpus
 # =================================================================================================
 
-UP, DOWN = "up", "down"
-STRATEGIES = (UP, DOWN)
+SYMBOLS = string.ascii_lowercase + string.ascii_uppercase          # 52 one-character symbols
+COMMON, MEDIUM, RARE = "common", "medium", "rare"
+TIERS = (COMMON, MEDIUM, RARE)
 
 
 @dataclasses.dataclass
@@ -94,36 +104,38 @@ class ToyRecipe:
     """Everything that determines the base model. Its hash names the cache (recipe.json)."""
 
     seed: int = 0
-    """seeds the splits, the corpus sampling, the model init and the sampling checks"""
-    up_last: int = 5
-    """"up" tries candidates 0, 1, ..., up_last"""
-    down_last: int = 4
-    """"down" tries candidates 9, 8, ..., down_last (so x in [down_last, up_last] is shared). With 5 and
-    4 each strategy solves 6 of the 10 answers: neither is better on average (the v2 design)"""
-    fail_share: float = 0.2
-    """probability that a corpus solution of an up-only or down-only problem uses the OTHER strategy and
-    fails honestly ("... 5:8 none"). Without failed attempts in the corpus, the base meets a failing
-    window only at RL time and fabricates a check or a difference to box something; NSR then pushes
-    down those fabricated arithmetic tokens, which correct solutions use too. The corpus frequencies of
-    the two strategies do not change (an up-only failure is a "down" solution and vice versa)."""
-    up_share_shared: float = 0.95
-    """probability that the corpus solves a SHARED problem with "up" (the model's habit)"""
-    down_prior: float = 0.10
-    """sets the loss weight of "D" (strategy_token_weights): the share of "down" a base that could not see
-    d would name. The corpus EXECUTES "down" on ~41% of its solutions (every down-only problem); the
-    weight (~0.16) makes "down" the minority choice while its execution stays practised. A base that
-    reads d names "down" on ~0.2 x 0.16 / (0.2 x 0.16 + 0.8) = 4% of up-only problems and ~0.8 x 0.16 /
-    (0.8 x 0.16 + 0.2) = 39% of down-only ones (the corpus's 80 / 20 mix there, reweighted)"""
-    train_digits: tuple = (2,)
-    """numbers of known digits in train / test_easy problems (uniform). 2, not 3: with 3 the running sums
-    are learned in a sudden jump whose step varies with the seed (seed 0 at ~1,000 steps, seed 1 not by
-    1,500), so no fixed step count gave every seed a finished base; with 2 the loss falls smoothly"""
-    hard_digits: tuple = (2,)
-    """numbers of known digits in test_hard problems (which are all down-only)"""
+    """seeds the fact table, the splits, the corpus sampling, the model init and the sampling checks"""
+    num_symbols: int = 52
+    """symbols in the codebook (the first num_symbols of a-z, A-Z), ranked by corpus frequency per seed"""
+    num_common: int = 8
+    """the most frequent symbols: the "common" tier"""
+    num_medium: int = 16
+    """the next ones: the "medium" tier; every other symbol is "rare" (never in an RL training problem)"""
+    common_recall: tuple = (0.92, 0.99)
+    """corpus recall (probability that the corpus states the true digit) of common symbols: uniform"""
+    medium_recall: tuple = (0.03, 0.2)
+    """... of medium symbols: uniform"""
+    rare_recall: tuple = (0.003, 0.6)
+    """... of rare symbols: LOG-uniform, so some are nearly known and some nearly never stated right"""
+    confusion_alpha: float = 0.3
+    """Dirichlet concentration of how a symbol's wrong statements share the 9 wrong digits: small = one or
+    two favourite wrong digits per symbol (a misconception) and a thin tail (0.05, one favourite and almost
+    nothing else, made every objective gain coverage and PSR lose none: docs/toy-regime-log.md)"""
+    zipf: float = 1.3
+    """corpus frequency of the symbol of rank r (0 = most frequent): proportional to 1 / (r + 1)^zipf"""
+    corpus_symbols: tuple = (1, 2, 3)
+    """symbols per pre-training corpus problem (uniform)"""
+    easy_symbols: tuple = (2, 3)
+    """symbols per train / test_easy problem (uniform), common or medium, Zipf-weighted"""
+    hard_symbols: tuple = (2, 3)
+    """symbols per test_hard problem (uniform) ..."""
+    hard_rare: tuple = (1, 2)
+    """... of which this many (uniform) are rare (uniform over the rare tier), the rest common or medium"""
     num_train: int = 360
-    """problems in train.jsonl (the pre-training corpus AND the RL training set); 2 known digits allow
-    1,000 distinct problems, of which make_splits may use half"""
-    num_test: int = 64
+    """problems in train.jsonl (the RL training set)"""
+    train_hard_share: float = 0.0
+    """share of train problems drawn like test_hard problems (rare symbols; distinct problem texts)"""
+    num_test: int = 128
     """problems in each of test_easy.jsonl and test_hard.jsonl"""
     layers: int = 3
     hidden: int = 64
@@ -135,7 +147,7 @@ class ToyRecipe:
     """sequences per pre-training step"""
     pretrain_steps: int = 1000
     """supervised steps, FIXED: one recipe seed gives the same base on any machine (up to floating point)
-    and a predictable build time. Chosen so the competence check passes for recipe seeds 0-4 (docs/toy.md)"""
+    and a predictable build time"""
     check_every: int = 250
     """steps between cheap Pass@1 checks (n = check_n samples on check_problems problems per split), kept
     in base_eval.json "history" to show the learning curve; they do not stop the build"""
@@ -143,18 +155,16 @@ class ToyRecipe:
     check_problems: int = 32
     eval_n: int = 256
     """samples per problem of the full measurement saved in base_eval.json"""
-    strategy_n: int = 64
-    """samples per problem of the strategy-share measurement saved in base_eval.json"""
     max_new_tokens: int = 64
-    """response budget, ample for the longest reference solution (~50 characters)"""
-    easy_pass1: tuple = (0.30, 0.90)
+    """response budget, ample for the longest reference solution (~24 characters)"""
+    easy_pass1: tuple = (0.30, 0.80)
     """the competence targets, checked (and saved) after pre-training: a base that solves a fair share ..."""
-    easy_pass64_min: float = 0.85
+    easy_pass256_min: float = 0.85
     """... whose samples cover almost every easy problem ..."""
-    hard_pass1_max: float = 0.80
-    """... that leaves RL headroom on the hard split (where it must name the minority strategy) ..."""
-    hard_pass256_min: float = 0.85
-    """... and whose support already holds the right behaviour there: RL can reweight, it need not teach"""
+    hard_pass1_max: float = 0.20
+    """... that rarely solves a hard problem in one sample ..."""
+    hard_pass256_max: float = 0.90
+    """... and leaves some hard problems unsolved even at k = 256 (unsaturated)"""
     quick: bool = False
     """the tiny, seconds-long build for tests: no competence target, tiny model and splits"""
 
@@ -164,142 +174,128 @@ def quick_recipe(seed: int = 0) -> ToyRecipe:
     It checks the plumbing (files, reload, formats), not competence: its Pass@k is ~0."""
     return ToyRecipe(seed=seed, num_train=64, num_test=4, layers=2, hidden=32, heads=4, kv_heads=2,
                      batch_size=16, pretrain_steps=10, check_every=10**9, check_problems=4, check_n=2,
-                     eval_n=4, strategy_n=4, max_new_tokens=24, quick=True)
+                     eval_n=4, max_new_tokens=24, quick=True)
 
 
-def strategy_works(x: int, strategy: str, recipe: ToyRecipe) -> bool:
-    """Does `strategy` reach candidate x within its search window?"""
-    if strategy == UP:
-        return x <= recipe.up_last
-    if strategy == DOWN:
-        return x >= recipe.down_last
-    raise ValueError(f"unknown strategy {strategy!r}; choose one of {STRATEGIES}")
+def fact_table(recipe: ToyRecipe) -> dict[str, dict]:
+    """{symbol: {"rank", "tier", "value", "recall", "corpus", "weight"}}, deterministic from recipe.seed.
 
-
-def problem_group(answer: int, recipe: ToyRecipe) -> str:
-    """"up-only", "shared" or "down-only": which strategies reach this answer."""
-    up, down = strategy_works(answer, UP, recipe), strategy_works(answer, DOWN, recipe)
-    return "shared" if up and down else "up-only" if up else "down-only"
-
-
-STRATEGY_WORD = {UP: "Up", DOWN: "Down"}
-
-
-def analysis(running: list[str], target: int, d: int) -> str:
-    """The part of every solution before the strategy's name: "9,6-3=3" (running sums, target, d)."""
-    return f"{','.join(running)}-{target}={d}"
-
-
-def problem_text(digits: list[int], target: int) -> str:
-    """x+7+4+8 ends in 3. Digit x?"""
-    return "x+" + "+".join(map(str, digits)) + f" ends in {target}. Digit x?"
-
-
-def solve(digits: list[int], target: int, strategy: str, recipe: ToyRecipe, allow_fail: bool = False) -> str:
-    """The worked solution of one strategy (raises ValueError if it cannot solve it, unless allow_fail).
-
-    THE ANALYSIS first: running sums mod 10 of the known digits, minus the target: d = (s - target) % 10;
-    THEN the strategy's name, chosen with d in view (x = -d mod 10, so the choice is computable); then
-    candidates c:(d + c) % 10 in the strategy's order until the value is 0 (then x + s ends in target);
-    then the boxed candidate. (Checking "is it 0" instead of "is it the target" keeps each step local: the
-    target is read once, right after the running sums.) allow_fail: a strategy whose window misses x
-    writes every trial and ends with "none", no box: an honest failed attempt (a wrong answer).
+    rank: corpus-frequency rank (0 = most frequent); weight = 1 / (rank + 1)^zipf (relative corpus
+    frequency); value: the true digit; recall: probability that the corpus states it; corpus: the
+    10 probabilities (digit 0-9) with which a corpus solution states this symbol's digit.
     """
-    running, s = [], 0
-    for d in digits:
-        s = (s + d) % 10
-        running.append(str(s))
-    d = (s - target) % 10
-    order = range(0, recipe.up_last + 1) if strategy == UP else range(9, recipe.down_last - 1, -1)
-    trials = []
-    for c in order:
-        trials.append(f"{c}:{(d + c) % 10}")
-        if (d + c) % 10 == 0:
-            return f"{analysis(running, target, d)} {STRATEGY_WORD[strategy]} {' '.join(trials)} \\boxed{{{c}}}"
-    if allow_fail:
-        return f"{analysis(running, target, d)} {STRATEGY_WORD[strategy]} {' '.join(trials)} none"
-    raise ValueError(f"strategy {strategy!r} cannot solve digits={digits} target={target}")
+    if not 0 < recipe.num_common + recipe.num_medium < recipe.num_symbols <= len(SYMBOLS):
+        raise ValueError(f"need 0 < num_common + num_medium < num_symbols <= {len(SYMBOLS)}")
+    rng = random.Random(f"toy-facts-{recipe.seed}")
+    symbols = list(SYMBOLS[:recipe.num_symbols])
+    rng.shuffle(symbols)
+    table = {}
+    for rank, s in enumerate(symbols):
+        tier = COMMON if rank < recipe.num_common else MEDIUM if rank < recipe.num_common + recipe.num_medium else RARE
+        if tier == RARE:
+            lo, hi = recipe.rare_recall
+            recall = math.exp(rng.uniform(math.log(lo), math.log(hi)))
+        else:
+            recall = rng.uniform(*(recipe.common_recall if tier == COMMON else recipe.medium_recall))
+        value = rng.randrange(10)
+        shares = [rng.gammavariate(recipe.confusion_alpha, 1.0) for _ in range(9)]   # Dirichlet(alpha)
+        wrong = [d for d in range(10) if d != value]
+        corpus = [0.0] * 10
+        corpus[value] = recall
+        for d, share in zip(wrong, shares):
+            corpus[d] = (1 - recall) * share / sum(shares)
+        table[s] = {"rank": rank, "tier": tier, "value": value, "recall": recall, "corpus": corpus,
+                    "weight": 1.0 / (rank + 1) ** recipe.zipf}
+    return table
 
 
-def make_problem(rng: random.Random, num_digits: int, recipe: ToyRecipe, x: int | None = None) -> dict:
-    """One problem with a reference solution. x (the answer) is uniform over 0-9 unless given."""
-    digits = [rng.randrange(10) for _ in range(num_digits)]
-    x = rng.randrange(10) if x is None else x
-    target = (x + sum(digits)) % 10
-    strategy = reference_strategy(x, rng, recipe)
-    return {"problem": problem_text(digits, target), "answer": str(x),
-            "solution": solve(digits, target, strategy, recipe), "strategy": strategy,
-            "digits": digits, "target": target}
+def problem_text(symbols: list[str]) -> str:
+    """Decode kQa"""
+    return "Decode " + "".join(symbols)
 
 
-def reference_strategy(x: int, rng: random.Random, recipe: ToyRecipe) -> str:
-    """The corpus's choice: the only strategy that works, or on a shared problem the habit ("up")
-    with probability up_share_shared."""
-    up_ok, down_ok = strategy_works(x, UP, recipe), strategy_works(x, DOWN, recipe)
-    if up_ok and down_ok:
-        return UP if rng.random() < recipe.up_share_shared else DOWN
-    return UP if up_ok else DOWN
+def solve(symbols: list[str], digits: list[int]) -> str:
+    """The worked solution stating these digits: "k=3 Q=7 a=0 \\boxed{370}" (wrong if a digit is)."""
+    return " ".join(f"{s}={d}" for s, d in zip(symbols, digits)) + f" \\boxed{{{''.join(map(str, digits))}}}"
 
 
-def strategy_token_weights(recipe: ToyRecipe) -> dict[str, float]:
-    """Loss weight of the strategy name's first token ("U" / "D") in pre-training.
+def make_problem(symbols: list[str], facts: dict) -> dict:
+    """One problem with its reference solution (the true digits)."""
+    digits = [facts[s]["value"] for s in symbols]
+    return {"problem": problem_text(symbols), "answer": "".join(map(str, digits)),
+            "solution": solve(symbols, digits), "symbols": list(symbols)}
 
-    Weighted maximum likelihood on that token learns, in each context, P("D") ~ f_D w_D / (f_D w_D +
-    f_U w_U), where f_S is the frequency of strategy S in the corpus for that context. Over the whole
-    corpus (a model that ignores d) that is recipe.down_prior: solving for w_D with w_U = 1 gives the
-    formula below. Every other token keeps weight 1, so both strategies' EXECUTION is practised at
-    corpus frequency.
-    """
-    groups = [problem_group(x, recipe) for x in range(10)]
-    up_only, down_only, shared = (groups.count(g) for g in ("up-only", "down-only", "shared"))
-    f_up = (up_only + shared * recipe.up_share_shared) / 10
-    f_down = (down_only + shared * (1 - recipe.up_share_shared)) / 10
-    if not 0 < recipe.down_prior < 1 or f_down == 0:
-        raise ValueError(f"down_prior={recipe.down_prior} must be in (0, 1) and the corpus must use down")
-    # p = f_D w / (f_D w + f_U)  <=>  w = p f_U / ((1 - p) f_D)
-    return {UP: 1.0, DOWN: recipe.down_prior * f_up / ((1 - recipe.down_prior) * f_down)}
+
+def symbols_of(problem: str) -> list[str]:
+    """The symbols of a problem text: "Decode kQa" -> ["k", "Q", "a"]."""
+    return list(problem.split()[-1])
+
+
+def draw_symbols(rng: random.Random, pool: list[str], facts: dict, count: int, weighted: bool = True) -> list[str]:
+    """count distinct symbols from pool, each draw proportional to its corpus weight (or uniform)."""
+    pool, out = list(pool), []
+    for _ in range(count):
+        s = rng.choices(pool, weights=[facts[p]["weight"] for p in pool] if weighted else None)[0]
+        pool.remove(s)
+        out.append(s)
+    return out
+
+
+def tier_symbols(facts: dict, *tiers: str) -> list[str]:
+    return sorted((s for s, f in facts.items() if f["tier"] in tiers), key=lambda s: facts[s]["rank"])
 
 
 def make_splits(recipe: ToyRecipe) -> dict[str, list[dict]]:
     """train / test_easy / test_hard, deterministic from recipe.seed, with no problem text in two splits.
 
-    test_easy is drawn first from the train distribution; train then skips any problem text already
-    used (so the splits are disjoint); test_hard has only down-only answers (x > up_last) and
-    hard_digits known digits.
+    test_easy and train: common and medium symbols (Zipf-weighted); test_hard: 1-2 rare symbols (uniform
+    over the rare tier) among 2-3, the rest common or medium, in random order.
     """
+    facts = fact_table(recipe)
     rng = random.Random(f"toy-splits-{recipe.seed}")
+    trained, rare = tier_symbols(facts, COMMON, MEDIUM), tier_symbols(facts, RARE)
     seen: set[str] = set()
 
-    def draw(count, digit_choices, answers=None):
-        # each (digits, target) pair is one problem: refuse requests the space cannot fill
-        space = sum(10 ** k for k in set(digit_choices)) * (10 if answers is None else len(answers))
-        if count + len(seen) > space // 2:
-            raise ValueError(f"asked for {count} more distinct problems with {digit_choices} known digits, "
-                             f"but only {space} exist ({len(seen)} already used): use more digits")
-        out = []
+    def draw(count, make):
+        out, tries = [], 0
         while len(out) < count:
-            x = None if answers is None else rng.choice(answers)
-            p = make_problem(rng, rng.choice(digit_choices), recipe, x=x)
-            if p["problem"] in seen:
-                continue
-            seen.add(p["problem"])
-            out.append(p)
+            tries += 1
+            if tries > 100 * count + 1000:
+                raise ValueError(f"could not draw {count} distinct problems: too few symbols for the split sizes")
+            p = make_problem(make(), facts)
+            if p["problem"] not in seen:
+                seen.add(p["problem"])
+                out.append(p)
         return out
 
-    hard_answers = [x for x in range(10) if not strategy_works(x, UP, recipe)]
-    if not hard_answers:
-        raise ValueError(f"up_last={recipe.up_last} leaves no down-only answers for test_hard")
-    test_easy = draw(recipe.num_test, recipe.train_digits)
-    test_hard = draw(recipe.num_test, recipe.hard_digits, hard_answers)
-    train = draw(recipe.num_train, recipe.train_digits)
+    def easy():
+        return draw_symbols(rng, trained, facts, rng.choice(recipe.easy_symbols))
+
+    def hard():
+        length = rng.choice(recipe.hard_symbols)
+        num_rare = min(rng.choice(recipe.hard_rare), length)
+        symbols = (draw_symbols(rng, rare, facts, num_rare, weighted=False)
+                   + draw_symbols(rng, trained, facts, length - num_rare))
+        rng.shuffle(symbols)
+        return symbols
+
+    test_easy = draw(recipe.num_test, easy)
+    test_hard = draw(recipe.num_test, hard)
+    train = draw(recipe.num_train, lambda: hard() if rng.random() < recipe.train_hard_share else easy())
     return {"train": train, "test_easy": test_easy, "test_hard": test_hard}
 
 
-def strategy_of(response: str) -> str | None:
-    """Which strategy a response uses: its first word that names one ("Up" / "Down", normally the
-    second word, after the analysis); None if no word does."""
-    named = {word: strategy for strategy, word in STRATEGY_WORD.items()}
-    return next((named[word] for word in response.split() if word in named), None)
+def corpus_problem(rng: random.Random, facts: dict, recipe: ToyRecipe, exclude: set) -> dict:
+    """One pre-training corpus problem: symbols over ALL tiers by corpus weight, and a solution that
+    states each digit as the corpus does (the true one with probability recall, else a confusion)."""
+    symbols = list(facts)
+    while True:
+        chosen = draw_symbols(rng, symbols, facts, rng.choice(recipe.corpus_symbols))
+        text = problem_text(chosen)
+        if text not in exclude:
+            break
+    digits = [rng.choices(range(10), weights=facts[s]["corpus"])[0] for s in chosen]
+    return {"problem": text, "solution": solve(chosen, digits), "symbols": chosen}
 
 
 # =================================================================================================
@@ -374,35 +370,21 @@ def build_model(recipe: ToyRecipe, tokenizer):
 # =================================================================================================
 # PRE-TRAINING: supervised on reference solutions, stopping on measured competence
 # =================================================================================================
+def sft_batch(problems: list[dict], prompt_cache: dict, tokenizer):
+    """A batch of prompt + corpus response + <eos>, loss only on the response.
 
-def sft_batch(problems: list[dict], prompt_cache: dict, tokenizer, rng: random.Random, recipe: ToyRecipe):
-    """A batch of prompt + reference response + <eos>, loss only on the response.
-
-    Each problem's reference strategy is re-drawn here (on shared problems "up" with probability
-    up_share_shared), so the model learns the corpus MIX rather than one fixed choice per problem.
-    Returns input_ids (B, T), labels (B, T) with -100 on prompt and padding, attention_mask (B, T),
-    loss_weights (B, T): 0 off the response, strategy_token_weights() on the strategy name's first token,
-    1 on every other response token.
+    problems: corpus problems ({"problem", "solution"}; corpus_problem). prompt_cache: problem text ->
+    prompt ids (filled here). Returns input_ids (B, T), labels (B, T) with -100 on prompt and padding,
+    attention_mask (B, T), loss_weights (B, T): 1 on every response token, 0 elsewhere.
     """
-    strategy_weight = strategy_token_weights(recipe)
-    rows, label_rows, weight_rows = [], [], []
+    rows, label_rows = [], []
     for p in problems:
+        if p["problem"] not in prompt_cache:
+            prompt_cache[p["problem"]] = sample.encode_prompts(tokenizer, [p])[0][0]
         prompt = prompt_cache[p["problem"]]
-        x = int(p["answer"])
-        strategy = reference_strategy(x, rng, recipe)
-        other = DOWN if strategy == UP else UP
-        if recipe.fail_share and not strategy_works(x, other, recipe) and rng.random() < recipe.fail_share:
-            strategy = other                     # an honest failed attempt: the trials, then "none"
-        response = solve(p["digits"], p["target"], strategy, recipe, allow_fail=True)
-        response_ids = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        response_ids = tokenizer(p["solution"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
         rows.append(prompt + response_ids)
         label_rows.append([-100] * len(prompt) + response_ids)
-        # the strategy's name follows the analysis ("9,6-3=3 Down ..."): its first token carries the habit
-        at = len(tokenizer(response[:response.index(" " + STRATEGY_WORD[strategy]) + 1],
-                           add_special_tokens=False)["input_ids"])
-        weights = [1.0] * len(response_ids)
-        weights[at] = strategy_weight[strategy]
-        weight_rows.append([0.0] * len(prompt) + weights)
     width = max(map(len, rows))
     pad = tokenizer.pad_token_id
     # Right padding: positions are then 0..len-1 for every row, exactly as in sampling (which
@@ -410,7 +392,7 @@ def sft_batch(problems: list[dict], prompt_cache: dict, tokenizer, rng: random.R
     input_ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows])              # (B, T)
     labels = torch.tensor([r + [-100] * (width - len(r)) for r in label_rows])           # (B, T)
     attention_mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])  # (B, T)
-    loss_weights = torch.tensor([r + [0.0] * (width - len(r)) for r in weight_rows])      # (B, T)
+    loss_weights = (labels != -100).float()                                               # (B, T)
     return input_ids, labels, attention_mask, loss_weights
 
 
@@ -427,79 +409,84 @@ def sampled_accuracy(model, tokenizer, problems, n: int, max_new_tokens: int, se
     return correct / len(rows)
 
 
-def strategy_report(model, tokenizer, problems, n: int = 64, max_new_tokens: int = 64, seed: int = 0,
-                    chunk_size: int = 256, recipe: ToyRecipe | None = None) -> dict:
-    """Sample n responses per problem and measure each strategy's share and accuracy.
 
-    Returns {"share": {"up": f, "down": f, "other": f}, "accuracy": {"up": acc, "down": acc, ...},
-    "n": n, "num_problems": P}; accuracy of a strategy = fraction of ITS samples that are correct
-    (None if never sampled). This is how training runs show PSR narrowing the strategy mix. With a
-    recipe, also "down_by_group": the share of "down" on the up-only, shared and down-only problems
-    (a base that reads d names "down" far more often where only "down" works).
+@torch.no_grad()
+def recall_report(model, tokenizer, problems: list[dict], facts: dict) -> dict:
+    """The model's beliefs at every recall of the reference solutions (teacher-forced, one forward pass).
+
+    At the digit after "s=" it reads p(true digit), whether the true digit is the most likely token,
+    and the entropy (nats, whole vocabulary, temperature 1). Returns per tier {"p_true", "top1",
+    "entropy", "count"} (means over recall positions) and "problems": per problem the product of its
+    p(true digit), which is the model's chance to solve it when it copies its digits faithfully.
     """
     prompt_ids, kept, _ = sample.encode_prompts(tokenizer, problems)
-    rows = [ids for ids in prompt_ids for _ in range(n)]
-    generator = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
-    rollouts = sample.generate(model, rows, max_new_tokens, generator=generator, chunk_size=chunk_size)
-    counts = {UP: 0, DOWN: 0, "other": 0}
-    right = {UP: 0, DOWN: 0, "other": 0}
-    group_down, group_total = {}, {}                      # per problem group: "down" samples, all samples
-    for i, tokens in enumerate(rollouts.tokens):
-        response = tokenizer.decode(tokens, skip_special_tokens=True)
-        which = strategy_of(response) or "other"
-        counts[which] += 1
-        right[which] += verifier.is_correct(response, kept[i // n]["answer"])
-        if recipe is not None:
-            group = problem_group(int(kept[i // n]["answer"]), recipe)
-            group_down[group] = group_down.get(group, 0) + (which == DOWN)
-            group_total[group] = group_total.get(group, 0) + 1
-    total = len(rows)
-    report = {"share": {k: v / total for k, v in counts.items()},
-              "accuracy": {k: (right[k] / counts[k] if counts[k] else None) for k in counts},
-              "n": n, "num_problems": len(kept)}
-    if recipe is not None:
-        report["down_by_group"] = {g: group_down[g] / group_total[g] for g in sorted(group_total)}
-    return report
+    device = next(model.parameters()).device
+    stats = {t: {"p_true": 0.0, "top1": 0.0, "entropy": 0.0, "count": 0} for t in TIERS}
+    products = []
+    for prompt, p in zip(prompt_ids, kept):
+        solution = p["solution"] if "solution" in p else solve(symbols_of(p["problem"]), list(map(int, p["answer"])))
+        response = tokenizer(solution, add_special_tokens=False)["input_ids"]
+        ids = torch.tensor([prompt + response], device=device)
+        logp = torch.log_softmax(model(input_ids=ids).logits[0].float(), -1)            # (T, V)
+        product = 1.0
+        for i, ch in enumerate(solution):
+            if ch != "=" or i + 1 >= len(solution):
+                continue
+            s, pos = solution[i - 1], len(prompt) + i + 1         # char-level: char i+1 = response token i+1
+            row = logp[pos - 1]                                     # the logits that predict token pos
+            true_id = response[i + 1]
+            p_true = row[true_id].exp().item()
+            tier = facts[s]["tier"]
+            stats[tier]["p_true"] += p_true
+            stats[tier]["top1"] += float(row.argmax().item() == true_id)
+            stats[tier]["entropy"] += -(row.exp() * row).sum().item()
+            stats[tier]["count"] += 1
+            product *= p_true
+        products.append(product)
+    out = {t: ({k: v / s["count"] for k, v in s.items() if k != "count"} | {"count": s["count"]}) if s["count"] else None
+           for t, s in stats.items()}
+    out["problems"] = products
+    return out
 
 
 def competence(easy: dict, hard: dict, recipe: ToyRecipe) -> tuple[bool, list[str]]:
     """Check the base-model targets on two passk.evaluate results -> (all met, list of misses)."""
     lo, hi = recipe.easy_pass1
     e, h = easy["curve"], hard["curve"]
-    e64 = e.get(64, e.get(str(64), e[max(e)] if e else 0.0))
+    e256 = e.get(256, e.get(str(256), e[max(e)] if e else 0.0))
     h256 = h.get(256, h.get(str(256), h[max(h)] if h else 0.0))
     misses = []
     if not lo <= e[1] <= hi:
         misses.append(f"easy Pass@1 {e[1]:.3f} not in [{lo}, {hi}]")
-    if e64 < recipe.easy_pass64_min:
-        misses.append(f"easy Pass@64 {e64:.3f} < {recipe.easy_pass64_min}")
+    if e256 < recipe.easy_pass256_min:
+        misses.append(f"easy Pass@256 {e256:.3f} < {recipe.easy_pass256_min}")
     if h[1] > recipe.hard_pass1_max:
         misses.append(f"hard Pass@1 {h[1]:.3f} > {recipe.hard_pass1_max}")
-    if h256 < recipe.hard_pass256_min:
-        misses.append(f"hard Pass@256 {h256:.3f} < {recipe.hard_pass256_min}")
+    if h256 > recipe.hard_pass256_max:
+        misses.append(f"hard Pass@256 {h256:.3f} > {recipe.hard_pass256_max}")
     return not misses, misses
 
 
 def pretrain(model, tokenizer, splits: dict, recipe: ToyRecipe, log=print) -> dict:
-    """Supervised pre-training for recipe.pretrain_steps steps, then the competence measurement.
-    Returns {"easy": passk result, "hard": passk result, "steps", "seconds", "met", "misses", "history"}."""
+    """Supervised pre-training for recipe.pretrain_steps steps on the corpus stream, then the competence
+    measurement. Returns {"easy": passk result, "hard": passk result, "steps", "seconds", "met", "misses",
+    "history"}."""
     rng = random.Random(f"toy-corpus-{recipe.seed}")
-    prompt_ids, kept, _ = sample.encode_prompts(tokenizer, splits["train"] + splits["test_easy"]
-                                                + splits["test_hard"])
-    prompt_cache = {p["problem"]: ids for p, ids in zip(kept, prompt_ids)}
-    train = splits["train"]
+    facts = fact_table(recipe)
+    exclude = {p["problem"] for p in splits["test_easy"] + splits["test_hard"]}
+    prompt_cache: dict = {}
     check_easy = splits["test_easy"][:recipe.check_problems]
     check_hard = splits["test_hard"][:recipe.check_problems]
     optimizer = torch.optim.AdamW(model.parameters(), lr=recipe.lr, betas=(0.9, 0.98), weight_decay=0.0)
     start, history = time.time(), []
     bar = tqdm(range(1, recipe.pretrain_steps + 1), desc="toy pre-training", unit="step", dynamic_ncols=True)
     for step in bar:
-        # ---- one supervised step: -sum_t w_t log pi(reference token t) / sum_t w_t (response tokens) ----
+        # ---- one supervised step: -mean_t log pi(corpus token t) over the response tokens ----
         model.train()
         for group in optimizer.param_groups:
             group["lr"] = recipe.lr * min(1.0, step / 50)                   # linear warm-up
-        batch = [train[rng.randrange(len(train))] for _ in range(recipe.batch_size)]
-        input_ids, labels, attention_mask, loss_weights = sft_batch(batch, prompt_cache, tokenizer, rng, recipe)
+        batch = [corpus_problem(rng, facts, recipe, exclude) for _ in range(recipe.batch_size)]
+        input_ids, labels, attention_mask, loss_weights = sft_batch(batch, prompt_cache, tokenizer)
         logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1].float()  # (B, T-1, V)
         targets = labels[:, 1:].clamp(min=0)                                                     # (B, T-1)
         logp = torch.log_softmax(logits, -1).gather(-1, targets[..., None])[..., 0]             # (B, T-1)
@@ -598,6 +585,7 @@ def ensure_base(out_dir=None, recipe: ToyRecipe | None = None, quick: bool = Fal
 def _build(out_dir: pathlib.Path, recipe: ToyRecipe, start: float, log) -> pathlib.Path:
     """ensure_base's work: splits, tokenizer, model, pre-training, measurement, files."""
     torch.manual_seed(recipe.seed)
+    facts = fact_table(recipe)
     splits = make_splits(recipe)
     tokenizer = build_tokenizer()
     model = build_model(recipe, tokenizer)
@@ -607,8 +595,7 @@ def _build(out_dir: pathlib.Path, recipe: ToyRecipe, start: float, log) -> pathl
     if not result["met"]:
         log("toy: WARNING: competence targets not met: " + "; ".join(result["misses"]))
     model.eval()
-    shares = {name: strategy_report(model, tokenizer, splits[split], n=recipe.strategy_n,
-                                    max_new_tokens=recipe.max_new_tokens, seed=recipe.seed, recipe=recipe)
+    recall = {name: recall_report(model, tokenizer, splits[split], facts)
               for name, split in (("easy", "test_easy"), ("hard", "test_hard"))}
 
     tmp = out_dir.with_name(out_dir.name + f".tmp-{recipe_hash(recipe)}")
@@ -618,8 +605,9 @@ def _build(out_dir: pathlib.Path, recipe: ToyRecipe, start: float, log) -> pathl
     tokenizer.save_pretrained(tmp)
     for name in ("train", "test_easy", "test_hard"):
         write_jsonl(tmp / f"{name}.jsonl", splits[name])
+    (tmp / "facts.json").write_text(json.dumps(facts, indent=1))
     build_seconds = round(time.time() - start, 1)
-    base_eval = {"easy": result["easy"], "hard": result["hard"], "strategy": shares,
+    base_eval = {"easy": result["easy"], "hard": result["hard"], "recall": recall,
                  "competence_met": result["met"], "misses": result["misses"],
                  "pretrain_steps": result["steps"], "pretrain_seconds": result["seconds"],
                  "build_seconds": build_seconds, "history": result["history"],
@@ -634,6 +622,24 @@ def _build(out_dir: pathlib.Path, recipe: ToyRecipe, start: float, log) -> pathl
     return out_dir
 
 
+def fmt_recall(report: dict) -> str:
+    return "  ".join(f"{t}: p(true) {r['p_true']:.3f}, top-1 {r['top1']:.2f}, H {r['entropy']:.3f} ({r['count']})"
+                     for t, r in report.items() if t in TIERS and r)
+
+
+def recall_command(model_dir: str, base: str | None) -> int:
+    """`python toy.py recall MODEL [BASE]`: the recall report of a model (e.g. a training checkpoint)
+    on the test splits of BASE (default: MODEL itself), with the facts of BASE."""
+    base_path = pathlib.Path(base or model_dir)
+    facts = json.loads((base_path / "facts.json").read_text())
+    torch.set_num_threads(1)
+    model, tokenizer = sample.load_model(model_dir, dtype="float32", device="cpu")
+    for split in ("test_easy", "test_hard"):
+        problems = [json.loads(line) for line in (base_path / f"{split}.jsonl").read_text().splitlines()]
+        print(f"{split:9s} " + fmt_recall(recall_report(model, tokenizer, problems, facts)))
+    return 0
+
+
 # =================================================================================================
 # MAIN
 # =================================================================================================
@@ -644,8 +650,11 @@ def main(argv=None) -> int:
         # `python toy.py reproduce ...` = `python reproduce.py ...`, run as a child process: reproduce.py sits
         # ABOVE nsr.py, which imports this file, so importing it here would close an import circle
         return subprocess.call([sys.executable, str(pathlib.Path(__file__).with_name("reproduce.py")), *argv[1:]])
+    if argv[:1] == ["recall"] and len(argv) in (2, 3):
+        return recall_command(argv[1], argv[2] if len(argv) == 3 else None)
     parser = argparse.ArgumentParser(description="Build (or reuse) the toy base model and print its Pass@k. "
-                                     "`python toy.py reproduce ...` runs reproduce.py.")
+                                     "`python toy.py reproduce ...` runs reproduce.py; "
+                                     "`python toy.py recall MODEL [BASE]` prints a model's recall report.")
     parser.add_argument("--out", default=None, help="output directory (default runs/toy-base-s<seed>)")
     parser.add_argument("--quick", action="store_true", help="the seconds-long tiny build used by tests")
     parser.add_argument("--force", action="store_true", help="rebuild even if the cache matches the recipe "
@@ -658,9 +667,7 @@ def main(argv=None) -> int:
     for split in ("easy", "hard"):
         curve = base_eval[split]["curve"]
         print(f"{split:5s} " + "  ".join(f"Pass@{k}={float(v):.3f}" for k, v in curve.items()))
-        report = base_eval["strategy"][split]
-        print(f"      strategy share {report['share']}"
-              + (f", down by problem group {report['down_by_group']}" if "down_by_group" in report else ""))
+        print("      recall " + fmt_recall(base_eval["recall"][split]))
     print(f"build {base_eval['build_seconds']} s, {base_eval['pretrain_steps']} steps, "
           f"competence met: {base_eval['competence_met']}")
     return 0
