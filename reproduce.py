@@ -177,12 +177,13 @@ def recipe_for(job: dict) -> toy.ToyRecipe:
     return toy.quick_recipe(job["recipe_seed"]) if job["quick"] else toy.ToyRecipe(seed=job["recipe_seed"])
 
 
-def make_jobs(args, overrides: dict, sweep: tuple | None = None) -> list[dict]:
+def make_jobs(args, overrides: dict, sweeps: list | None = None) -> list[dict]:
     """One base job per recipe seed, then one training job per (recipe seed, training seed, method): the
-    unswept runs, and with --sweep FIELD=V1,V2 one more per value, labelled method[FIELD=V] (its "method")."""
+    unswept runs, and for each --sweep FIELD=V1,V2 one more per value, labelled method[FIELD=V] (its
+    "method"). Several --sweep flags add their variants side by side (an ablation), not their product."""
     out = pathlib.Path(args.out)
-    field, values = sweep or (None, [])
-    variants = [("", {})] + [(f"[{field}={text}]", {field: value}) for text, value in values]
+    variants = [("", {}, None)] + [(f"[{field}={text}]", {field: value}, field)
+                                   for field, values in (sweeps or []) for text, value in values]
     jobs = []
     for r in args.recipe_seeds:
         base = pathlib.Path(args.bases) / (f"toy-quick-s{r}" if args.quick else toy.base_dir(r).name)
@@ -190,7 +191,7 @@ def make_jobs(args, overrides: dict, sweep: tuple | None = None) -> list[dict]:
                      "base": str(base), "run_dir": str(out / f"r{r}-base"), "config": None, "quick": args.quick})
         for t in args.seeds:
             for method in args.methods:
-                for label, change in variants:
+                for label, change, field in variants:
                     run_dir = out / (f"r{r}-{method}-t{t}" if not label else
                                      f"r{r}-{method}-{field}-{label.split('=', 1)[1][:-1]}-t{t}")
                     cfg = training_config(base, method, t, run_dir, {**overrides, **change})
@@ -311,24 +312,67 @@ def verdicts(summary: dict, draws: dict) -> list[dict]:
     return found
 
 
+def unit_draws(units: dict, resamples: int = 2000, seed: int = 1) -> np.ndarray:
+    """Bootstrap draws of the mean of per-run values {recipe seed: [value (or vector) of each run]},
+    resampling the INDEPENDENT units: recipe seeds (independent bases), then the training seeds within each
+    (independent runs from one base)."""
+    rng, recipes = np.random.default_rng(seed), sorted(units)
+    draws = []
+    for _ in range(resamples):
+        picked = [units[r][j] for r in rng.choice(recipes, len(recipes))
+                  for j in rng.integers(0, len(units[r]), len(units[r]))]
+        draws.append(np.mean(picked, axis=0))
+    return np.array(draws)
+
+
 def entropy_draws(summary: dict, resamples: int = 2000, seed: int = 1) -> tuple[np.ndarray, np.ndarray]:
-    """Bootstrap draws of the mean entropy differences PSR - base and NSR - PSR (nats/token), resampling the
-    INDEPENDENT units: recipe seeds (independent bases), then the training seeds within each (independent
-    runs from one base). The two test splits of one run are not independent (the same weights), so a run's
-    difference is its mean over the splits, never two units."""
+    """Bootstrap draws of the mean entropy differences PSR - base and NSR - PSR (nats/token) over the
+    independent units (unit_draws). The two test splits of one run are not independent (the same weights),
+    so a run's difference is its mean over the splits, never two units."""
     ent = {(r["method"], r["recipe_seed"], r["train_seed"], r["split"]): r["mean_entropy"] for r in summary["runs"]}
     units = {}                                                    # recipe seed -> [(PSR - base, NSR - PSR) per run]
     for method, recipe, train, _ in sorted(k for k in ent if k[0] == "psr" and k[3] == SPLITS[0]):
         a = np.mean([ent[("psr", recipe, train, s)] - ent[("base", recipe, None, s)] for s in SPLITS])
         b = np.mean([ent[("nsr", recipe, train, s)] - ent[("psr", recipe, train, s)] for s in SPLITS])
         units.setdefault(recipe, []).append((a, b))
-    rng, recipes = np.random.default_rng(seed), sorted(units)
-    draws = np.zeros((resamples, 2))
-    for i in range(resamples):
-        picked = [units[r][j] for r in rng.choice(recipes, len(recipes))
-                  for j in rng.integers(0, len(units[r]), len(units[r]))]
-        draws[i] = np.mean(picked, axis=0)
+    draws = unit_draws(units, resamples, seed)
     return draws[:, 0], draws[:, 1]
+
+
+def cells(summary: dict, draws: dict) -> dict:
+    """Every method and swept variant (a "cell" of an ablation): per split, Pass@1, Pass@n and the
+    difference to the base at k = n from the paired bootstrap draws, and the test entropy over the
+    independent runs (unit_draws); each [mean, 2.5%, 97.5%]."""
+    out = {}
+    for label in sorted({r["method"] for r in summary["runs"]}, key=label_order):
+        out[label] = {}
+        for s in SPLITS:
+            d = draws[(label, s)]
+            ent = {}
+            for r in summary["runs"]:
+                if r["method"] == label and r["split"] == s:
+                    ent.setdefault(r["recipe_seed"], []).append(r["mean_entropy"])
+            e = unit_draws(ent)
+            out[label][s] = {"pass@1": [float(d[:, 0].mean()), *interval(d[:, 0])],
+                             f"pass@{N}": [float(d[:, -1].mean()), *interval(d[:, -1])],
+                             f"minus_base@{N}": [float((d[:, -1] - draws[("base", s)][:, -1]).mean()),
+                                                 *interval(d[:, -1] - draws[("base", s)][:, -1])],
+                             "entropy": [float(e.mean()), *interval(e)]}
+    return out
+
+
+def format_cells(found: dict) -> str:
+    head = f"{'cell':<30}{'split':<11}{'Pass@1':>22}{'Pass@' + str(N):>22}{'- base @' + str(N):>24}{'entropy':>26}"
+    lines = ["each method and variant, mean [95% bootstrap interval over recipe seeds, problems, training seeds]", head]
+    for label, by_split in found.items():
+        for s, row in by_split.items():
+            cells_ = [f"{row[k][0]:6.1f} [{row[k][1]:6.1f},{row[k][2]:6.1f}]" for k in ("pass@1", f"pass@{N}")]
+            diff = row[f"minus_base@{N}"]
+            ent = row["entropy"]
+            lines.append(f"{display(label):<30}{s:<11}{cells_[0]:>22}{cells_[1]:>22}"
+                         f"{diff[0]:+7.1f} [{diff[1]:+6.1f},{diff[2]:+6.1f}]"
+                         f"{ent[0]:8.4f} [{ent[1]:.4f},{ent[2]:.4f}]")
+    return "\n".join(lines)
 
 
 # =================================================================================================
@@ -470,9 +514,10 @@ def parse_args(argv=None):
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS, help="default: all six")
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                         help="override an nsr.Config field for every method, e.g. --set lr=1e-4 (repeatable)")
-    parser.add_argument("--sweep", default=None, metavar="FIELD=V1,V2,...",
+    parser.add_argument("--sweep", action="append", default=[], metavar="FIELD=V1,V2,...",
                         help="also run every method at each value of one nsr.Config field, labelled "
-                             "method[FIELD=V] in the tables; the verdicts use the unswept runs only")
+                             "method[FIELD=V] in the tables; repeatable (each sweep's variants side by side, "
+                             "an ablation); the verdicts use the unswept runs only")
     parser.add_argument("--jobs", type=int, default=2, help="parallel processes (default 2: one per core)")
     parser.add_argument("--out", default="runs/reproduce", help="output directory (default runs/reproduce)")
     parser.add_argument("--bases", default="runs", help="where the toy bases are cached (default runs/)")
@@ -491,23 +536,23 @@ def parse_args(argv=None):
             parser.error(f"{flag} {item!r}: {value!r} is not a {fields[name].type}")
 
     overrides = {name: values[0][1] for name, values in (field_value("--set", item) for item in args.set)}
-    sweep = field_value("--sweep", args.sweep) if args.sweep else None
+    sweeps = [field_value("--sweep", item) for item in args.sweep]
     if args.jobs < 1:
         parser.error(f"--jobs must be >= 1, got {args.jobs}")
     for name in ("recipe_seeds", "seeds", "methods"):
         if len(set(getattr(args, name))) != len(getattr(args, name)):
             parser.error(f"--{name.replace('_', '-')} must be distinct, got {getattr(args, name)}")
-    for change in [{}] + [{sweep[0]: value} for _, value in (sweep[1] if sweep else [])]:
+    for change in [{}] + [{field: value} for field, values in sweeps for _, value in values]:
         problems = settings.config_problems(nsr.Config(**{**nsr.TOY_DEFAULTS, **overrides, **change}), nsr.OBJECTIVES)
         if problems:
             parser.error("invalid training settings:\n  " + "\n  ".join(problems))
-    return args, overrides, sweep
+    return args, overrides, sweeps
 
 
 def main(argv=None) -> int:
-    args, overrides, sweep = parse_args(argv)
+    args, overrides, sweeps = parse_args(argv)
     start = time.time()
-    jobs = make_jobs(args, overrides, sweep)
+    jobs = make_jobs(args, overrides, sweeps)
     print(f"reproduce: {len(jobs)} jobs ({len(args.recipe_seeds)} bases, {len(jobs) - len(args.recipe_seeds)} "
           f"training runs) in {args.jobs} processes -> {args.out}", flush=True)
     # the bases first (each training job needs its base built), then every training run
@@ -525,13 +570,14 @@ def main(argv=None) -> int:
     by_seed = verdicts_by_recipe_seed(unswept) if len(args.recipe_seeds) > 1 else {}
     summary["verdicts_by_recipe_seed"] = {str(seed): v for seed, v in by_seed.items()}
     summary["coverage"] = coverage(summary)
+    summary["cells"] = cells(summary, bootstrap(summary))          # every variant, with its intervals
     summary["dynamics"] = dynamics(records)
     summary["diverged"] = {r["name"]: r["diverged"] for r in records if r.get("diverged")}
     summary["job_keys"] = sorted(job["key"] for job in jobs)     # exactly which runs this summary holds
     first = next((j for j in jobs if j["config"]), None)
     summary["settings"] = {"training": {k: v for k, v in (first["config"] if first else {}).items()
                                         if k not in ("objective", "seed", "out_dir", "model", "train")},
-                           "sweep": {"field": sweep[0], "values": [v for _, v in sweep[1]]} if sweep else None,
+                           "sweeps": [{"field": field, "values": [v for _, v in values]} for field, values in sweeps],
                            "recipe_seeds": args.recipe_seeds, "train_seeds": args.seeds,
                            "seconds": round(time.time() - start, 1)}
     out = pathlib.Path(args.out)
@@ -540,7 +586,8 @@ def main(argv=None) -> int:
         print(f"{earlier} summarised other jobs: moved it to {sample.move_aside(earlier)}")
     earlier.write_text(json.dumps(summary, indent=1))
     plot = plot_dynamics(summary["dynamics"], out / "dynamics.png") if summary["dynamics"] else None
-    print("\n" + tables(summary) + "\n\n" + format_coverage(summary["coverage"]) + "\n\n" + format_verdicts(found))
+    print("\n" + tables(summary) + "\n\n" + format_coverage(summary["coverage"]) + "\n\n"
+          + format_cells(summary["cells"]) + "\n\n" + format_verdicts(found))
     if by_seed:
         print("\neach recipe seed alone (its evidence: summary.json \"verdicts_by_recipe_seed\"):")
         for seed, seed_found in by_seed.items():
