@@ -22,9 +22,9 @@ keeps the reference), and runs, in a fresh process: (1) P's visible tests from T
 (a student cannot weaken them), one check per test function; (2) P's differential checks, DIFF_CASES
 fresh random cases each, from a new seed every run (printed), so answers cannot be memorised. Points =
 P's maximum x checks passed / checks. A bug in P costs points in P only; a blank decode step costs only
-decode_step. Tolerances of the differential checks (TOLERANCE): float64 inputs where the function is
-dtype-agnostic, compared with rtol 1e-7 and atol 1e-9; the fp32 functions (logprobs, decode_step) with
-rtol 1e-5 and atol 1e-6; indices, masks and error types exactly. (CS336's snapshot tests use atol 1e-2.)
+decode_step. The differential checks' tolerances are TOLERANCE below (float64 inputs where the function is
+dtype-agnostic; the fp32 functions with an atol that grows with the logits' size, logit_scale); indices,
+masks and error types are compared exactly. (CS336's snapshot tests use atol 1e-2.)
 """
 
 from __future__ import annotations
@@ -161,14 +161,12 @@ NOT_HANDED_OUT = ("docs/assignment.md",)
 
 
 def project_files(root: pathlib.Path = HERE) -> list[str]:
-    """The files of the project: git's tracked files, or (no git) every file outside runs/, caches, .git."""
+    """The files of the project: git's tracked files, or (no git) project_files_in(root)."""
     try:
         out = subprocess.run(["git", "ls-files"], cwd=root, capture_output=True, text=True, check=True).stdout
         return [f for f in out.splitlines() if (root / f).is_file()]
     except (OSError, subprocess.CalledProcessError):
-        skip = ("runs", ".git", "__pycache__", ".pytest_cache")
-        return [str(p.relative_to(root)) for p in sorted(root.rglob("*"))
-                if p.is_file() and not any(part in skip for part in p.relative_to(root).parts)]
+        return project_files_in(root)
 
 
 def handout(out: pathlib.Path, root: pathlib.Path = HERE) -> list[Problem]:
@@ -201,11 +199,19 @@ def strip_cuts(text: str) -> str:
     return re.sub(r"(?ms)^[ \t]*# HANDOUT: cut\b.*?^[ \t]*# HANDOUT: end[^\n]*\n", "", text)
 
 
+MAX_SUBMITTED_BYTES = 5 * 2 ** 20        # a larger file (a model, a data set) is no one's edit
+
+
 def project_files_in(root: pathlib.Path) -> list[str]:
-    skip = ("runs", ".git", "__pycache__", ".pytest_cache")
-    return [str(p.relative_to(root)) for p in sorted(root.rglob("*"))
-            if p.is_file() and not any(part in skip for part in p.relative_to(root).parts)
-            and p.name not in (".handout.json", "submission.zip")]
+    """Every file under root but run outputs, checkpoints, hidden directories (.git, a .venv), caches and
+    the kit's own bookkeeping."""
+    out = []
+    for p in sorted(root.rglob("*")):
+        parts = p.relative_to(root).parts
+        if p.is_file() and not any(part == "runs" or part.startswith((".", "checkpoint-")) or part == "__pycache__"
+                                   for part in parts[:-1]) and p.name not in (".handout.json", "submission.zip"):
+            out.append(str(p.relative_to(root)))
+    return out
 
 
 def sha256(path: pathlib.Path) -> str:
@@ -213,24 +219,48 @@ def sha256(path: pathlib.Path) -> str:
 
 
 def handout_text(problems: list[Problem]) -> str:
+    problems = sorted(problems, key=lambda p: list(CHECKS).index(p.id))        # CHECKS' order: dependencies first
     rows = "\n".join(f"| {i} | `{p.id}` | `{p.file}`: `{p.qualname}` | {p.points:g}{' (bonus)' if p.bonus else ''} "
                      f"| {p.title} | `python -m pytest -q test_nsr.py -k \"{' or '.join(CHECKS[p.id]['tests'])}\"` |"
                      for i, p in enumerate(problems, start=1))
     total = sum(p.points for p in problems if not p.bonus)
     bonus = sum(p.points for p in problems if p.bonus)
     return HANDOUT.format(rows=rows, total=f"{total:g}", bonus=f"{bonus:g}", cases=DIFF_CASES,
-                          writeup_questions=WRITEUP_QUESTIONS)
+                          writeup_questions=WRITEUP_QUESTIONS,
+                          rtol64=TOLERANCE["float64"]["rtol"], atol64=TOLERANCE["float64"]["atol"],
+                          rtol32=TOLERANCE["float32"]["rtol"], atol32=TOLERANCE["float32"]["atol"])
 
 
 # =================================================================================================
 # GRADE: each problem in its own copy of the reference, in its own process
 # =================================================================================================
+#
+# Three kinds of process, none of which sees another's code:
+#   the grader (this process)  makes the copies, compares the outputs, adds up the points;
+#   one REFERENCE process      in a pristine copy of this checkout: the reference outputs of every problem;
+#   one STUDENT process per problem, in a copy of this checkout where only that problem's function (and the
+#                              top-level names the student added to its file) come from the student: the
+#                              visible tests, then the outputs of the student's function on the same inputs.
+# The inputs are regenerated from the seed in each process and every call gets a fresh copy, so a function
+# that edits its inputs in place changes nothing for the other side.
+
+CODE = (*SOURCES, "toy.py", "presets.py", "precision.py", "runs.py", "settings.py", "reproduce.py",
+        "test_nsr.py", "pytest.ini", "assignment.py")
+
 
 def grade(student: pathlib.Path, root: pathlib.Path = HERE, only=None, jobs: int = 2) -> dict:
-    """{"total", "max", "problems": {id: {"points", "max", "bonus", "failed": [...], "seed"}}}."""
+    """{"total", "max", "problems": {id: {"points", "max", "bonus", "failed": [...], "checks", "seed"}}}."""
+    if (root / ".handout.json").is_file():
+        raise SystemExit("assignment.py: error: this is a handout, not the reference: grading compares with the "
+                         "reference checkout (run the visible tests here instead: HANDOUT.md)")
     problems = [p for p in find_problems(root) if not only or p.id in only]
-    with concurrent.futures.ThreadPoolExecutor(max_workers=jobs) as pool:
-        results = list(pool.map(lambda p: grade_problem(p, student, root), problems))
+    seeds = {p.id: secrets.randbits(32) for p in problems}            # fresh inputs every run
+    with tempfile.TemporaryDirectory(prefix="grade-") as tmp:
+        tmp = pathlib.Path(tmp)
+        reference = copy_code(root, tmp / "reference")
+        ref_out = run_process(reference, ["_outputs", *seeds_args(seeds)], tmp / "reference.pt")
+        with concurrent.futures.ThreadPoolExecutor(max_workers=jobs) as pool:
+            results = list(pool.map(lambda p: grade_problem(p, student, root, tmp, seeds[p.id], ref_out), problems))
     out = {"total": 0.0, "max": 0.0, "problems": {}}
     for p, r in zip(problems, results):
         out["problems"][p.id] = r
@@ -240,369 +270,467 @@ def grade(student: pathlib.Path, root: pathlib.Path = HERE, only=None, jobs: int
     return out
 
 
-def grade_problem(problem: Problem, student: pathlib.Path, root: pathlib.Path) -> dict:
-    """Grade one problem: the student's function inside a copy of the reference, checked in a subprocess."""
-    result = {"points": 0.0, "max": problem.points, "bonus": problem.bonus, "failed": [], "seed": None}
+def seeds_args(seeds: dict) -> list[str]:
+    return [f"{pid}={seed}" for pid, seed in seeds.items()]
+
+
+def copy_code(root: pathlib.Path, dest: pathlib.Path) -> pathlib.Path:
+    dest.mkdir(parents=True)
+    for name in CODE:
+        shutil.copy(root / name, dest / name)
+    return dest
+
+
+def run_process(cwd: pathlib.Path, args: list[str], out: pathlib.Path):
+    """Run `python assignment.py <args> --out <out>` in cwd -> what it saved (torch.load), or an error string."""
+    import torch
     try:
-        text = function_text((student / problem.file).read_text(), problem.qualname)
-    except (OSError, SyntaxError) as e:
-        text, result["failed"] = None, [f"{problem.file} unreadable: {e}"]
-    if text is None:
-        result["failed"] = result["failed"] or [f"{problem.qualname} not found in {problem.file}"]
+        proc = subprocess.run([sys.executable, str(cwd / "assignment.py"), *args, "--out", str(out)], cwd=cwd,
+                              capture_output=True, text=True, timeout=PROBLEM_TIMEOUT,
+                              env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"})
+    except subprocess.TimeoutExpired:
+        return f"timed out after {PROBLEM_TIMEOUT} s"
+    if not out.is_file():
+        return "the check process failed: " + ((proc.stderr.strip().splitlines() or ["?"])[-1])[:200]
+    return torch.load(out, weights_only=False)
+
+
+def grade_problem(problem: Problem, student: pathlib.Path, root: pathlib.Path, tmp: pathlib.Path, seed: int,
+                  ref_out) -> dict:
+    """One problem: the student's function spliced into a copy of the reference, checked in its own process."""
+    result = {"points": 0.0, "max": problem.points, "bonus": problem.bonus, "failed": [], "checks": 0, "seed": seed}
+    try:
+        spliced = splice(problem, (student / problem.file).read_text(), (root / problem.file).read_text())
+    except (OSError, SyntaxError, ValueError) as e:
+        result["failed"] = [f"{problem.file}: {e}"]
         return result
-    with tempfile.TemporaryDirectory(prefix=f"grade-{problem.id}-") as tmp:
-        tmp = pathlib.Path(tmp)
-        for name in (*SOURCES, "toy.py", "presets.py", "precision.py", "runs.py", "settings.py", "reproduce.py",
-                     "test_nsr.py", "pytest.ini", "assignment.py"):
-            shutil.copy(root / name, tmp / name)
-        source = (tmp / problem.file).read_text()
-        (tmp / problem.file).write_text(replace_function(source, problem.qualname, text))
-        seed = secrets.randbits(32)
-        cmd = [sys.executable, str(tmp / "assignment.py"), "_check", problem.id, "--reference", str(root),
-               "--seed", str(seed)]
-        try:
-            proc = subprocess.run(cmd, cwd=tmp, capture_output=True, text=True, timeout=PROBLEM_TIMEOUT,
-                                  env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"})
-            checks = json.loads(proc.stdout.strip().splitlines()[-1])
-        except subprocess.TimeoutExpired:
-            checks = [("everything", False, f"timed out after {PROBLEM_TIMEOUT} s")]
-        except (ValueError, IndexError):
-            checks = [("everything", False, "the check process failed: " + (proc.stderr.strip().splitlines() or ["?"])[-1])]
-    result["seed"] = seed
+    where = copy_code(root, tmp / f"student-{problem.id}")
+    (where / problem.file).write_text(spliced)
+    got = run_process(where, ["_outputs", f"{problem.id}={seed}", "--tests"], tmp / f"student-{problem.id}.pt")
+    if isinstance(ref_out, str):
+        raise RuntimeError(f"the reference process failed: {ref_out}")
+    checks = [("everything", False, got)] if isinstance(got, str) else (
+        [(f"test {name}", ok, detail) for name, (ok, detail) in got["tests"].items()]
+        + [compare_outputs(problem.id, seed, got["outputs"][problem.id], ref_out["outputs"][problem.id])])
     passed = sum(ok for _, ok, _ in checks)
-    result["points"] = round(problem.points * passed / len(checks), 2)
-    result["failed"] = [f"{name}: {detail}" for name, ok, detail in checks if not ok]
-    result["checks"] = len(checks)
+    result.update(points=round(problem.points * passed / len(checks), 2), checks=len(checks),
+                  failed=[f"{name}: {detail}" for name, ok, detail in checks if not ok])
     return result
 
 
-def run_checks(problem_id: str, reference: pathlib.Path, seed: int) -> list:
-    """In the grading process (cwd = the spliced copy): the visible tests, then the differential checks.
-    Returns [(check, passed, detail)]."""
+def splice(problem: Problem, student_source: str, reference_source: str) -> str:
+    """The reference file with the student's function in place of the reference one, plus the top-level
+    names the student ADDED to the file (imports, helper functions, constants), appended. Everything else
+    in the student's file (the other problems, code the student changed elsewhere) is the reference's."""
+    text = function_text(student_source, problem.qualname)
+    if text is None:
+        raise ValueError(f"{problem.qualname} not found")
+    spliced = replace_function(reference_source, problem.qualname, text)
+    known = {ast.unparse(n) for n in ast.parse(reference_source).body if isinstance(n, (ast.Import, ast.ImportFrom))}
+    defined = top_level_names(reference_source)
+    added = []
+    lines = student_source.splitlines(keepends=True)
+    for node in ast.parse(student_source).body:
+        new_import = isinstance(node, (ast.Import, ast.ImportFrom)) and ast.unparse(node) not in known
+        new_name = not isinstance(node, (ast.Import, ast.ImportFrom)) and (top_level_names_of(node) - defined)
+        if new_import or new_name:
+            first = min([node.lineno] + [d.lineno for d in getattr(node, "decorator_list", [])])
+            added.append("".join(lines[first - 1:node.end_lineno]))
+    return spliced + ("\n\n# ---- added by the student ----\n" + "\n".join(added) if added else "")
+
+
+def top_level_names_of(node) -> set:
+    if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+        return {node.name}
+    if isinstance(node, (ast.Assign, ast.AnnAssign)):
+        targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+        return {n.id for t in targets for n in ast.walk(t) if isinstance(n, ast.Name)}
+    return set()
+
+
+def top_level_names(source: str) -> set:
+    return set().union(*(top_level_names_of(n) for n in ast.parse(source).body))
+
+
+def outputs_process(seeds: dict, tests: bool, out: pathlib.Path) -> None:
+    """In a graded copy (cwd): the visible tests (with --tests) and every problem's outputs on its cases."""
+    import torch
+    sys.path.insert(0, str(pathlib.Path.cwd()))
+    problems = {p.id: p for p in find_problems(pathlib.Path.cwd())}
+    result = {"tests": {}, "outputs": {}}
+    for pid, seed in seeds.items():
+        if tests:
+            result["tests"].update(visible_tests(pid))
+        fn = function_of(problems[pid])
+        result["outputs"][pid] = [call(CHECKS[pid]["diff"].run, fn, case)
+                                  for case in CHECKS[pid]["diff"].cases(random.Random(seed))]
+    torch.save(result, out)
+
+
+def visible_tests(problem_id: str) -> dict:
+    """{test name: (passed, detail)}: one check per test function (all its parametrizations); a test that
+    is skipped, or that the file fails to collect, is not passed."""
     import pytest
 
-    class Collect:                          # one outcome per test function (all its parametrizations)
+    class Collect:
         def __init__(self):
-            self.outcomes, self.skipped = {}, set()
+            self.outcomes = {}
 
         def pytest_runtest_logreport(self, report):
             name = report.nodeid.split("::")[-1].split("[")[0]
-            if report.skipped:
-                self.skipped.add(name)
-                return
             ok, detail = self.outcomes.get(name, (True, ""))
-            if report.failed:
-                ok, detail = False, (report.longreprtext.strip().splitlines() or ["failed"])[-1][:200]
+            if report.failed or report.skipped:
+                ok, detail = False, ("skipped" if report.skipped else
+                                     (report.longreprtext.strip().splitlines() or ["failed"])[-1][:200])
             self.outcomes[name] = (ok, detail)
 
     collect = Collect()
     tests = CHECKS[problem_id]["tests"]
     pytest.main(["-q", "-p", "no:cacheprovider", "test_nsr.py", "-k", " or ".join(tests)], plugins=[collect])
-    checks = [(f"test {name}", *collect.outcomes.get(name, (False, "not run: the test file did not import")))
-              for name in tests if name in collect.outcomes or name not in collect.skipped]
-    problem = next(p for p in find_problems(pathlib.Path.cwd()) if p.id == problem_id)
-    student = load_function(pathlib.Path.cwd() / problem.file, problem.qualname, "student")
-    ref = load_function(reference / problem.file, problem.qualname, "reference")
-    rng = random.Random(seed)
-    for name, check in CHECKS[problem_id]["diff"]:
-        try:
-            ok, detail = check(student, ref, rng)
-        except Exception as e:                                   # a crash in the student's code fails the check
-            ok, detail = False, f"{type(e).__name__}: {str(e)[:160]}"
-        checks.append((f"differential: {name}", ok, detail))
-    return checks
+    return {name: collect.outcomes.get(name, (False, "not run: the test file did not import")) for name in tests}
 
 
-def load_function(path: pathlib.Path, qualname: str, tag: str):
-    """The function `qualname` of the file at path, loaded as its own module (its imports resolve to the
-    spliced copy, identical to the reference but for the problem's function)."""
-    spec = importlib.util.spec_from_file_location(f"{tag}_{path.stem}", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module                       # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    obj = module
-    for part in qualname.split("."):
+def function_of(problem: Problem):
+    """The problem's function in the graded copy (imported the ordinary way: cwd is on sys.path)."""
+    obj = importlib.import_module(problem.file[:-3])
+    for part in problem.qualname.split("."):
         obj = getattr(obj, part)
     return obj
 
 
+def call(run, fn, case):
+    """run(fn, a fresh copy of case) -> ("ok", outputs) or ("raised", the exception type's name)."""
+    import copy
+    try:
+        return ("ok", run(fn, copy.deepcopy(case)))
+    except Exception as e:                                        # errors are part of the specification
+        return ("raised", type(e).__name__)
+
+
+def compare_outputs(problem_id: str, seed: int, got: list, want: list) -> tuple[str, bool, str]:
+    diff = CHECKS[problem_id]["diff"]
+    cases = diff.cases(random.Random(seed))
+    name = f"differential: {diff.name} ({len(cases)} cases, seed {seed})"
+    if len(got) != len(want):
+        return name, False, "a different number of outputs"
+    for i, (case, (kind, value), (ref_kind, ref_value)) in enumerate(zip(cases, got, want)):
+        if kind != ref_kind or (kind == "raised" and value != ref_value):
+            what = f"raised {value}" if kind == "raised" else "returned"
+            return name, False, f"case {i} ({short(case)}): {what} where the reference " + \
+                (f"raised {ref_value}" if ref_kind == "raised" else "returned")
+        if kind == "ok":
+            try:
+                same = diff.same(value, ref_value, case)
+            except Exception as e:                                # outputs of the wrong kind or shape
+                same = False
+            if not same:
+                return name, False, f"case {i} ({short(case)}): a different result"
+    return name, True, ""
+
+
 # =================================================================================================
-# CHECKS: per problem, the visible tests and the differential checks (student vs reference)
+# CHECKS: per problem, the visible tests and the differential check (cases -> run -> same)
 # =================================================================================================
 
-def close(a, b, kind="float64") -> bool:
+@dataclass
+class Diff:
+    """A differential check: cases(rng) draws the inputs (identically in every process, from one seed);
+    run(fn, case) calls a function on one case and returns what is compared (values AND, where the
+    function carries a gradient, the gradient); same(got, want, case) compares the student's outputs with
+    the reference's."""
+    name: str
+    cases: object
+    run: object
+    same: object
+
+
+def close(a, b, kind="float64", atol_scale: float = 1.0) -> bool:
+    """Tensors of the same shape and dtype, or numbers, equal within TOLERANCE[kind] (atol x atol_scale)."""
     import torch
+    tol = dict(TOLERANCE[kind], atol=TOLERANCE[kind]["atol"] * atol_scale)
     if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
         return (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape
-                and a.dtype == b.dtype and bool(torch.allclose(a, b, equal_nan=True, **TOLERANCE[kind])))
+                and a.dtype == b.dtype and bool(torch.allclose(a, b, equal_nan=True, **tol)))
     if isinstance(a, float) or isinstance(b, float):
-        return isinstance(a, (int, float)) and math.isclose(a, b, rel_tol=TOLERANCE[kind]["rtol"],
-                                                           abs_tol=TOLERANCE[kind]["atol"])
+        return isinstance(a, (int, float)) and math.isclose(a, b, rel_tol=tol["rtol"], abs_tol=tol["atol"])
     return a == b
 
 
-def outcome(fn, *args, **kwargs):
-    """(result, None) or (None, the exception type's name): errors are part of the specification."""
-    try:
-        return fn(*args, **kwargs), None
-    except Exception as e:
-        return None, type(e).__name__
-
-
-def compare(student, ref, cases, check) -> tuple[bool, str]:
-    """Run both on every case (a dict of kwargs); check(student_result, ref_result) -> bool."""
-    for i, kwargs in enumerate(cases):
-        (got, err), (want, ref_err) = outcome(student, **kwargs), outcome(ref, **kwargs)
-        if ref_err or err:
-            if err != ref_err:
-                return False, f"case {i}: raised {err} where the reference {'raised ' + ref_err if ref_err else 'returned'}"
-            continue
-        if not check(got, want):
-            return False, f"case {i} ({short(kwargs)}): a different result"
-    return True, ""
-
-
-def short(kwargs: dict) -> str:
+def short(case) -> str:
     import torch
-    return ", ".join(f"{k}={tuple(v.shape) if isinstance(v, torch.Tensor) else v!r}"[:60] for k, v in kwargs.items())
+    if not isinstance(case, dict) or "writes" in case:
+        return "a sequence of cache writes"
+    return ", ".join(f"{k}={tuple(v.shape) if isinstance(v, torch.Tensor) else v!r}"[:60] for k, v in case.items())
 
 
-def tensors(rng: random.Random):
+def generator(rng: random.Random):
     import torch
     return torch.Generator().manual_seed(rng.randrange(2 ** 31))
 
 
-def diff_weights(student, ref, rng):
+def call_with_grad(fn, case: dict, leaf: str) -> tuple:
+    """fn(**case) with case[leaf] a leaf that requires grad -> (outputs..., d(sum of the floating tensor
+    outputs) / d leaf): the value and what backpropagates, both compared."""
     import torch
-    cases = []
+    x = case[leaf].detach().clone().requires_grad_(True)
+    out = fn(**{**case, leaf: x})
+    outs = out if isinstance(out, tuple) else (out,)
+    total = sum(o.sum() for o in outs if isinstance(o, torch.Tensor) and o.is_floating_point())
+    grad = torch.autograd.grad(total, x, allow_unused=True)[0]
+    return tuple(o.detach() if isinstance(o, torch.Tensor) else o for o in outs) + \
+        (grad if grad is not None else torch.zeros_like(x),)
+
+
+def logit_scale(logits, temperature) -> float:
+    """How large the (tempered) logits are: right fp32 formulas of an entropy or a log-softmax differ by
+    about float32's epsilon times this, so the fp32 atol grows with it."""
+    return max(1.0, float(logits.abs().max()) / (temperature or 1.0))
+
+
+# ---- the cases of each problem ----
+
+def cases_weights(rng):
+    out = []
     for _ in range(DIFF_CASES):
         G, B = rng.randint(1, 8), rng.randint(1, 6)
         rewards = [float(rng.random() < rng.random()) for _ in range(B * G)]
-        objective = rng.choice(["psr", "nsr", "w-reinforce", "reinforce", "grpo", "grpo", "ppo", "dpo"])
         if rng.random() < 0.1:
-            rewards[0] = 0.5
-        cases.append(dict(rewards=rewards, objective=objective, lam=rng.choice([0.0, 0.1, rng.random()]),
-                          group_size=G if rng.random() < 0.9 else G + 1))
-    return compare(student, ref, cases, lambda a, b: close(a, b, "float32"))
+            rewards[0] = 0.5                                      # not a reward: a ValueError
+        out.append(dict(rewards=rewards, objective=rng.choice(["psr", "nsr", "w-reinforce", "reinforce", "grpo",
+                                                               "grpo", "ppo", "dpo"]),
+                        lam=rng.choice([0.0, 0.1, rng.random()]), group_size=G if rng.random() < 0.9 else G + 1))
+    return out
 
 
-def diff_policy_loss(student, ref, rng):
+def cases_policy_loss(rng):
     import torch
-    cases = []
+    out = []
     for _ in range(DIFF_CASES):
-        g = tensors(rng)
+        g = generator(rng)
         N, T = rng.randint(1, 5), rng.randint(1, 6)
         old = -torch.rand(N, T, generator=g, dtype=torch.float64) * 3
         logp = (old + torch.randn(N, T, generator=g, dtype=torch.float64) * 0.4).clamp(max=0)
-        per_token = rng.random() < 0.3
-        weights = torch.randn((N, T) if per_token else (N,), generator=g, dtype=torch.float64)
+        weights = torch.randn((N, T) if rng.random() < 0.3 else (N,), generator=g, dtype=torch.float64)
         weights[torch.rand(weights.shape, generator=g) < 0.3] = 0.0
-        mask = (torch.rand(N, T, generator=g) < 0.8).double()
-        sides = rng.choice([(0.2, 0.2), (0.1, 0.3), (0.2, 0.0), (0.0, 0.2), (0.0, 0.0), (0.28, 0.2)])
-        cases.append(dict(logp=logp, weights=weights, mask=mask, normalizer=float(rng.randint(1, 20)),
-                          old_logp=None if rng.random() < 0.2 else old, clip_low=sides[0], clip_high=sides[1]))
-    return compare(with_grad(student, "logp"), with_grad(ref, "logp"), cases, lambda a, b: len(a) == len(b) and all(
-        close(x, y) if y.dtype != torch.bool else torch.equal(x, y) for x, y in zip(a, b)))
+        low, high = rng.choice([(0.2, 0.2), (0.1, 0.3), (0.2, 0.0), (0.0, 0.2), (0.0, 0.0), (0.28, 0.2)])
+        out.append(dict(logp=logp, weights=weights, mask=(torch.rand(N, T, generator=g) < 0.8).double(),
+                        normalizer=float(rng.randint(1, 20)), old_logp=None if rng.random() < 0.2 else old,
+                        clip_low=low, clip_high=high))
+    return out
 
 
-def with_grad(fn, *names):
-    """fn whose tensor inputs `names` get requires_grad, returning (outputs..., their gradients): a check of
-    the value AND of what backpropagates (sum of the first output)."""
+def cases_kl_penalty(rng):
     import torch
-
-    def run(**kwargs):
-        leaves = {n: kwargs[n].detach().clone().requires_grad_(True) for n in names}
-        out = fn(**{**kwargs, **leaves})
-        outs = out if isinstance(out, tuple) else (out,)
-        first = outs[0] if outs[0].dim() == 0 else outs[0].sum()
-        if len(outs) > 1 and outs[1] is not None and outs[1].dtype != torch.bool:
-            first = first + outs[1].sum()
-        grads = torch.autograd.grad(first, list(leaves.values()), allow_unused=True)
-        return tuple(o for o in outs if o is not None) + tuple(
-            g if g is not None else torch.zeros_like(leaves[n]) for g, n in zip(grads, leaves))
-    return run
-
-
-def diff_kl_penalty(student, ref, rng):
-    import torch
-    cases = []
+    out = []
     for _ in range(DIFF_CASES):
-        g = tensors(rng)
-        N, T = rng.randint(1, 4), rng.randint(1, 6)
-        scale = rng.choice([0.3, 3.0, 40.0])                    # 40: the clamps must act
-        logp = torch.randn(N, T, generator=g, dtype=torch.float64) * scale
-        ref_logp = torch.randn(N, T, generator=g, dtype=torch.float64) * scale
-        mask = (torch.rand(N, T, generator=g) < 0.8).double()
-        cases.append(dict(logp=logp, ref_logp=ref_logp, mask=mask, num_tokens=float(rng.randint(1, 30))))
-    return compare(with_grad(student, "logp"), with_grad(ref, "logp"), cases,
-                   lambda a, b: len(a) == len(b) and all(close(x, y) for x, y in zip(a, b)))
+        g = generator(rng)
+        N, T, scale = rng.randint(1, 4), rng.randint(1, 6), rng.choice([0.3, 3.0, 40.0])   # 40: the clamps act
+        out.append(dict(logp=torch.randn(N, T, generator=g, dtype=torch.float64) * scale,
+                        ref_logp=torch.randn(N, T, generator=g, dtype=torch.float64) * scale,
+                        mask=(torch.rand(N, T, generator=g) < 0.8).double(), num_tokens=float(rng.randint(1, 30))))
+    return out
 
 
-def diff_normalizer(student, ref, rng):
+def cases_normalizer(rng):
     import torch
-    cases = []
+    out = []
     for _ in range(DIFF_CASES):
-        g = tensors(rng)
-        N = rng.randint(1, 8)
+        g, N = generator(rng), rng.randint(1, 8)
         weights = torch.randn((N, rng.randint(1, 5)) if rng.random() < 0.3 else (N,), generator=g)
         weights[torch.rand(weights.shape, generator=g) < 0.5] = 0.0
-        cases.append(dict(weights=weights, lengths=[rng.randint(1, 50) for _ in range(N)],
-                          mode=rng.choice(["tokens", "tokens", "constant", "tokenz"]),
-                          max_new_tokens=rng.randint(1, 64)))
-    return compare(student, ref, cases, lambda a, b: isinstance(a, float) and a == b)
+        out.append(dict(weights=weights, lengths=[rng.randint(1, 50) for _ in range(N)],
+                        mode=rng.choice(["tokens", "tokens", "constant", "tokenz"]), max_new_tokens=rng.randint(1, 64)))
+    return out
 
 
-def diff_logprobs(student, ref, rng):
+def cases_logprobs(rng):
     import torch
-    cases = []
+    out = []
     for _ in range(DIFF_CASES):
-        g = tensors(rng)
+        g = generator(rng)
         n, R, V = rng.randint(1, 3), rng.randint(1, 5), rng.randint(2, 40)
-        dtype = rng.choice([torch.float32, torch.float64])
-        cases.append(dict(logits=(torch.randn(n, R, V, generator=g) * rng.choice([0.5, 3, 20])).to(dtype),
-                          targets=torch.randint(0, V, (n, R), generator=g),
-                          temperature=rng.choice([1.0, 0.6, 1.7]), with_entropy=rng.random() < 0.7))
-    return compare(with_grad(student, "logits"), with_grad(ref, "logits"), cases,
-                   lambda a, b: len(a) == len(b) and all(close(x, y, "float32") for x, y in zip(a, b)))
+        logits = torch.randn(n, R, V, generator=g) * rng.choice([0.5, 3, 20])
+        out.append(dict(logits=logits.to(rng.choice([torch.float32, torch.float64])),
+                        targets=torch.randint(0, V, (n, R), generator=g),
+                        temperature=rng.choice([1.0, 0.6, 1.7]), with_entropy=rng.random() < 0.7))
+    return out
 
 
-def diff_decode_step(student, ref, rng):
+def cases_decode_step(rng):
     import torch
-    cases = []
+    out = []
     for _ in range(DIFF_CASES):
-        g = tensors(rng)
+        g = generator(rng)
         b, V = rng.randint(1, 6), rng.randint(2, 60)
-        logits = torch.randn(b, V, generator=g) * rng.choice([0.5, 2.0, 8.0])
-        seed = rng.randrange(2 ** 31)
-        cases.append(dict(logits=logits, temperature=rng.choice([0.0, 1.0, 1.0, 0.7, 1.4]),
-                          top_p=rng.choice([1.0, 1.0, 0.9, 0.5]), eos=torch.tensor(rng.sample(range(V), rng.randint(1, 2))),
-                          generator=seed))
-
-    def seeded(fn):               # the same random numbers for both: a fresh generator per call
-        return lambda generator, **kw: fn(generator=torch.Generator().manual_seed(generator), **kw)
-    return compare(seeded(student), seeded(ref), cases, lambda a, b: len(a) == len(b) == 4 and torch.equal(a[0], b[0])
-                   and close(a[1], b[1], "float32") and close(a[2], b[2], "float32") and torch.equal(a[3], b[3]))
+        out.append(dict(logits=torch.randn(b, V, generator=g) * rng.choice([0.5, 2.0, 8.0]),
+                        temperature=rng.choice([0.0, 1.0, 1.0, 0.7, 1.4]), top_p=rng.choice([1.0, 1.0, 0.9, 0.5]),
+                        eos=torch.tensor(rng.sample(range(V), rng.randint(1, 2))), seed=rng.randrange(2 ** 31)))
+    return out
 
 
-def diff_kv_cache(student, ref, rng):
+def cases_kv_cache(rng):
     import torch
-    import sample
-    for case in range(DIFF_CASES):
-        g = tensors(rng)
-        B, H, hd, layers = rng.randint(1, 3), rng.randint(1, 3), rng.randint(1, 4), rng.randint(1, 3)
-        P, steps = rng.randint(1, 5), rng.randint(1, 4)
-        caches = []
-        for _ in range(2):
-            c = object.__new__(sample.KVCache)
-            c.k = [torch.zeros(B, H, P + steps, hd) for _ in range(layers)]
-            c.v = [torch.zeros(B, H, P + steps, hd) for _ in range(layers)]
-            c.filled = 0
-            caches.append(c)
-        writes = [(0, P)] + [(P + t, 1) for t in range(steps)]
-        for slot, S in writes:
-            for layer in range(layers):
-                k, v = torch.randn(B, H, S, hd, generator=g), torch.randn(B, H, S, hd, generator=g)
-                got = student(caches[0], layer, slot, k.clone(), v.clone())
-                want = ref(caches[1], layer, slot, k.clone(), v.clone())
-                if not (all(torch.equal(x, y) for x, y in zip(got, want)) and len(got) == 2):
-                    return False, f"case {case}: the keys and values read back at slot {slot} differ"
-                if caches[0].filled != caches[1].filled:
-                    return False, f"case {case}: filled = {caches[0].filled}, expected {caches[1].filled}"
-                if got[0].data_ptr() != caches[0].k[layer].data_ptr():
-                    return False, f"case {case}: the keys returned are a copy, not a view of the cache"
-        if not all(torch.equal(x, y) for x, y in zip(caches[0].k + caches[0].v, caches[1].k + caches[1].v)):
-            return False, f"case {case}: the cache's contents differ"
-    return True, ""
+    out = []
+    for _ in range(DIFF_CASES):
+        g = generator(rng)
+        B, H, hd, layers, P, steps = (rng.randint(1, 3), rng.randint(1, 3), rng.randint(1, 4), rng.randint(1, 3),
+                                      rng.randint(1, 5), rng.randint(1, 4))
+        writes = [(slot, S, layer, torch.randn(B, H, S, hd, generator=g), torch.randn(B, H, S, hd, generator=g))
+                  for slot, S in [(0, P)] + [(P + t, 1) for t in range(steps)] for layer in range(layers)]
+        out.append({"shape": (B, H, P + steps, hd), "layers": layers, "writes": writes})
+    return out
 
 
-def diff_pass_at_k(student, ref, rng):
+def cases_pass_at_k(rng):
     import numpy as np
-    cases = []
+    out = []
     for _ in range(DIFF_CASES * 5):
         n = rng.choice([1, 2, 10, 64, 256, rng.randint(1, 600)])
-        c, k = rng.randint(0, n), rng.randint(1, n)
-        cases.append(dict(n=n, c=c, k=k))
-    cases += [dict(n=5, c=6, k=1), dict(n=5, c=2, k=6), dict(n=0, c=0, k=1), dict(n=4.0, c=1, k=1),
-              dict(n=np.int64(8), c=np.int64(3), k=2), dict(n=4, c=-1, k=1)]
-    return compare(student, ref, cases, lambda a, b: close(a, b) and isinstance(a, float))
+        out.append(dict(n=n, c=rng.randint(0, n), k=rng.randint(1, n)))
+    return out + [dict(n=5, c=6, k=1), dict(n=5, c=2, k=6), dict(n=0, c=0, k=1), dict(n=4.0, c=1, k=1),
+                  dict(n=np.int64(8), c=np.int64(3), k=2), dict(n=4, c=-1, k=1)]
 
 
-def diff_boxed(student, ref, rng):
+def cases_boxed(rng):
     import verifier
     pieces = ["1", "x", "{", "}", "\\{", "\\}", " ", "\\frac{1}{2}", "-3", ".", "ab", "{a}{b}", "\\sqrt{2}", "\n"]
-    cases = []
-    for _ in range(DIFF_CASES * 5):
+    out = []
+    while len(out) < DIFF_CASES * 5:
         body = "".join(rng.choice(pieces) for _ in range(rng.randint(0, 8)))
-        name = rng.choice(["\\boxed", "\\fbox"])
-        opening = rng.choice(["{", " {", "  ", " ", "", "{ "])
-        text = rng.choice(["", "so ", "x = "]) + name + opening + body + rng.choice(["}", "}}", "", "} end", "}."])
+        text = (rng.choice(["", "so ", "x = "]) + rng.choice(["\\boxed", "\\fbox"])
+                + rng.choice(["{", " {", "  ", " ", "", "{ "]) + body + rng.choice(["}", "}}", "", "} end", "}."]))
         if rng.random() < 0.05:
-            text = name + "{" + "1" * (verifier.MAX_ANSWER_CHARS + rng.randint(-2, 2)) + "}"
+            text = "\\boxed{" + "1" * (verifier.MAX_ANSWER_CHARS + rng.randint(-2, 2)) + "}"
         m = verifier._BOX_RE.search(text)
-        if m:                                                   # ("\\boxedab" names no box)
-            cases.append(dict(text=text, start=m.start(), end_of_name=m.end()))
-    return compare(student, ref, cases, lambda a, b: a == b)
+        if m:                                                     # ("\\boxedab" names no box)
+            out.append(dict(text=text, start=m.start(), end_of_name=m.end()))
+    return out
 
 
-def diff_gae(student, ref, rng):
+def cases_gae(rng):
     import torch
-    cases = []
+    out = []
     for _ in range(DIFF_CASES):
-        g = tensors(rng)
+        g = generator(rng)
         N, T = rng.randint(1, 4), rng.randint(1, 7)
         lengths = torch.randint(1, T + 1, (N,), generator=g)
-        mask = (torch.arange(T)[None, :] < lengths[:, None]).double()
-        cases.append(dict(rewards=torch.randn(N, T, generator=g, dtype=torch.float64),
-                          values=torch.randn(N, T, generator=g, dtype=torch.float64), mask=mask,
-                          gamma=rng.choice([1.0, 0.9, 0.5]), gae_lam=rng.choice([1.0, 0.95, 0.0])))
-    return compare(student, ref, cases, lambda a, b: len(a) == len(b) and all(close(x, y) for x, y in zip(a, b)))
+        out.append(dict(rewards=torch.randn(N, T, generator=g, dtype=torch.float64),
+                        values=torch.randn(N, T, generator=g, dtype=torch.float64),
+                        mask=(torch.arange(T)[None, :] < lengths[:, None]).double(),
+                        gamma=rng.choice([1.0, 0.9, 0.5]), gae_lam=rng.choice([1.0, 0.95, 0.0])))
+    return out
 
 
-CHECKS = {
+# ---- how each problem's function is called, and compared ----
+
+def run_kv_cache(update, case):
+    """A cache object with the reference's layout and a sequence of writes: what each write reads back,
+    whether it is a view of the cache, the filled count, and the final contents."""
+    import torch
+    import sample
+    cache = object.__new__(sample.KVCache)
+    cache.k = [torch.zeros(case["shape"]) for _ in range(case["layers"])]
+    cache.v = [torch.zeros(case["shape"]) for _ in range(case["layers"])]
+    cache.filled = 0
+    reads = []
+    for slot, S, layer, k, v in case["writes"]:
+        keys, values = update(cache, layer, slot, k, v)
+        reads.append((keys.clone(), values.clone(), keys.data_ptr() == cache.k[layer].data_ptr(), cache.filled))
+    return reads, cache.k, cache.v
+
+
+def run_decode_step(fn, case):
+    import torch
+    return fn(case["logits"], case["temperature"], case["top_p"], case["eos"],
+              torch.Generator().manual_seed(case["seed"]))
+
+
+def same_all(kind="float64"):
+    return lambda got, want, case: len(got) == len(want) and all(close(a, b, kind) for a, b in zip(got, want))
+
+
+def same_policy_loss(got, want, case):
+    import torch
+    (loss, clipped, grad), (ref_loss, ref_clipped, ref_grad) = got, want
+    return close(loss, ref_loss) and clipped.dtype == torch.bool and torch.equal(clipped, ref_clipped) \
+        and close(grad, ref_grad)
+
+
+def same_logprobs(got, want, case):
+    scale = logit_scale(case["logits"], case["temperature"])
+    return len(got) == len(want) and all(close(a, b, "float32", scale) for a, b in zip(got, want))
+
+
+def same_decode_step(got, want, case):
+    import torch
+    ids, logq, entropy, ends = got
+    scale = logit_scale(case["logits"], case["temperature"])
+    return (torch.equal(ids, want[0]) and close(logq, want[1], "float32", scale)
+            and close(entropy, want[2], "float32", logit_scale(case["logits"], 1.0)) and torch.equal(ends, want[3]))
+
+
+def same_kv_cache(got, want, case):
+    import torch
+    (reads, k, v), (ref_reads, ref_k, ref_v) = got, want
+    return len(reads) == len(ref_reads) and all(
+        torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) and a[2] == b[2] and a[3] == b[3]
+        for a, b in zip(reads, ref_reads)) and all(torch.equal(a, b) for a, b in zip(k + v, ref_k + ref_v))
+
+
+def plain(fn, case):
+    return fn(**case)
+
+
+CHECKS = {        # in the handout's order: each problem's visible tests use only the problems above it
+    "pass_at_k": {"tests": ["test_pass_at_k_equals_brute_force_enumeration_over_all_k_subsets",
+                            "test_pass_at_k_matches_exact_binomial_fractions_for_random_n_up_to_512",
+                            "test_pass_at_k_is_unbiased_under_binomial_sampling_while_the_plug_in_estimate_is_not",
+                            "test_pass_at_k_edge_cases_c_zero_c_n_k_n_and_pass_at_1_is_c_over_n",
+                            "test_pass_at_k_rejects_bad_arguments_with_a_clear_value_error"],
+                  "diff": Diff("random n, c, k up to 600, errors included", cases_pass_at_k, plain,
+                               lambda a, b, case: isinstance(a, float) and close(a, b))},
+    "boxed": {"tests": ["test_verifier_extracts_the_last_complete_box_or_the_final_answer_phrase_and_nothing_else",
+                        "test_verifier_reads_an_unboxed_final_answer_phrase_and_the_last_box_of_a_very_long_response",
+                        "test_verifier_accepts_every_notation_of_the_same_answer_in_both_directions",
+                        "test_verifier_fuzz_of_random_and_adversarial_strings_never_raises_and_stays_linear"],
+              "diff": Diff("random boxes: nesting, escapes, shorthand, unclosed, too long", cases_boxed, plain,
+                           lambda a, b, case: a == b)},
     "weights": {"tests": ["test_sample_weights_table_for_every_objective_including_grpo_all_correct_and_all_wrong_groups",
-                          "test_sample_weights_rejects_unknown_objectives_bad_rewards_and_bad_grpo_groups",
-                          "test_loss_gradient_wrt_logits_equals_the_closed_form_for_psr_nsr_and_w_reinforce"],
-                "diff": [("weights of every objective, errors included", diff_weights)]},
+                          "test_sample_weights_rejects_unknown_objectives_bad_rewards_and_bad_grpo_groups"],
+                "diff": Diff("weights of every objective, errors included", cases_weights, plain,
+                             lambda a, b, case: close(a, b, "float32"))},
     "policy_loss": {"tests": ["test_loss_gradient_wrt_logits_equals_the_closed_form_for_psr_nsr_and_w_reinforce",
                               "test_nsr_gradient_step_lowers_the_sampled_logit_and_raises_the_others_in_proportion_to_their_probability",
                               "test_clipped_loss_at_ratio_one_has_the_same_gradient_as_the_unclipped_loss",
                               "test_the_clipped_surrogate_gradient_vanishes_exactly_where_ppos_does_on_each_side",
                               "test_clip_fractions_count_by_the_sign_of_the_weight_the_tokens_whose_gradient_the_clip_zeroed",
                               "test_demo_gradient_prints_nsr_moving_the_logits_by_minus_one_minus_pi_and_plus_the_prior"],
-                    "diff": [("loss, gradient and clipped tokens on both sides", diff_policy_loss)]},
-    "kl_penalty": {"tests": ["test_entropy_bonus_and_kl_penalty_values_and_gradients_on_a_hand_made_case",
-                             "test_the_step_subtracts_the_entropy_bonus_and_adds_the_kl_term_as_token_means_over_the_mini_batch"],
-                   "diff": [("value and gradient, clamps included", diff_kl_penalty)]},
+                    "diff": Diff("loss, clipped tokens and gradient, both clip sides", cases_policy_loss,
+                                 lambda fn, case: call_with_grad(fn, case, "logp"), same_policy_loss)},
+    "logprobs": {"tests": ["test_token_logprobs_are_the_tempered_log_softmax_at_the_targets_and_its_entropy"],
+                 "diff": Diff("log-probs, entropy and their gradient, any dtype and temperature", cases_logprobs,
+                              lambda fn, case: call_with_grad(fn, case, "logits"), same_logprobs)},
     "normalizer": {"tests": ["test_loss_normalizer_counts_the_tokens_of_weighted_samples_only",
                              "test_gradients_with_micro_batch_size_one_equal_the_full_batch_gradients"],
-                   "diff": [("Z of both modes, per-token weights, errors", diff_normalizer)]},
-    "logprobs": {"tests": ["test_the_first_mini_batch_gradient_is_the_on_policy_gradient_of_the_sampled_tokens",
-                           "test_gradient_checkpointing_and_the_chunked_output_layer_give_the_same_loss_and_gradients",
-                           "test_nsr_training_steps_lower_the_log_prob_of_the_penalised_samples"],
-                 "diff": [("log-probs, entropy and their gradient, any dtype and temperature", diff_logprobs)]},
+                   "diff": Diff("Z of both modes, per-token weights, errors", cases_normalizer, plain,
+                                lambda a, b, case: isinstance(a, float) and a == b)},
+    "kl_penalty": {"tests": ["test_entropy_bonus_and_kl_penalty_values_and_gradients_on_a_hand_made_case",
+                             "test_the_step_subtracts_the_entropy_bonus_and_adds_the_kl_term_as_token_means_over_the_mini_batch"],
+                   "diff": Diff("value and gradient, clamps included", cases_kl_penalty,
+                                lambda fn, case: call_with_grad(fn, case, "logp"), same_all())},
+    "kv_cache": {"tests": ["test_our_forward_with_our_kv_cache_equals_transformers_full_forward_on_a_left_padded_batch",
+                           "test_our_forward_feeding_several_tokens_on_top_of_the_cache_equals_one_at_a_time"],
+                 "diff": Diff("prefill and steps: what is written, what is read, views", cases_kv_cache,
+                              run_kv_cache, same_kv_cache)},
     "decode_step": {"tests": ["test_generate_with_a_fixed_generator_reproduces_the_same_samples",
                               "test_generate_stops_each_row_at_its_first_eos_and_reports_truncation",
                               "test_greedy_generate_matches_transformers_generate_token_for_token",
                               "test_generate_logprobs_equal_a_fresh_forward_pass_under_the_sampling_distribution",
                               "test_generate_without_its_speed_tricks_gives_the_same_rollouts_as_with_them"],
-                    "diff": [("tokens, log q, entropy and EOS under every temperature and top-p", diff_decode_step)]},
-    "kv_cache": {"tests": ["test_our_forward_with_our_kv_cache_equals_transformers_full_forward_on_a_left_padded_batch",
-                           "test_our_forward_feeding_several_tokens_on_top_of_the_cache_equals_one_at_a_time",
-                           "test_greedy_generate_with_our_decoder_matches_transformers_generate_for_every_supported_config"],
-                 "diff": [("prefill and steps: what is written, what is read, views", diff_kv_cache)]},
-    "pass_at_k": {"tests": ["test_pass_at_k_equals_brute_force_enumeration_over_all_k_subsets",
-                            "test_pass_at_k_matches_exact_binomial_fractions_for_random_n_up_to_512",
-                            "test_pass_at_k_is_unbiased_under_binomial_sampling_while_the_plug_in_estimate_is_not",
-                            "test_pass_at_k_edge_cases_c_zero_c_n_k_n_and_pass_at_1_is_c_over_n",
-                            "test_pass_at_k_rejects_bad_arguments_with_a_clear_value_error"],
-                  "diff": [("random n, c, k up to 600, errors included", diff_pass_at_k)]},
-    "boxed": {"tests": ["test_verifier_extracts_the_last_complete_box_or_the_final_answer_phrase_and_nothing_else",
-                        "test_verifier_reads_an_unboxed_final_answer_phrase_and_the_last_box_of_a_very_long_response",
-                        "test_verifier_accepts_every_notation_of_the_same_answer_in_both_directions",
-                        "test_verifier_fuzz_of_random_and_adversarial_strings_never_raises_and_stays_linear"],
-              "diff": [("random boxes: nesting, escapes, shorthand, unclosed, too long", diff_boxed)]},
+                    "diff": Diff("tokens, log q, entropy and EOS under every temperature and top-p", cases_decode_step,
+                                 run_decode_step, same_decode_step)},
     "gae": {"tests": ["test_gae_equals_a_hand_computed_example_and_the_return_minus_value_at_gamma_lam_one"],
-            "diff": [("advantages and returns, any gamma and lambda, ragged rows", diff_gae)]},
+            "diff": Diff("advantages and returns, any gamma and lambda, ragged rows", cases_gae, plain, same_all())},
 }
 
 
@@ -628,11 +756,12 @@ def submit(student: pathlib.Path) -> pathlib.Path:
     metrics.jsonl, eval.jsonl and eval/*.json (no checkpoint, no model)."""
     manifest = json.loads((student / ".handout.json").read_text()) if (student / ".handout.json").is_file() else {}
     edited = [name for name in project_files_in(student) if manifest.get(name) != sha256(student / name)
-              and name != "WRITEUP.md"]
+              and name != "WRITEUP.md" and (student / name).stat().st_size <= MAX_SUBMITTED_BYTES]
     logs = [str(p.relative_to(student)) for p in sorted((student / "runs").rglob("*")) if p.is_file()
             and (p.name in ("config.json", "metrics.jsonl", "eval.jsonl", "summary.json")
                  or (p.parent.name == "eval" and p.suffix == ".json"))
-            and not any(part.startswith("checkpoint-") for part in p.parts)] if (student / "runs").is_dir() else []
+            and not any(part.startswith("checkpoint-") or part.startswith("toy-base") for part in p.parts)
+            and p.stat().st_size <= MAX_SUBMITTED_BYTES] if (student / "runs").is_dir() else []
     out = student / "submission.zip"
     with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as z:
         for name in sorted(set(edited + ["WRITEUP.md"] + logs)):
@@ -659,8 +788,7 @@ docstring (the specification); its body raises `NotImplementedError`. Write the 
 
 ## The problems ({total} points, and {bonus} bonus points)
 
-Do them in this order (later ones build on earlier ones when you run the whole pipeline). Each one's
-visible tests are the command in its row; the grader runs them and a differential check of your function
+Do them in this order: each one's visible tests (the command in its row) use only the problems above it; the grader runs them and a differential check of your function
 against the reference on {cases} fresh random inputs per check (so hard-coding the visible tests' answers
 does not pass), each problem in isolation: a bug in one costs points in that one only.
 
@@ -668,9 +796,14 @@ does not pass), each problem in isolation: a bug in one costs points in that one
 |---|---|---|---|---|---|
 {rows}
 
-Tolerances: float64 inputs compared with rtol 1e-7 and atol 1e-9; the fp32 functions (`logprobs`,
-`decode_step`) with rtol 1e-5 and atol 1e-6; token ids, masks and the type of every error exactly. An error
-the docstring asks for (a `ValueError` for bad input) must be raised where the reference raises it.
+Tolerances: float64 inputs compared with rtol {rtol64:g} and atol {atol64:g}; the fp32 functions (`logprobs`,
+`decode_step`) with rtol {rtol32:g} and atol {atol32:g} times max(1, the largest |logit| / T) (right fp32
+formulas differ by about that); token ids, masks and the type of every error exactly. An error the
+docstring asks for (a `ValueError` for bad input) must be raised where the reference raises it.
+
+The grader takes your function from its file (with any import, helper function or constant you ADD to that
+file at the top level); every other function comes from the reference, so a change you make elsewhere is
+not graded, and a bug in one problem costs points in that problem only.
 
 Run the whole suite with `python -m pytest -q test_nsr.py` (about a minute on 2 cores); with every problem
 done it passes.
@@ -730,10 +863,10 @@ def main(argv=None) -> int:
     sp.add_argument("--results", action="store_true", help="also re-run the student's seeded toy training")
     sp = sub.add_parser("submit", help="write DIR/submission.zip")
     sp.add_argument("dir", type=pathlib.Path)
-    sp = sub.add_parser("_check", help=argparse.SUPPRESS)             # the grading process of one problem
-    sp.add_argument("problem")
-    sp.add_argument("--reference", type=pathlib.Path, required=True)
-    sp.add_argument("--seed", type=int, required=True)
+    sp = sub.add_parser("_outputs", help=argparse.SUPPRESS)           # a grading process (GRADE above)
+    sp.add_argument("seeds", nargs="+", metavar="ID=SEED")
+    sp.add_argument("--tests", action="store_true")
+    sp.add_argument("--out", type=pathlib.Path, required=True)
     args = parser.parse_args(argv)
 
     if args.command == "handout":
@@ -759,8 +892,7 @@ def main(argv=None) -> int:
     elif args.command == "submit":
         print(f"wrote {submit(args.dir)}")
     else:
-        sys.path.insert(0, str(pathlib.Path.cwd()))
-        print(json.dumps(run_checks(args.problem, args.reference, args.seed)))
+        outputs_process({k: int(v) for k, v in (item.split("=") for item in args.seeds)}, args.tests, args.out)
     return 0
 
 

@@ -36,12 +36,14 @@ import statistics
 import subprocess
 import sys
 import time
+import types
 
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 import nsr
 import precision
+import runs
 import sample
 import toy
 
@@ -226,9 +228,12 @@ def train_child(args) -> dict:
     for step in range(1 + args.steps):                 # step 0 = warm-up (allocates AdamW state too)
         start = time.perf_counter()
         # "on" = what nsr.train does with checkpointing: layers AND the output layer (Config.head_chunk)
-        cfg = nsr.Config(micro_batch_size=args.micro_batch, clip_eps=0.0, entropy_coef=0.0, kl_coef=0.0)
-        nsr.minibatch_backward(policy, nsr.MiniBatch(prompts, responses, [], weights, Z), cfg,
-                               head_chunk=cfg.head_chunk if args.child == "on" else 0)
+        # the plain -w log pi loss of one on-policy step (no ratio, no entropy or KL term)
+        cfg = nsr.Config(micro_batch_size=args.micro_batch, clip_eps=0.0, clip_low=0.0, clip_high=0.0,
+                         mini_batch_size=0, entropy_coef=0.0, kl_coef=0.0)
+        run = types.SimpleNamespace(policy=policy, ref_model=None, pad_id=0,
+                                    head_chunk=cfg.head_chunk if args.child == "on" else 0)
+        nsr.minibatch_backward(run, nsr.MiniBatch(prompts, responses, [], weights, Z), cfg, runs.StepStats())
         precision.optimizer_step(policy, grad_clip=1.0)
         if device.type == "cuda":
             torch.cuda.synchronize()

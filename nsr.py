@@ -23,16 +23,15 @@ THE IDEA
 
   WHAT RUNS BY DEFAULT is the official code's update (rl_step): the objective's subset (PSR the correct
   samples, NSR the wrong ones) in mini-batches of M responses, each ONE optimizer step on the PPO-clipped
-  surrogate of L (clip 0.2) minus an entropy bonus. Its first mini-batch is exactly the on-policy gradient
-  of L (tested); --clip-eps 0 --mini-batch-size 0 --entropy-coef 0 runs L itself, one step per batch.
+  surrogate of L (clip 0.2) minus an entropy bonus. In the first mini-batch the surrogate's gradient is
+  exactly L's on-policy gradient (tested); --clip-eps 0 --mini-batch-size 0 --entropy-coef 0 runs L itself.
 
   The token-level gradient (policy_loss derives it, --demo-gradient shows it): dL/dz_v = -w (1[v = y] - pi_v).
 
-READ IN THIS ORDER: OBJECTIVES, ONE RL STEP (rl_step), THE LOOP (train), CONFIG, main. Everything else
-  is optional reading in flat files named for what they hold: sample.py (sampler, log-probs), verifier.py,
-  passk.py, ppo.py (the critic), precision.py (fp32 masters, offload, checkpointing), runs.py (run dir,
-  checkpoints), settings.py (flags, checks), presets.py (24 GB presets), toy.py (the toy world).
-  Where we depart from the paper and its official code, and why: docs/training.md.
+READ IN THIS ORDER: OBJECTIVES, ONE RL STEP (rl_step), THE LOOP (train), CONFIG, main. The rest is optional
+  reading in flat files: sample.py (sampler, log-probs), verifier.py, passk.py, ppo.py (critic), precision.py
+  (fp32 masters, offload, checkpointing), runs.py (run dir, checkpoints), settings.py (flags), presets.py
+  (24 GB presets), toy.py (the toy world). Departures from the paper and its code: docs/training.md.
 
 COMMANDS
   python nsr.py                          # main job: toy world, NSR, Pass@k table of base vs trained
@@ -126,7 +125,8 @@ def policy_loss(logp: torch.Tensor, weights: torch.Tensor, mask: torch.Tensor, n
     (lowered enough: NSR's). A side set to 0 does not clip (both 0: -rho w). old_logp None: -w log pi itself.
 
     logp (N, T) log pi_theta (carries the gradient); weights (N,) w_i, or (N, T) A_i,t (ppo); mask (N, T) 1.0
-    on real response tokens; old_logp (N, T) the sampler's. Returns (loss, clipped (N, T): gradient zeroed).
+    on real response tokens; old_logp (N, T) the sampler's. Returns (loss = sum of per-token terms x mask / Z,
+    clipped): clipped (N, T) bool, True where the clip zeroed the gradient (not masked; all False if no ratio).
 
     The token-level gradient (the paper's analysis). At one position with logits z (V,), pi = softmax(z)
     and sampled token y: log pi_y = z_y - logsumexp(z), so d log pi_y / d z_v = 1[v = y] - pi_v, and for
@@ -156,8 +156,8 @@ def entropy_bonus(entropy: torch.Tensor, mask: torch.Tensor, num_tokens: float) 
 # PROBLEM kl_penalty (5 points): the k3 estimate of KL(pi || pi_ref), clamped as verl's
 def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor, num_tokens: float) -> torch.Tensor:
     """The mean per-token KL(pi || pi_ref) by the non-negative "k3" estimator (Schulman 2020, as GRPO):
-    exp(d) - d - 1 with d = log pi_ref - log pi; clamped as verl's low_var_kl (d to [-20, 20], the
-    estimate to at most 10), so one token that left the reference far behind cannot dominate the loss."""
+    exp(d) - d - 1, d = log pi_ref - log pi, clamped as verl's low_var_kl (d to [-20, 20], the estimate to
+    <= 10: one far-off token cannot dominate), summed where mask is 1, divided by num_tokens."""
     d = (ref_logp - logp).clamp(-20, 20)
     return ((d.exp() - d - 1).clamp(max=10) * mask).sum() / num_tokens
 
@@ -188,7 +188,7 @@ def gradient_demo(lr: float = 1.0, lam: float = 0.1) -> str:
     names, prior = "abcde", torch.tensor([0.40, 0.25, 0.20, 0.10, 0.05])
     y, y2 = 1, 0                                       # sampled token "b"; for W-REINFORCE also "a"
 
-    def step(samples):                                 # samples: [(token, weight)], one position each
+    def sgd_step(samples):                             # samples: [(token, weight)], one position each
         z = prior.log().clone().requires_grad_(True)   # logits (V,) whose softmax is the prior
         logp = torch.log_softmax(z, dim=-1)
         tokens, weights = torch.tensor([t for t, _ in samples]), torch.tensor([w for _, w in samples])
@@ -197,19 +197,19 @@ def gradient_demo(lr: float = 1.0, lam: float = 0.1) -> str:
         with torch.no_grad():
             return torch.softmax(z - lr * z.grad, dim=-1), -lr * z.grad  # SGD on the logits
 
-    psr, nsr, wr = step([(y, 1.0)]), step([(y, -1.0)]), step([(y, -1.0), (y2, lam)])
-    rows = [("probabilities before", prior), (f"after PSR on {names[y]} (w=+1)", psr[0]),
+    psr, nsr, wr = sgd_step([(y, 1.0)]), sgd_step([(y, -1.0)]), sgd_step([(y, -1.0), (y2, lam)])
+    table = [("probabilities before", prior), (f"after PSR on {names[y]} (w=+1)", psr[0]),
             (f"after NSR on {names[y]} (w=-1)", nsr[0]),
             (f"after W-REINFORCE: {names[y]} wrong (w=-1), {names[y2]} right (w=+{lam})", wr[0]),
             ("NSR logit change = -lr*(1[v=y]-pi_v)", nsr[1])]
-    width = max(len(label) for label, _ in rows)
+    width = max(len(label) for label, _ in table)
     lines = [f"one SGD step (lr={lr}) on the logits z of pi = softmax(z); sampled token y = {names[y]!r}",
              " " * width + "  " + "  ".join(f"{n:>6}" for n in names)]
-    for label, values in rows:
+    for label, values in table:
         lines.append(f"{label:<{width}}  " + "  ".join(f"{v:+6.3f}" if label.startswith("NSR logit")
                                                       else f"{v:6.3f}" for v in values.tolist()))
     lines.append("PSR sharpens onto y. NSR lowers z_y by lr*(1-pi_y) and raises every other logit by lr*pi_v,\n"
-                 "its prior: the freed mass goes mostly to the likeliest alternatives (a).")
+                 "its prior: the freed mass goes mostly to the likeliest alternative, a.")
     return "\n".join(lines)
 
 
@@ -224,7 +224,7 @@ class MiniBatch:
     responses: list               # sampled response token ids
     old_logprobs: list            # the sampler's log pi_old(y_t) per response token (the clipped ratio's)
     weights: torch.Tensor         # (n,) w_i, or (n, T) per-token advantages A_i,t (ppo)
-    normalizer: float             # Z of the whole mini-batch
+    normalizer: float             # Z of the whole mini-batch (0: only entropy / KL terms, their token mean)
     scale: float = 1.0            # m / M for a last, partial mini-batch of m < M (the official code's)
 
 
@@ -263,10 +263,8 @@ def rl_step(run: runs.Run, cfg: Config, step: int) -> dict:
         rows = [i for i in mini if every_row or bool((weights[i] != 0).any())]
         if not rows:
             continue
-        # Z from ALL samples of the mini-batch ("constant" must not depend on how many carried a weight);
-        # with only the entropy / KL terms left: their token mean
-        Z = loss_normalizer(weights[mini], [len(rollouts.tokens[i]) for i in mini], cfg.normalizer,
-                            cfg.max_new_tokens) or float(sum(len(rollouts.tokens[i]) for i in rows))
+        lengths = [len(rollouts.tokens[i]) for i in mini]        # Z from ALL samples of the mini-batch
+        Z = loss_normalizer(weights[mini], lengths, cfg.normalizer, cfg.max_new_tokens)
         mini_batch = MiniBatch([prompts[i] for i in rows], [rollouts.tokens[i] for i in rows],
                                [rollouts.logprobs[i] for i in rows], weights[rows], Z, scale)
         # ---- loss -> backward (micro-batch by micro-batch) -> ONE optimizer step ----
@@ -288,20 +286,21 @@ def minibatch_backward(run: runs.Run, batch: MiniBatch, cfg: Config, stats: runs
     memory; Z is the whole mini-batch's). Returns the loss, or None if not finite (the gradient is dropped)."""
     model, device = run.policy.model, next(run.policy.model.parameters()).device
     num_tokens = float(sum(len(r) for r in batch.responses))                  # the entropy / KL token mean
+    Z = batch.normalizer or num_tokens
     kl_coef = 0.0 if cfg.objective == "ppo" else cfg.kl_coef                  # ppo's KL is in its reward
-    ratio = cfg.clip_low > 0 or cfg.clip_high > 0 or cfg.mini_batch_size > 0  # off-policy mini-batches need it
+    use_ratio = cfg.clip_low > 0 or cfg.clip_high > 0 or cfg.mini_batch_size > 0   # off-policy mini-batches
     total = torch.zeros((), device=device)
-    for rows, input_ids, attn, pos, mask in sample.micro_batches(batch.prompts, batch.responses,
+    for part, input_ids, attn, pos, mask in sample.micro_batches(batch.prompts, batch.responses,
                                                                  cfg.micro_batch_size, device, run.pad_id):
         R = mask.shape[1]                                                     # mask (m, R): real response tokens
         logp, entropy = sample.response_logprobs(model, input_ids, attn, pos, R, cfg.temperature,
                                                  with_entropy=cfg.entropy_coef > 0, head_chunk=run.head_chunk)
-        w = torch.as_tensor(batch.weights[rows], dtype=torch.float32, device=device)   # (m,) or (m, T)
+        w = torch.as_tensor(batch.weights[part], dtype=torch.float32, device=device)   # (m,) or (m, T)
         w = w if w.dim() == 1 else w[:, :R]
-        old = sample.pad_rows(batch.old_logprobs[rows], R, device) if ratio else None  # log pi_old (m, R)
+        old = sample.pad_rows(batch.old_logprobs[part], R, device) if use_ratio else None   # log pi_old (m, R)
         # ---- the loss terms (a new term is one more line here) ----
         # the policy-gradient term (the objectives): -(1/Z) sum w_i sum_t log pi(y_i,t), clipped
-        loss, clipped = policy_loss(logp, w, mask, batch.normalizer, old, cfg.clip_low, cfg.clip_high)
+        loss, clipped = policy_loss(logp, w, mask, Z, old, cfg.clip_low, cfg.clip_high)
         if cfg.entropy_coef > 0:                                              # - c_H * mean token entropy
             loss = loss - cfg.entropy_coef * entropy_bonus(entropy, mask, num_tokens)
         if kl_coef > 0:                                                       # + beta * mean k3 KL to pi_ref
@@ -364,11 +363,9 @@ class Config:
     clip_eps: float = 0.2         # PPO ratio clipping epsilon, both sides (the paper: 0.2); 0 = no clipping
     clip_low: float = -1.0        # the ratio's lower bound 1 - clip_low (acts on w < 0); -1 = clip_eps, 0 = none
     clip_high: float = -1.0       # the ratio's upper bound 1 + clip_high (acts on w > 0); -1 = clip_eps, 0 = none
-    mini_batch_size: int = 64     # M: responses per optimizer step, counted after the objective's subset;
-                                  # 0 = the whole subset in one step (the paper: 1/4 of a full batch)
+    mini_batch_size: int = 64     # M: responses per optimizer step, after the objective's subset; 0 = all in one
     entropy_coef: float = 0.001   # entropy bonus: loss -= entropy_coef * mean token entropy (official yaml 1e-3)
-    kl_coef: float = -1.0         # KL to the frozen initial model; -1 = the paper's: 0.001 for ppo (a reward
-                                  # penalty), 0 for the rest (for them a k3 loss term, as GRPO's)
+    kl_coef: float = -1.0         # KL to the initial model; -1 = the paper's: 0.001 for ppo (in its reward), 0 else
     normalizer: str = "tokens"    # Z of the loss: tokens (response tokens of weighted samples) or constant
     reward: str = "verifier"      # verifier, or random: the control r_i ~ Bernoulli(random_reward_p), answer unseen
     random_reward_p: float = 0.5  # P(r_i = 1) under --reward random
@@ -424,8 +421,8 @@ class Config:
     max_nonfinite: int = 3        # stop after this many consecutive steps with a non-finite loss or gradient
 
 
-# The main job (`python nsr.py`, no --model), sized for 2 CPU cores (under --preset and flags). threads=1: a
-# second thread on a tiny model only adds synchronisation. mini_batch_size = 1/4 of the batch, critic_lr = 10 lr.
+# The main job (`python nsr.py`, no --model) on 2 CPU cores: one thread (a second only adds synchronisation
+# on a tiny model), mini_batch_size = 1/4 of the batch and critic_lr = 10 x lr, as the paper's.
 TOY_DEFAULTS = dict(out_dir="runs/nsr-toy", steps=100, batch_prompts=16, group_size=8, max_new_tokens=64,
                     lr=1e-4, critic_lr=1e-3, mini_batch_size=32, micro_batch_size=64, eval_n=64,
                     eval_temperature=1.0, eval_top_p=1.0, threads=1)
@@ -434,16 +431,19 @@ TOY_DEFAULTS = dict(out_dir="runs/nsr-toy", steps=100, batch_prompts=16, group_s
 def main(argv=None) -> None:
     cfg = settings.parse_config(Config, argv, TOY_DEFAULTS)
     try:
-        if cfg.demo_gradient or cfg.dry_run:
-            settings.check_config(cfg, OBJECTIVES)
-            return print(gradient_demo() if cfg.demo_gradient else presets.format_memory_plan(presets.memory_plan(cfg)))
-        result = train(cfg)
+        if cfg.demo_gradient:
+            print(gradient_demo())
+        elif cfg.dry_run:
+            print(presets.format_memory_plan(presets.memory_plan(runs.resolve_for_plan(cfg, OBJECTIVES))))
+        else:
+            result = train(cfg)
+            if result["table"]:
+                print("\nPass@k (%) before and after training (eval sets: " + ", ".join(result["evals"]) + ")")
+                print(result["table"])
+            print(f"run directory: {result['run_dir']} (config.json, metrics.jsonl, eval.jsonl, eval/, checkpoint)")
     except settings.UserError as e:                  # bad input: one line, exit status 2 (a traceback = a bug)
-        sys.exit(print(f"nsr.py: error: {e}", file=sys.stderr) or 2)
-    if result["table"]:
-        print("\nPass@k (%) before and after training (eval sets: " + ", ".join(result["evals"]) + ")\n" + result["table"])
-    print(f"run directory: {result['run_dir']} (config.json, metrics.jsonl, eval.jsonl, eval/, checkpoint)")
-
+        print(f"nsr.py: error: {e}", file=sys.stderr)
+        sys.exit(2)
 
 if __name__ == "__main__":
     main()

@@ -75,8 +75,9 @@ def pass_at_k(n: int, c: int, k: int) -> float:
                              = prod_{i=n-c+1}^{n} (i-k)/i    (both ratios have c factors, i from n-c+1 to n)
       3. so pass@k = 1 - prod_{i=n-c+1}^{n} (1 - k/i), which never forms a huge binomial coefficient.
     When n - c < k every k-subset contains a correct sample, so pass@k = 1 exactly; c = 0 gives 0.0.
-    Arguments: integers (numpy integers too) with n >= 1, c >= 0, k >= 1 (_check_int raises the
-    ValueError), and a ValueError when k > n or c > n.
+    Accurate to a relative 1e-15, also where pass@k is tiny (small c and k at large n), where 1 minus a
+    ratio near 1 would lose the digits. Arguments: integers (numpy integers too) with n >= 1, c >= 0, k >= 1
+    (_check_int raises the ValueError), and a ValueError "k=<k> > n=<n>: ..." or "c=<c> > n=<n>: ...".
 
     Why unbiased: C(n-c,k)/C(n,k) is the average, over all k-subsets of the n samples, of "all k are
     wrong"; each subset is k independent samples, wrong together w.p. (1-p)^k, so the expectation is

@@ -34,8 +34,10 @@ def gae_advantages(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tens
                    gae_lam: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Generalised advantage estimation over right-padded rows -> (advantages, returns), all (N, T).
 
-    rewards, values, mask: (N, T); positions with mask 0 are ignored (their reward and value count as 0,
-    so a row's last real token sees V_{t+1} = 0) and come back as 0.
+    From the last position back: delta_t = r_t + gamma V_{t+1} - V_t and A_t = delta_t + gamma gae_lam A_{t+1}
+    (A and V past the end = 0); returns R_t = A_t + V_t. rewards, values, mask: (N, T); positions with
+    mask 0 are ignored (their reward and value count as 0, so a row's last real token sees V_{t+1} = 0) and
+    come back as 0 in both outputs.
     """
     rewards, values = rewards * mask, values * mask                          # (N, T)
     advantages = torch.zeros_like(rewards)

@@ -33,6 +33,7 @@ from transformers import AutoConfig, AutoTokenizer
 import passk
 import ppo
 import precision
+import presets
 import sample
 import settings
 import toy
@@ -74,8 +75,11 @@ class Inputs:
 def start(cfg, objectives) -> tuple[object, Run]:
     """Everything before the first step -> (the resolved cfg, the Run)."""
     settings.check_config(cfg, objectives)                     # the values (no I/O)
+    check_out_dir(cfg)                                         # a run's directory, or new (never someone's model)
     ckpt = resume_checkpoint(cfg)                              # --resume: is there anything to resume?
     data = {path: read_problems(path, cfg) for path in [cfg.train, *cfg.eval] if path}   # files given: parsed
+    if not cfg.model:
+        check_template(toy.build_tokenizer(), cfg, "the toy world")   # before the toy base is built
     cfg = resolve(cfg)                                         # the toy world: built here when not cached
     inputs = check_inputs(cfg, ckpt, data)                     # the model(s), the toy's files, the prompts
     print("config:\n" + json.dumps(dataclasses.asdict(cfg), indent=1))
@@ -95,6 +99,37 @@ def resolve(cfg):
     base = pathlib.Path(toy.ensure_base(recipe=toy.ToyRecipe(seed=cfg.toy_seed)))
     return dataclasses.replace(cfg, model=str(base), train=cfg.train or str(base / "train.jsonl"),
                                eval=cfg.eval or [str(base / "test_easy.jsonl"), str(base / "test_hard.jsonl")])
+
+
+def resolve_for_plan(cfg, objectives):
+    """--dry-run: the checked, resolved config of a real model (nothing is built or loaded)."""
+    settings.check_config(cfg, objectives)
+    if not cfg.model:
+        raise settings.UserError("--dry-run prints the memory plan of a real model: give --model or --preset")
+    if cfg.model not in presets.ARCHITECTURES and not (pathlib.Path(cfg.model) / "config.json").is_file():
+        raise settings.UserError(f"--dry-run: no architecture numbers for {cfg.model!r}: give a local model directory, "
+                                 f"or one of {', '.join(presets.ARCHITECTURES)}")
+    return resolve(cfg)
+
+
+def check_out_dir(cfg) -> None:
+    """--out-dir must be new, empty, or a run's directory: a file, or a directory holding anything else
+    (a model, a checkpoint, the cwd), is refused, so that a run never overwrites what is not a run's."""
+    run_dir = pathlib.Path(cfg.out_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise settings.UserError(f"--out-dir {run_dir} is a file; give a directory")
+    ours = {"config.json", "metrics.jsonl", "eval.jsonl", "latest", "latest.tmp", "eval",
+            "log.txt", "job.json", "result.json"}                 # (the last three: reproduce.py's job files)
+    others = [p.name for p in run_dir.iterdir() if p.name not in ours and not p.name.startswith(("checkpoint-",
+              ".tmp-checkpoint-"))] if run_dir.is_dir() else []
+    config = run_dir / "config.json"
+    try:
+        foreign = config.is_file() and "objective" not in json.loads(config.read_text())
+    except ValueError:
+        foreign = True
+    if others or foreign:
+        raise settings.UserError(f"--out-dir {run_dir} holds files that are not a run's ({', '.join(sorted(others)[:4]) or 'config.json'}"
+                                 f"{', ...' if len(others) > 4 else ''}): give a new or empty directory")
 
 
 def resume_checkpoint(cfg) -> pathlib.Path | None:
@@ -174,10 +209,7 @@ def check_inputs(cfg, ckpt, data: dict) -> Inputs:
         if path not in data:
             data[path] = read_problems(path, cfg)
     tokenizer = AutoTokenizer.from_pretrained(str(ckpt or cfg.model), local_files_only=sample.is_local(ckpt or cfg.model))
-    missing = [t for t in sample.TEMPLATE_TOKENS.get(cfg.template, ()) if t not in tokenizer.get_vocab()]
-    if missing:
-        raise settings.UserError(f"--template {cfg.template} needs the tokens {', '.join(missing)}, which the "
-                                 f"tokenizer of {cfg.model} does not have; use --template auto or plain")
+    check_template(tokenizer, cfg, cfg.model)
     prompt_ids, kept, skipped = sample.encode_prompts(tokenizer, data[cfg.train], cfg.template,
                                                       cfg.max_prompt_len or None)
     if not kept:
@@ -185,6 +217,14 @@ def check_inputs(cfg, ckpt, data: dict) -> Inputs:
     eval_sets = {pathlib.Path(path).stem: data[path][:cfg.eval_limit or None]
                  for path in (cfg.eval if cfg.eval_n > 0 else [])}
     return Inputs(ckpt, kept, prompt_ids, skipped, eval_sets)
+
+
+def check_template(tokenizer, cfg, whose: str) -> None:
+    """The written-out templates need their special tokens as single tokens of the vocabulary."""
+    missing = [t for t in sample.TEMPLATE_TOKENS.get(cfg.template, ()) if t not in tokenizer.get_vocab()]
+    if missing:
+        raise settings.UserError(f"--template {cfg.template} needs the tokens {', '.join(missing)}, which the "
+                                 f"tokenizer of {whose} does not have; use --template auto or plain")
 
 
 def holds_run(run_dir: pathlib.Path) -> bool:

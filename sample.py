@@ -364,8 +364,9 @@ def token_logprobs(logits, targets, temperature: float = 1.0, with_entropy: bool
     logp = -F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view(targets.shape)
     entropy = None
     if with_entropy:
-        # H = -sum_v pi_v log pi_v = logsumexp(z) - sum_v pi_v z_v
-        entropy = logits.logsumexp(-1) - (logits.softmax(-1) * logits).sum(-1)   # (n, R)
+        # H = -sum_v pi_v log pi_v (from the log-softmax: no cancellation when pi is sharp)
+        log_pi = logits.log_softmax(-1)                                      # (n, R, V)
+        entropy = -(log_pi.exp() * log_pi).sum(-1)                           # (n, R)
     return logp, entropy
 
 

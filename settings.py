@@ -97,11 +97,11 @@ def config_problems(cfg, objectives) -> list[str]:
     low, high = clip_sides(cfg)
     if cfg.objective == "ppo" and low == high == 0:
         bad.append("--objective ppo needs clipping: --clip-eps > 0 (the paper: 0.2), or --clip-low / --clip-high")
-    if not (cfg.clip_low == -1 or 0 <= cfg.clip_low <= 1):
-        bad.append(f"--clip-low must be in [0, 1] (the ratio's lower bound is 1 - clip_low), or -1 for --clip-eps; "
-                   f"got {cfg.clip_low}")
-    if not (cfg.clip_high == -1 or cfg.clip_high >= 0):
-        bad.append(f"--clip-high must be >= 0, or -1 for --clip-eps; got {cfg.clip_high}")
+    if not 0 <= low <= 1:
+        bad.append(f"the ratio's lower side (--clip-low, or --clip-eps) must be in [0, 1] (its bound is 1 - clip_low), "
+                   f"got {low}")
+    if not high >= 0:
+        bad.append(f"the ratio's upper side (--clip-high, or --clip-eps) must be >= 0, got {high}")
     if cfg.optimizer not in ("adamw", "sgd"):
         bad.append(f"--optimizer must be adamw or sgd, got {cfg.optimizer!r}")
     if cfg.reward not in ("verifier", "random"):
@@ -144,7 +144,7 @@ def config_problems(cfg, objectives) -> list[str]:
 
 def clip_sides(cfg) -> tuple[float, float]:
     """(clip_low, clip_high) in force: each side's own flag, or --clip-eps where it is -1."""
-    return tuple(cfg.clip_eps if side < 0 else side for side in (cfg.clip_low, cfg.clip_high))
+    return tuple(cfg.clip_eps if side == -1 else side for side in (cfg.clip_low, cfg.clip_high))
 
 
 def check_config(cfg, objectives) -> None:

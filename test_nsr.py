@@ -1427,6 +1427,25 @@ def test_clipped_loss_at_ratio_one_has_the_same_gradient_as_the_unclipped_loss()
     assert grads[0].abs().sum() > 0
 
 
+def test_token_logprobs_are_the_tempered_log_softmax_at_the_targets_and_its_entropy():
+    g = torch.Generator().manual_seed(4)
+    for dtype, T in ((torch.float32, 1.0), (torch.float64, 0.6), (torch.bfloat16, 1.7)):
+        logits = (torch.randn(2, 3, 11, generator=g) * 4).to(dtype).requires_grad_(True)
+        targets = torch.randint(0, 11, (2, 3), generator=g)
+        logp, entropy = sample.token_logprobs(logits, targets, temperature=T, with_entropy=True)
+        assert logp.dtype == entropy.dtype == torch.float32 and logp.shape == entropy.shape == (2, 3)
+        exact = torch.distributions.Categorical(logits=logits.detach().double() / T)
+        torch.testing.assert_close(logp.double(), exact.log_prob(targets), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(entropy.double(), exact.entropy(), rtol=1e-5, atol=1e-5)
+        (logp.sum() + entropy.sum()).backward()                     # the gradient flows back to the logits
+        z = logits.detach().double().requires_grad_(True)
+        truth = torch.distributions.Categorical(logits=z / T)
+        (truth.log_prob(targets).sum() + truth.entropy().sum()).backward()
+        torch.testing.assert_close(logits.grad.double(), z.grad, rtol=2e-2 if dtype == torch.bfloat16 else 1e-4,
+                                   atol=1e-3 if dtype == torch.bfloat16 else 1e-5)
+    assert sample.token_logprobs(torch.randn(1, 2, 5), torch.zeros(1, 2, dtype=torch.long))[1] is None
+
+
 def test_loss_normalizer_counts_the_tokens_of_weighted_samples_only():
     weights = torch.tensor([0.0, -1.0, -1.0, 0.0])
     assert nsr.loss_normalizer(weights, [5, 3, 4, 9]) == 7.0
@@ -1661,8 +1680,13 @@ def test_train_config_rejects_bad_values_with_clear_messages_before_any_work(tmp
              (["--objective", "grpo", "--group-size", "1"], "--group-size must be >= 2 for grpo"),
              (["--top-p", "0.9"], "clipping and mini-batches need --top-p 1"),
              (["--objective", "ppo", "--clip-eps", "0", "--mini-batch-size", "0"], "ppo needs clipping"),
-             (["--clip-low", "1.5"], "--clip-low must be in [0, 1]"),
-             (["--clip-high", "-0.5"], "--clip-high must be >= 0, or -1"),
+             (["--clip-low", "1.5"], "lower side (--clip-low, or --clip-eps) must be in [0, 1]"),
+             (["--clip-eps", "1.5"], "lower side (--clip-low, or --clip-eps) must be in [0, 1]"),
+             (["--clip-high", "-0.5"], "upper side (--clip-high, or --clip-eps) must be >= 0"),
+             (["--out-dir", str(tmp_path)], "holds files that are not a run's"),
+             (["--template", "qwen3"], "which the tokenizer of the toy world does not have"),
+             (["--dry-run"], "--dry-run prints the memory plan of a real model"),
+             (["--dry-run", "--model", "org/unknown"], "no architecture numbers for 'org/unknown'"),
              (["--reward", "coin"], "--reward must be verifier or random"),
              (["--random-reward-p", "1.5"], "--random-reward-p must be in [0, 1]"),
              (["--kl-coef", "-0.5"], "--kl-coef must be >= 0, or -1"),
@@ -1670,9 +1694,10 @@ def test_train_config_rejects_bad_values_with_clear_messages_before_any_work(tmp
              (["--gae-lam", "1.5"], "--gae-lam must be in [0, 1]"),
              (["--train", str(tmp_path / "missing.jsonl")], "missing.jsonl: no such file"),
              (["--preset", "gpt-9"], "unknown --preset 'gpt-9'")]
+    (tmp_path / "a file").write_text("not a run")
     for argv, message in cases:
         with pytest.raises(SystemExit) as stop:
-            nsr.main(argv + ["--out-dir", str(tmp_path / "never")])
+            nsr.main(["--out-dir", str(tmp_path / "never")] + argv)
         assert stop.value.code == 2 and message in capsys.readouterr().err, argv
         assert not (tmp_path / "never").exists()
     # train() checks too, before it creates anything
