@@ -1,6 +1,6 @@
 """
 precision.py -- how one training step fits one GPU: fp32 master weights, optimizer offload, gradient
-checkpointing. OPTIONAL READING: nsr.py calls these four things and none of them changes the math.
+checkpointing. OPTIONAL READING: nsr.py and runs.py call these, and none of them changes the math.
 
     make_trainable(model, cfg, lr)  -> Trainable: the model, the fp32 tensors AdamW updates, the AdamW
     grads_to_master(t)              after each micro-batch's backward: its (bf16) grads summed in fp32

@@ -51,6 +51,7 @@ import json
 import multiprocessing
 import os
 import pathlib
+import re
 import sys
 import time
 
@@ -192,8 +193,8 @@ def make_jobs(args, overrides: dict, sweeps: list | None = None) -> list[dict]:
         for t in args.seeds:
             for method in args.methods:
                 for label, change, field in variants:
-                    run_dir = out / (f"r{r}-{method}-t{t}" if not label else
-                                     f"r{r}-{method}-{field}-{label.split('=', 1)[1][:-1]}-t{t}")
+                    value = re.sub(r"[^\w.+-]", "_", label.split("=", 1)[1][:-1]) if label else ""   # a safe name
+                    run_dir = out / (f"r{r}-{method}-t{t}" if not label else f"r{r}-{method}-{field}-{value}-t{t}")
                     cfg = training_config(base, method, t, run_dir, {**overrides, **change})
                     jobs.append({"name": f"{method}{label} r{r} t{t}", "method": method + label, "recipe_seed": r,
                                  "train_seed": t, "base": str(base), "run_dir": str(run_dir),
@@ -524,14 +525,16 @@ def parse_args(argv=None):
     parser.add_argument("--quick", action="store_true", help="the seconds-long quick toy (for tests: Pass@k ~0)")
     args = parser.parse_args(argv)
     fields = {f.name: f for f in dataclasses.fields(nsr.Config)}
-    kind = {"int": int, "float": float, "str": str, "bool": lambda v: v.lower() in ("1", "true", "yes")}
+    per_job = {"objective", "seed", "out_dir", "model", "train", "eval", "eval_n", "toy_seed", "resume", "save_every"}
 
     def field_value(flag, item):
         name, _, value = item.partition("=")
         if name not in fields or not value:
             parser.error(f"{flag} {item!r}: expected FIELD=VALUE with FIELD one of nsr.Config's fields")
+        if name in per_job:
+            parser.error(f"{flag} {item!r}: {name} is set by each job (--methods, --seeds, --recipe-seeds, --out)")
         try:
-            return name, [(text, kind.get(fields[name].type, str)(text)) for text in value.split(",")]
+            return name, [(text, settings.TYPES.get(fields[name].type, str)(text)) for text in value.split(",")]
         except ValueError:
             parser.error(f"{flag} {item!r}: {value!r} is not a {fields[name].type}")
 

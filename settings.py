@@ -24,6 +24,10 @@ import presets
 import sample
 
 
+# A Config field's type annotation -> how a command-line value of it is read (--set / --sweep use it too)
+TYPES = {"int": int, "float": float, "str": str, "bool": lambda text: text.lower() in ("1", "true", "yes")}
+
+
 class UserError(ValueError):
     """Bad input (a flag, a file, a model path): shown as one clear message and exit status 2, not a traceback."""
 
@@ -56,8 +60,7 @@ def parse_config(config_cls, argv=None, toy_defaults: dict | None = None):
         elif f.type == "list":
             parser.add_argument(flag, action="append", metavar="FILE", help=h)
         else:
-            kind = {"int": int, "float": float, "str": str}[f.type]
-            parser.add_argument(flag, type=kind, help=f"{h} (default: {f.default})")
+            parser.add_argument(flag, type=TYPES[f.type], help=f"{h} (default: {f.default})")
     given = vars(parser.parse_args(argv))
     preset = {}
     if given.get("preset"):

@@ -2358,7 +2358,7 @@ def test_load_model_loads_a_saved_tiny_model_offline_with_a_pad_id_and_chat_stop
 @pytest.mark.parity
 def test_memory_plan_parameter_counts_equal_transformers_models_built_from_the_table():
     # Each table entry, built as the real transformers class on the meta device (no memory), has
-    # exactly num_params() parameters; and the sizes are the published ones (1.54B, 7.62B, ...).
+    # exactly param_count() parameters; and the sizes are the published ones (1.54B, 7.62B, ...).
 
     published = {"Qwen/Qwen2.5-Math-1.5B": 1.54, "Qwen/Qwen2.5-Math-7B": 7.62, "Qwen/Qwen2.5-0.5B-Instruct": 0.49,
                  "Qwen/Qwen3-0.6B": 0.60, "meta-llama/Llama-3.2-1B-Instruct": 1.24}
@@ -2610,7 +2610,9 @@ def test_reproduce_sweep_labels_each_value_and_judges_only_the_unswept_runs(tmp_
                                             (["--set", "nope=1"], "expected FIELD=VALUE"),
                                             (["--set", "lr=-1"], "--lr must be > 0"),
                                             (["--seeds", "0", "0"], "must be distinct"),
-                                            (["--jobs", "0"], "--jobs must be >= 1")])
+                                            (["--jobs", "0"], "--jobs must be >= 1"),
+                                            (["--sweep", "objective=psr,nsr"], "objective is set by each job"),
+                                            (["--set", "lr=fast"], "'fast' is not a float")])
 def test_reproduce_rejects_bad_flags_before_any_work(tmp_path, capsys, extra, message):
     with pytest.raises(SystemExit):
         reproduce.main(["--out", str(tmp_path / "never"), *extra])
