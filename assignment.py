@@ -226,7 +226,7 @@ def handout_text(problems: list[Problem]) -> str:
     total = sum(p.points for p in problems if not p.bonus)
     bonus = sum(p.points for p in problems if p.bonus)
     return HANDOUT.format(rows=rows, total=f"{total:g}", bonus=f"{bonus:g}", cases=DIFF_CASES,
-                          writeup_questions=WRITEUP_QUESTIONS,
+                          writeup_questions=WRITEUP_QUESTIONS.format(**WRITEUP_TIMES),
                           rtol64=TOLERANCE["float64"]["rtol"], atol64=TOLERANCE["float64"]["atol"],
                           rtol32=TOLERANCE["float32"]["rtol"], atol32=TOLERANCE["float32"]["atol"])
 
@@ -738,13 +738,63 @@ CHECKS = {        # in the handout's order: each problem's visible tests use onl
 # RESULTS: the student's whole copy trains the toy; its outcome is scored in tiers
 # =================================================================================================
 
-RESULT_TIERS = None   # set once the toy's thresholds are measured (docs/assignment.md); None = not offered
+# The student's WHOLE copy (every function theirs) runs the main job's training, NSR on the toy base of
+# RESULT_SEED, with one fixed training seed; what it measures is scored against the reference's spread
+# over RESULT_SEEDS training seeds (`python assignment.py calibrate`, which prints RESULT_TIERS):
+#   full     easy Pass@1 gain >= the reference's lowest gain - 3 points, and the final rollout entropy
+#            within the reference's range widened by half of it on each side (neither collapsed nor exploded)
+#   partial  easy Pass@1 gain >= 5 points (it learns)
+#   none     anything else, or the run failed
+# A different floating-point order makes a student's run diverge from the reference's, so a result is
+# judged by the reference's seed-to-seed spread, not by one reference number.
+RESULT_SEED, RESULT_SEEDS, RESULT_POINTS = 0, (0, 1, 2, 3, 4), {"full": 10.0, "partial": 5.0, "none": 0.0}
+RESULT_TIERS = None          # {"gain": [min, max], "entropy": [min, max]} from calibrate; None = not offered
+
+
+def result_run(code: pathlib.Path, out: pathlib.Path, seed: int) -> dict:
+    """The main job's NSR training (nsr.TOY_DEFAULTS) with the code at `code` -> {"gain", "entropy"}."""
+    import nsr
+    import toy
+    base = toy.ensure_base(HERE / toy.base_dir(RESULT_SEED), toy.ToyRecipe(seed=RESULT_SEED))
+    args = [f"--{k.replace('_', '-')}={v}" for k, v in nsr.TOY_DEFAULTS.items() if k != "out_dir"]
+    args += ["--model", str(base), "--train", str(base / "train.jsonl"), "--eval", str(base / "test_easy.jsonl"),
+             "--objective", "nsr", "--seed", str(seed), "--out-dir", str(out)]
+    proc = subprocess.run([sys.executable, str(code / "nsr.py"), *args], cwd=code, capture_output=True, text=True,
+                          timeout=PROBLEM_TIMEOUT)
+    evals = [json.loads(line) for line in (out / "eval.jsonl").read_text().splitlines()] if proc.returncode == 0 else []
+    if len(evals) < 2:
+        return {"error": ((proc.stderr.strip().splitlines() or ["no evaluation"])[-1])[:200]}
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return {"gain": 100 * (evals[-1]["pass@1"] - evals[0]["pass@1"]), "entropy": metrics[-1]["entropy"]}
 
 
 def grade_results(student: pathlib.Path) -> dict:
     if RESULT_TIERS is None:
-        return {"points": 0.0, "max": 0.0, "note": "results grading is not offered for this toy"}
-    raise NotImplementedError
+        return {"points": 0.0, "max": 0.0, "tier": None, "note": "results grading is not offered for this toy"}
+    with tempfile.TemporaryDirectory(prefix="results-") as tmp:
+        code = pathlib.Path(tmp) / "code"
+        code.mkdir()
+        for name in CODE:
+            shutil.copy(student / name, code / name)
+        got = result_run(code, pathlib.Path(tmp) / "run", RESULT_SEED)
+    lo, hi = RESULT_TIERS["entropy"]
+    if "error" in got:
+        tier = "none"
+    elif got["gain"] >= RESULT_TIERS["gain"][0] - 3 and lo - (hi - lo) / 2 <= got["entropy"] <= hi + (hi - lo) / 2:
+        tier = "full"
+    else:
+        tier = "partial" if got["gain"] >= 5 else "none"
+    return {"points": RESULT_POINTS[tier], "max": RESULT_POINTS["full"], "tier": tier, "measured": got}
+
+
+def calibrate() -> dict:
+    """The reference's spread over RESULT_SEEDS training seeds: what RESULT_TIERS is set from."""
+    runs_ = []
+    with tempfile.TemporaryDirectory(prefix="calibrate-") as tmp:
+        for seed in RESULT_SEEDS:
+            runs_.append(result_run(HERE, pathlib.Path(tmp) / f"run-{seed}", seed))
+            print(f"  training seed {seed}: {runs_[-1]}", flush=True)
+    return {key: [min(r[key] for r in runs_), max(r[key] for r in runs_)] for key in ("gain", "entropy")}
 
 
 # =================================================================================================
@@ -827,7 +877,44 @@ With one 24 GB GPU: `python nsr.py --preset qwen2.5-0.5b-instruct --train <MATH 
 --dry-run` prints the memory plan of the paper's model family on 24 GB. Compare PSR and NSR's Pass@k there.
 """
 
-WRITEUP_QUESTIONS = """(The questions and their measured commands are filled in with the toy's final design.)"""
+WRITEUP_QUESTIONS = """\
+Q1. The token-level gradient (the paper.s gradient analysis). For L = -w log softmax(z)_y, derive dL/dz_v for
+    every token v. Say in one sentence each what one PSR step (w = +1) and one NSR step (w = -1) do to the
+    sampled token and to every other one, and where NSR's freed probability goes. Check your derivation
+    against the last row of `python nsr.py --demo-gradient` ({t_demo}).
+
+Q2. PSR, NSR and W-REINFORCE on the toy (findings a, b, d).
+    `python reproduce.py --methods psr nsr w-reinforce --seeds 0 --out runs/q2` ({t_q2}).
+    Report Pass@1, Pass@16 and Pass@256 on both splits, the coverage table (kept / lost / gained) and the
+    test entropies. Which of the paper's findings (a), (b), (d) does this run support, and how strongly
+    (its verdicts and their intervals)? Which problems did PSR lose at k = 256 that the base solves?
+
+Q3. lambda. `python reproduce.py --methods w-reinforce --seeds 0 --sweep lam=0,0.5,1 --out runs/q3`
+    ({t_q3}). How do Pass@1 and Pass@256 move with lambda (0.1 is the unswept row)? The paper's authors
+    chose 0.1 "empirically"; what does your sweep suggest for this toy, and why might a weak base need a
+    larger lambda?
+
+Q4. Clipping and mini-batches (the official repository's issue #6: NSR's gains "only appear when
+    batch_size > ppo_mini_batch_size and PPO's ratio clipping is enabled").
+    `python reproduce.py --methods psr nsr --seeds 0 --sweep clip_eps=0 --sweep clip_low=0
+    --sweep clip_high=0 --sweep mini_batch_size=0 --out runs/q4` ({t_q4}).
+    Some rows are identical to the digit: which, and why (which side of the clip does each objective
+    ever meet)? What do clipping and the number of optimizer steps per batch change for PSR and for NSR?
+
+Q5. The normaliser. `python reproduce.py --methods psr nsr --seeds 0 --sweep normalizer=constant
+    --out runs/q5` ({t_q5}). What does a token mean over the weighted samples do that a constant does
+    not (think of PSR when few samples are right)?
+
+Q6. Uncertainty (no run). From runs/q2/summary.json: what does an "inconclusive" verdict mean, and what
+    would make it conclusive? Why does reproduce.py resample recipe seeds, problems and training seeds
+    separately, and why are the two test splits of one run never two independent units?
+
+All six together: {t_total} on 2 CPU cores (measured; the toy bases are built once and cached)."""
+
+# Measured on 2 CPU cores from a fresh clone with the toy bases already built (docs/assignment.md has the
+# commands and the date): each question's wall time.
+WRITEUP_TIMES = {"t_demo": "about 2 s", "t_q2": "not yet measured", "t_q3": "not yet measured",
+                 "t_q4": "not yet measured", "t_q5": "not yet measured", "t_total": "not yet measured"}
 
 WRITEUP = """# Write-up
 
@@ -863,6 +950,7 @@ def main(argv=None) -> int:
     sp.add_argument("--results", action="store_true", help="also re-run the student's seeded toy training")
     sp = sub.add_parser("submit", help="write DIR/submission.zip")
     sp.add_argument("dir", type=pathlib.Path)
+    sub.add_parser("calibrate", help="measure the reference's results over several seeds (RESULT_TIERS)")
     sp = sub.add_parser("_outputs", help=argparse.SUPPRESS)           # a grading process (GRADE above)
     sp.add_argument("seeds", nargs="+", metavar="ID=SEED")
     sp.add_argument("--tests", action="store_true")
@@ -882,7 +970,9 @@ def main(argv=None) -> int:
         start = time.time()
         result = grade(args.dir, only=args.only, jobs=max(1, args.jobs))
         if args.results:
-            result["results"] = grade_results(args.dir)
+            result["problems"]["results"] = grade_results(args.dir) | {"bonus": False, "failed": [], "seed": RESULT_SEED}
+            result["total"] += result["problems"]["results"]["points"]
+            result["max"] += result["problems"]["results"]["max"]
         print(format_grade(result))
         print(f"graded in {time.time() - start:.0f} s")
         if args.json:
@@ -891,6 +981,8 @@ def main(argv=None) -> int:
                                            for k, v in result["problems"].items()}}))
     elif args.command == "submit":
         print(f"wrote {submit(args.dir)}")
+    elif args.command == "calibrate":
+        print(f"RESULT_TIERS = {json.dumps(calibrate())}")
     else:
         outputs_process({k: int(v) for k, v in (item.split("=") for item in args.seeds)}, args.tests, args.out)
     return 0
