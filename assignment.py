@@ -878,7 +878,7 @@ With one 24 GB GPU: `python nsr.py --preset qwen2.5-0.5b-instruct --train <MATH 
 """
 
 WRITEUP_QUESTIONS = """\
-Q1. The token-level gradient (the paper.s gradient analysis). For L = -w log softmax(z)_y, derive dL/dz_v for
+Q1. The token-level gradient (the paper's gradient analysis). For L = -w log softmax(z)_y, derive dL/dz_v for
     every token v. Say in one sentence each what one PSR step (w = +1) and one NSR step (w = -1) do to the
     sampled token and to every other one, and where NSR's freed probability goes. Check your derivation
     against the last row of `python nsr.py --demo-gradient` ({t_demo}).
