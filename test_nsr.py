@@ -1211,7 +1211,11 @@ def test_toy_fact_table_has_three_tiers_ranked_by_frequency_with_a_corpus_distri
                      + [toy.RARE] * (recipe.num_symbols - recipe.num_common - recipe.num_medium))
     ranges = {toy.COMMON: recipe.common_recall, toy.MEDIUM: recipe.medium_recall, toy.RARE: recipe.rare_recall}
     for s, f in facts.items():
-        assert sum(f["corpus"]) == pytest.approx(1.0) and f["corpus"][f["value"]] == f["recall"]
+        assert len(f["corpus"]) == len(recipe.formats)
+        for fmt, corpus in enumerate(f["corpus"]):
+            # rare facts are stated right mostly in the minor format: rare_major_recall x recall in the major one
+            scale = recipe.rare_major_recall if f["tier"] == toy.RARE and fmt == 0 else 1.0
+            assert sum(corpus) == pytest.approx(1.0) and corpus[f["value"]] == pytest.approx(scale * f["recall"])
         lo, hi = ranges[f["tier"]]
         assert lo <= f["recall"] <= hi, (s, f)
         assert f["weight"] == pytest.approx((f["rank"] + 1) ** -recipe.zipf)
@@ -1228,13 +1232,17 @@ def test_toy_corpus_states_digits_as_often_as_the_fact_table_says_and_never_show
     stated, right = {}, {}
     for p in corpus:
         digits = p["solution"].split("{")[1].rstrip("}")
-        assert p["solution"] == toy.solve(p["symbols"], [int(d) for d in digits])   # the box copies the recalls
+        sep = recipe.formats[p["format"]]
+        assert p["solution"] == toy.solve(p["symbols"], [int(d) for d in digits], sep)   # the box copies the recalls
         for s, d in zip(p["symbols"], digits):
-            stated[s] = stated.get(s, 0) + 1
-            right[s] = right.get(s, 0) + (int(d) == facts[s]["value"])
-    for s in (s for s in stated if stated[s] >= 400):                   # the frequent ones: a tight estimate
-        assert abs(right[s] / stated[s] - facts[s]["recall"]) < 0.06, (s, right[s] / stated[s], facts[s]["recall"])
-    assert {facts[s]["tier"] for s in stated} == {toy.COMMON, toy.MEDIUM, toy.RARE}
+            stated[s, p["format"]] = stated.get((s, p["format"]), 0) + 1
+            right[s, p["format"]] = right.get((s, p["format"]), 0) + (int(d) == facts[s]["value"])
+    minor = sum(n for (s, f), n in stated.items() if f == 1) / sum(stated.values())
+    assert abs(minor - recipe.minor_format_share) < 0.03
+    for s, f in (k for k in stated if stated[k] >= 400):               # the frequent ones: a tight estimate
+        want = facts[s]["corpus"][f][facts[s]["value"]]
+        assert abs(right[s, f] / stated[s, f] - want) < 0.06, (s, f, right[s, f] / stated[s, f], want)
+    assert {facts[s]["tier"] for s, _ in stated} == {toy.COMMON, toy.MEDIUM, toy.RARE}
     # sft_batch: the loss covers exactly the response tokens (+ EOS)
     tokenizer = toy.build_tokenizer()
     input_ids, labels, attention_mask, loss_weights = toy.sft_batch(corpus[:8], {}, tokenizer)

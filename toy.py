@@ -87,7 +87,7 @@ import verifier
 
 # Bump when the task format or the build procedure changes in a way the recipe fields do not show:
 # it is part of the recipe hash, so every cached base model is rebuilt.
-RECIPE_VERSION = "toy-v7"
+RECIPE_VERSION = "toy-v8"
 
 
 # =================================================================================================
@@ -117,11 +117,22 @@ class ToyRecipe:
     """... of medium symbols: uniform"""
     rare_recall: tuple = (0.003, 0.6)
     """... of rare symbols: LOG-uniform, so some are nearly known and some nearly never stated right"""
+    formats: tuple = ("=", ":")
+    """the separators a solution may write between a symbol and its digit ("k=3 Q=7" or "k:3 Q:7"): the
+    solution's FORMAT, chosen at its first separator and kept to its end. A corpus solution uses the first
+    (major) format, or the second (minor) one with probability minor_format_share. Correctness never
+    depends on the format; what the corpus states in it does (rare_major_recall)"""
+    minor_format_share: float = 0.25
+    """share of corpus solutions written in the minor format"""
+    rare_major_recall: float = 0.1
+    """a rare symbol's recall in the MAJOR format = this x its recall (which is its recall in the minor
+    format): the corpus states rare facts right mostly in the minor format, so a hard problem is solved
+    mostly by samples that choose it. Common and medium facts are stated alike in every format."""
     confusion_alpha: float = 0.3
     """Dirichlet concentration of how a symbol's wrong statements share the 9 wrong digits: small = one or
     two favourite wrong digits per symbol (a misconception) and a thin tail (0.05, one favourite and almost
     nothing else, made every objective gain coverage and PSR lose none: docs/toy-regime-log.md)"""
-    zipf: float = 1.3
+    zipf: float = 0.7
     """corpus frequency of the symbol of rank r (0 = most frequent): proportional to 1 / (r + 1)^zipf"""
     corpus_symbols: tuple = (1, 2, 3)
     """symbols per pre-training corpus problem (uniform)"""
@@ -142,7 +153,12 @@ class ToyRecipe:
     heads: int = 4
     kv_heads: int = 2
     lr: float = 2e-3
-    """AdamW peak learning rate of pre-training (linear warm-up over 50 steps, then constant)"""
+    """AdamW peak learning rate of pre-training (linear warm-up over 50 steps, then lr_schedule)"""
+    lr_schedule: str = "cosine"
+    """after the warm-up: "constant", or "cosine" (decay to 0 at the last step). With a constant rate
+    the belief about a rarely seen symbol tracks its last few corpus examples (measured on toy-v7:
+    recall 0.58 believed at 0.19, 0.004 at 0.09); the decay averages them, so the base believes what
+    its corpus states"""
     batch_size: int = 32
     """sequences per pre-training step"""
     pretrain_steps: int = 1000
@@ -181,8 +197,9 @@ def fact_table(recipe: ToyRecipe) -> dict[str, dict]:
     """{symbol: {"rank", "tier", "value", "recall", "corpus", "weight"}}, deterministic from recipe.seed.
 
     rank: corpus-frequency rank (0 = most frequent); weight = 1 / (rank + 1)^zipf (relative corpus
-    frequency); value: the true digit; recall: probability that the corpus states it; corpus: the
-    10 probabilities (digit 0-9) with which a corpus solution states this symbol's digit.
+    frequency); value: the true digit; recall: probability that the corpus states it (in the minor format,
+    for a rare symbol); corpus: per format (recipe.formats), the 10 probabilities (digit 0-9) with which a
+    corpus solution in that format states this symbol's digit.
     """
     if not 0 < recipe.num_common + recipe.num_medium < recipe.num_symbols <= len(SYMBOLS):
         raise ValueError(f"need 0 < num_common + num_medium < num_symbols <= {len(SYMBOLS)}")
@@ -200,11 +217,15 @@ def fact_table(recipe: ToyRecipe) -> dict[str, dict]:
         value = rng.randrange(10)
         shares = [rng.gammavariate(recipe.confusion_alpha, 1.0) for _ in range(9)]   # Dirichlet(alpha)
         wrong = [d for d in range(10) if d != value]
-        corpus = [0.0] * 10
-        corpus[value] = recall
-        for d, share in zip(wrong, shares):
-            corpus[d] = (1 - recall) * share / sum(shares)
-        table[s] = {"rank": rank, "tier": tier, "value": value, "recall": recall, "corpus": corpus,
+        corpora = []
+        for f in range(len(recipe.formats)):
+            stated = recall * recipe.rare_major_recall if tier == RARE and f == 0 and len(recipe.formats) > 1 else recall
+            corpus = [0.0] * 10
+            corpus[value] = stated
+            for d, share in zip(wrong, shares):
+                corpus[d] = (1 - stated) * share / sum(shares)
+            corpora.append(corpus)
+        table[s] = {"rank": rank, "tier": tier, "value": value, "recall": recall, "corpus": corpora,
                     "weight": 1.0 / (rank + 1) ** recipe.zipf}
     return table
 
@@ -214,9 +235,10 @@ def problem_text(symbols: list[str]) -> str:
     return "Decode " + "".join(symbols)
 
 
-def solve(symbols: list[str], digits: list[int]) -> str:
-    """The worked solution stating these digits: "k=3 Q=7 a=0 \\boxed{370}" (wrong if a digit is)."""
-    return " ".join(f"{s}={d}" for s, d in zip(symbols, digits)) + f" \\boxed{{{''.join(map(str, digits))}}}"
+def solve(symbols: list[str], digits: list[int], sep: str = "=") -> str:
+    """The worked solution stating these digits: "k=3 Q=7 a=0 \\boxed{370}" (wrong if a digit is);
+    sep: the format's separator ("k:3 Q:7 a:0 \\boxed{370}")."""
+    return " ".join(f"{s}{sep}{d}" for s, d in zip(symbols, digits)) + f" \\boxed{{{''.join(map(str, digits))}}}"
 
 
 def make_problem(symbols: list[str], facts: dict) -> dict:
@@ -294,8 +316,10 @@ def corpus_problem(rng: random.Random, facts: dict, recipe: ToyRecipe, exclude: 
         text = problem_text(chosen)
         if text not in exclude:
             break
-    digits = [rng.choices(range(10), weights=facts[s]["corpus"])[0] for s in chosen]
-    return {"problem": text, "solution": solve(chosen, digits), "symbols": chosen}
+    fmt = 1 if len(recipe.formats) > 1 and rng.random() < recipe.minor_format_share else 0
+    digits = [rng.choices(range(10), weights=facts[s]["corpus"][fmt])[0] for s in chosen]
+    return {"problem": text, "solution": solve(chosen, digits, recipe.formats[fmt]), "symbols": chosen,
+            "format": fmt}
 
 
 # =================================================================================================
@@ -411,41 +435,65 @@ def sampled_accuracy(model, tokenizer, problems, n: int, max_new_tokens: int, se
 
 
 @torch.no_grad()
-def recall_report(model, tokenizer, problems: list[dict], facts: dict) -> dict:
-    """The model's beliefs at every recall of the reference solutions (teacher-forced, one forward pass).
+def recall_report(model, tokenizer, problems: list[dict], facts: dict, formats: tuple = ("=",)) -> dict:
+    """The model's beliefs at every recall of the reference solutions (teacher-forced, one forward pass
+    per problem and format).
 
     At the digit after "s=" it reads p(true digit), whether the true digit is the most likely token,
     and the entropy (nats, whole vocabulary, temperature 1). Returns per tier {"p_true", "top1",
     "entropy", "count"} (means over recall positions) and "problems": per problem the product of its
-    p(true digit), which is the model's chance to solve it when it copies its digits faithfully.
+    p(true digit), which is the model's chance to solve it when it copies its digits faithfully -- all
+    in the first format. With several formats also "by_format" (the same report per separator),
+    "format_share" (per separator: the mean probability that a solution picks it at its first separator),
+    "format_entropy" (the mean entropy of that choice among the formats, nats) and "solve" (per problem
+    sum_f p(f) x product_f: the chance to solve it over the format choice).
     """
     prompt_ids, kept, _ = sample.encode_prompts(tokenizer, problems)
     device = next(model.parameters()).device
-    stats = {t: {"p_true": 0.0, "top1": 0.0, "entropy": 0.0, "count": 0} for t in TIERS}
-    products = []
-    for prompt, p in zip(prompt_ids, kept):
-        solution = p["solution"] if "solution" in p else solve(symbols_of(p["problem"]), list(map(int, p["answer"])))
-        response = tokenizer(solution, add_special_tokens=False)["input_ids"]
-        ids = torch.tensor([prompt + response], device=device)
-        logp = torch.log_softmax(model(input_ids=ids).logits[0].float(), -1)            # (T, V)
-        product = 1.0
-        for i, ch in enumerate(solution):
-            if ch != "=" or i + 1 >= len(solution):
-                continue
-            s, pos = solution[i - 1], len(prompt) + i + 1         # char-level: char i+1 = response token i+1
-            row = logp[pos - 1]                                     # the logits that predict token pos
-            true_id = response[i + 1]
-            p_true = row[true_id].exp().item()
-            tier = facts[s]["tier"]
-            stats[tier]["p_true"] += p_true
-            stats[tier]["top1"] += float(row.argmax().item() == true_id)
-            stats[tier]["entropy"] += -(row.exp() * row).sum().item()
-            stats[tier]["count"] += 1
-            product *= p_true
-        products.append(product)
-    out = {t: ({k: v / s["count"] for k, v in s.items() if k != "count"} | {"count": s["count"]}) if s["count"] else None
-           for t, s in stats.items()}
-    out["problems"] = products
+    sep_ids = [tokenizer(sep, add_special_tokens=False)["input_ids"][0] for sep in formats]
+    by_format, choice = {}, []
+    for sep in formats:
+        stats = {t: {"p_true": 0.0, "top1": 0.0, "entropy": 0.0, "count": 0} for t in TIERS}
+        products = []
+        for j, (prompt, p) in enumerate(zip(prompt_ids, kept)):
+            symbols = symbols_of(p["problem"])
+            solution = (p["solution"] if "solution" in p and sep == "=" else
+                        solve(symbols, list(map(int, p["answer"])), sep))
+            response = tokenizer(solution, add_special_tokens=False)["input_ids"]
+            ids = torch.tensor([prompt + response], device=device)
+            logp = torch.log_softmax(model(input_ids=ids).logits[0].float(), -1)            # (T, V)
+            if sep == formats[0]:
+                # the format choice: the token after the first symbol (response token 1)
+                first = logp[len(prompt)][sep_ids].exp()
+                choice.append(first)
+            product = 1.0
+            for i, ch in enumerate(solution):
+                if ch != sep or i + 1 >= len(solution):
+                    continue
+                s, pos = solution[i - 1], len(prompt) + i + 1     # char-level: char i+1 = response token i+1
+                row = logp[pos - 1]                                 # the logits that predict token pos
+                true_id = response[i + 1]
+                p_true = row[true_id].exp().item()
+                tier = facts[s]["tier"]
+                stats[tier]["p_true"] += p_true
+                stats[tier]["top1"] += float(row.argmax().item() == true_id)
+                stats[tier]["entropy"] += -(row.exp() * row).sum().item()
+                stats[tier]["count"] += 1
+                product *= p_true
+            products.append(product)
+        report = {t: ({k: v / s["count"] for k, v in s.items() if k != "count"} | {"count": s["count"]})
+                  if s["count"] else None for t, s in stats.items()}
+        report["problems"] = products
+        by_format[sep] = report
+    out = dict(by_format[formats[0]])
+    if len(formats) > 1:
+        c = torch.stack(choice)                                          # (problems, formats)
+        share = c / c.sum(-1, keepdim=True)
+        out["by_format"] = by_format
+        out["format_share"] = {sep: float(c[:, f].mean()) for f, sep in enumerate(formats)}
+        out["format_entropy"] = float(-(share * share.clamp_min(1e-12).log()).sum(-1).mean())
+        out["solve"] = [sum(float(c[j, f]) * by_format[sep]["problems"][j] for f, sep in enumerate(formats))
+                        for j in range(len(kept))]
     return out
 
 
@@ -478,13 +526,21 @@ def pretrain(model, tokenizer, splits: dict, recipe: ToyRecipe, log=print) -> di
     check_easy = splits["test_easy"][:recipe.check_problems]
     check_hard = splits["test_hard"][:recipe.check_problems]
     optimizer = torch.optim.AdamW(model.parameters(), lr=recipe.lr, betas=(0.9, 0.98), weight_decay=0.0)
+
+    def decay(step: int) -> float:
+        if recipe.lr_schedule == "constant" or step <= 50:
+            return 1.0
+        if recipe.lr_schedule == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * (step - 50) / max(recipe.pretrain_steps - 50, 1)))
+        raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {recipe.lr_schedule!r}")
+
     start, history = time.time(), []
     bar = tqdm(range(1, recipe.pretrain_steps + 1), desc="toy pre-training", unit="step", dynamic_ncols=True)
     for step in bar:
         # ---- one supervised step: -mean_t log pi(corpus token t) over the response tokens ----
         model.train()
         for group in optimizer.param_groups:
-            group["lr"] = recipe.lr * min(1.0, step / 50)                   # linear warm-up
+            group["lr"] = recipe.lr * min(1.0, step / 50) * decay(step)    # linear warm-up, then the decay
         batch = [corpus_problem(rng, facts, recipe, exclude) for _ in range(recipe.batch_size)]
         input_ids, labels, attention_mask, loss_weights = sft_batch(batch, prompt_cache, tokenizer)
         logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1].float()  # (B, T-1, V)
@@ -595,7 +651,7 @@ def _build(out_dir: pathlib.Path, recipe: ToyRecipe, start: float, log) -> pathl
     if not result["met"]:
         log("toy: WARNING: competence targets not met: " + "; ".join(result["misses"]))
     model.eval()
-    recall = {name: recall_report(model, tokenizer, splits[split], facts)
+    recall = {name: recall_report(model, tokenizer, splits[split], facts, recipe.formats)
               for name, split in (("easy", "test_easy"), ("hard", "test_hard"))}
 
     tmp = out_dir.with_name(out_dir.name + f".tmp-{recipe_hash(recipe)}")
@@ -623,8 +679,14 @@ def _build(out_dir: pathlib.Path, recipe: ToyRecipe, start: float, log) -> pathl
 
 
 def fmt_recall(report: dict) -> str:
-    return "  ".join(f"{t}: p(true) {r['p_true']:.3f}, top-1 {r['top1']:.2f}, H {r['entropy']:.3f} ({r['count']})"
-                     for t, r in report.items() if t in TIERS and r)
+    def one(rep):
+        return "  ".join(f"{t}: p(true) {r['p_true']:.3f}, top-1 {r['top1']:.2f}, H {r['entropy']:.3f} ({r['count']})"
+                         for t, r in rep.items() if t in TIERS and r)
+    if "by_format" not in report:
+        return one(report)
+    share = "  ".join(f"'{sep}' {v:.3f}" for sep, v in report["format_share"].items())
+    return (f"format share {share} (H {report['format_entropy']:.3f})\n"
+            + "\n".join(f"        in '{sep}': " + one(rep) for sep, rep in report["by_format"].items()))
 
 
 def recall_command(model_dir: str, base: str | None) -> int:
@@ -632,11 +694,12 @@ def recall_command(model_dir: str, base: str | None) -> int:
     on the test splits of BASE (default: MODEL itself), with the facts of BASE."""
     base_path = pathlib.Path(base or model_dir)
     facts = json.loads((base_path / "facts.json").read_text())
+    formats = tuple(json.loads((base_path / "recipe.json").read_text())["recipe"].get("formats", ("=",)))
     torch.set_num_threads(1)
     model, tokenizer = sample.load_model(model_dir, dtype="float32", device="cpu")
     for split in ("test_easy", "test_hard"):
         problems = [json.loads(line) for line in (base_path / f"{split}.jsonl").read_text().splitlines()]
-        print(f"{split:9s} " + fmt_recall(recall_report(model, tokenizer, problems, facts)))
+        print(f"{split:9s} " + fmt_recall(recall_report(model, tokenizer, problems, facts, formats)))
     return 0
 
 
