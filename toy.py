@@ -107,17 +107,21 @@ class ToyRecipe:
     """seeds the fact table, the splits, the corpus sampling, the model init and the sampling checks"""
     num_symbols: int = 52
     """symbols in the codebook (the first num_symbols of a-z, A-Z), ranked by corpus frequency per seed"""
-    num_common: int = 8
+    num_common: int = 10
     """the most frequent symbols: the "common" tier"""
-    num_medium: int = 16
+    num_medium: int = 14
     """the next ones: the "medium" tier; every other symbol is "rare" (never in an RL training problem)"""
     common_recall: tuple = (0.92, 0.99)
     """corpus recall (probability that the corpus states the true digit) of common symbols: uniform"""
-    medium_recall: tuple = (0.03, 0.2)
+    medium_recall: tuple = (0.1, 0.35)
     """... of medium symbols: uniform"""
+    medium_favourite: tuple = (0.45, 0.65)
+    """corpus share of a medium symbol's FAVOURITE wrong digit (uniform; the rest of its wrong statements
+    spread by Dirichlet(confusion_alpha)): every medium fact is a misconception, its truth a minority
+    behind one confident wrong digit, on every recipe seed. (0, 0): no favourite, the plain Dirichlet"""
     rare_recall: tuple = (0.003, 0.6)
     """... of rare symbols: LOG-uniform, so some are nearly known and some nearly never stated right"""
-    formats: tuple = ("=", ":")
+    formats: tuple = ("=",)
     """the separators a solution may write between a symbol and its digit ("k=3 Q=7" or "k:3 Q:7"): the
     solution's FORMAT, chosen at its first separator and kept to its end. A corpus solution uses the first
     (major) format, or the second (minor) one with probability minor_format_share. Correctness never
@@ -161,10 +165,10 @@ class ToyRecipe:
     its corpus states"""
     batch_size: int = 32
     """sequences per pre-training step"""
-    pretrain_steps: int = 1000
+    pretrain_steps: int = 2000
     """supervised steps, FIXED: one recipe seed gives the same base on any machine (up to floating point)
     and a predictable build time"""
-    check_every: int = 250
+    check_every: int = 1000
     """steps between cheap Pass@1 checks (n = check_n samples on check_problems problems per split), kept
     in base_eval.json "history" to show the learning curve; they do not stop the build"""
     check_n: int = 8
@@ -217,13 +221,16 @@ def fact_table(recipe: ToyRecipe) -> dict[str, dict]:
         value = rng.randrange(10)
         shares = [rng.gammavariate(recipe.confusion_alpha, 1.0) for _ in range(9)]   # Dirichlet(alpha)
         wrong = [d for d in range(10) if d != value]
+        favourite = rng.uniform(*recipe.medium_favourite) if tier == MEDIUM and recipe.medium_favourite[1] > 0 else 0.0
+        top = wrong[max(range(9), key=lambda i: shares[i])]      # the favourite: the wrong digit with the largest share
         corpora = []
         for f in range(len(recipe.formats)):
             stated = recall * recipe.rare_major_recall if tier == RARE and f == 0 and len(recipe.formats) > 1 else recall
             corpus = [0.0] * 10
             corpus[value] = stated
+            rest = sum(share for d, share in zip(wrong, shares) if not (favourite and d == top))
             for d, share in zip(wrong, shares):
-                corpus[d] = (1 - stated) * share / sum(shares)
+                corpus[d] = favourite if favourite and d == top else (1 - stated - favourite) * share / rest
             corpora.append(corpus)
         table[s] = {"rank": rank, "tier": tier, "value": value, "recall": recall, "corpus": corpora,
                     "weight": 1.0 / (rank + 1) ** recipe.zipf}
