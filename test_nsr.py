@@ -1258,6 +1258,23 @@ def test_toy_corpus_states_digits_as_often_as_the_fact_table_says_and_never_show
         assert w == [float(l != -100) for l in lab]
 
 
+def test_toy_format_choice_states_rare_facts_right_mostly_in_the_minor_format():
+    # off by default (v8a: the model ignored the separator); the recipe still builds it exactly
+    recipe = toy.ToyRecipe(formats=("=", ":"))
+    facts = toy.fact_table(recipe)
+    for f in facts.values():
+        major, minor = f["corpus"]
+        scale = recipe.rare_major_recall if f["tier"] == toy.RARE else 1.0
+        assert major[f["value"]] == pytest.approx(scale * f["recall"]) and minor[f["value"]] == pytest.approx(f["recall"])
+    rng = random.Random(0)
+    corpus = [toy.corpus_problem(rng, facts, recipe, set()) for _ in range(2000)]
+    share = sum(p["format"] for p in corpus) / len(corpus)
+    assert abs(share - recipe.minor_format_share) < 0.04
+    assert all((":" in p["solution"]) == (p["format"] == 1) and ("=" in p["solution"]) == (p["format"] == 0)
+               for p in corpus)
+    assert toy.solve(["k", "Q"], [3, 7], ":") == "k:3 Q:7 \\boxed{37}"
+
+
 def test_toy_recall_report_reads_the_probability_of_each_true_digit(toy_quick_base):
     out, _ = toy_quick_base
     recipe = toy.quick_recipe()

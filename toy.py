@@ -18,22 +18,26 @@ Each of 52 one-letter symbols (a-z, A-Z) has a secret digit (the FACT TABLE, dra
 solution recalls each symbol's digit in turn and boxes the digits in order. The corpus is NOISY, in a way
 fixed per symbol: it states a symbol's true digit with probability recall_s (the symbol's "corpus
 recall"), and otherwise a wrong digit drawn from a per-symbol confusion distribution (Dirichlet(0.3):
-one or two favourite wrong digits, a thin tail), so the base learns, per symbol, a belief that is right
-with probability ~recall_s; a problem is solved when every recall in it is right (copying the digits
-into the box is learned exactly), with probability ~ the product of its symbols' recalls. The symbols
-come in three tiers by corpus frequency (Zipf over their rank) and corpus recall:
-    common (8)   frequent, recall 0.92-0.99                   in train / test_easy / test_hard
-    medium (16)  less frequent, recall 0.03-0.2: MISCONCEPTIONS (the favourite digit is wrong), in
-                 train / test_easy / test_hard: what RL can learn, slowly (easy Pass@1 ~30% in the base)
-    rare (28)    rare, recall 0.003-0.6 (log-uniform): on most the base's favourite digit is a wrong one;
-                 NEVER in a train (RL) problem: only in the pre-training corpus; 1-2 in every test_hard
-                 problem
+one or two favourite wrong digits, a thin tail). Pre-training is long enough, and ends with a decaying
+rate, so that the base BELIEVES what its corpus states (each belief within a few points of the corpus
+rates: its Pass@k is predictable from the fact table); a problem is solved when every recall in it is
+right (copying the digits into the box is learned exactly), with probability ~ the product of its
+symbols' recalls. The symbols come in three tiers by corpus frequency (Zipf 0.7 over their rank):
+    common (10)  frequent, recall 0.92-0.99                   in train / test_easy / test_hard
+    medium (14)  MISCONCEPTIONS: recall 0.1-0.35 behind one wrong favourite digit stated 45-65% of the
+                 time, in train / test_easy / test_hard: what RL can learn (easy Pass@1 ~30-45% in the base)
+    rare (28)    recall 0.003-0.6 (log-uniform), seen 500-800 times in the corpus, so known as well as
+                 the corpus states them; NEVER in a train (RL) problem; 1-2 in every test_hard problem
   train / test_easy: 2-3 common or medium symbols (the role of MATH): RL reweights beliefs it trains on.
   test_hard: 2-3 symbols, 1-2 of them rare (the role of AIME): per-problem success rates spread from
   <0.1% to >50%, and RL never sees these facts, so what RL does to them is what it does to the model's
-  beliefs in general: every objective perturbs them through the shared digit read-out, which mostly
-  concentrates a spread belief (low-probability truths lose); PSR, which takes the most optimizer steps
-  once its training accuracy is high, moves them furthest (measured: docs/toy-regime-log.md).
+  beliefs in general. Measured (docs/toy-regime-log.md): when the trained facts are misconceptions,
+  learning them moves a wrong favourite's mass and NSR barely changes the rare beliefs, while PSR, which
+  also self-distils the common facts once its accuracy is high, sharpens them (low-probability truths
+  lose); when the trained facts have right favourites, or the base does not know its rare facts (toy-v7:
+  a constant pre-training rate left them near a generic digit prior), every objective moves them.
+An optional FORMAT choice ("k=3" or "k:3", ToyRecipe.formats) was tried and is off by default: the model
+ignored the separator (docs/toy-regime-log.md, v8a).
 The design history (what each earlier world measured): docs/toy.md and docs/toy-regime-log.md.
 
 THE RECIPE (ToyRecipe, hashed; the cache runs/toy-base-s<seed> is rebuilt when it changes):
@@ -44,7 +48,7 @@ THE RECIPE (ToyRecipe, hashed; the cache runs/toy-base-s<seed> is rebuilt when i
   pre-train  supervised next-token loss on the response tokens of corpus solutions (a stream of fresh
              corpus problems over ALL symbols, Zipf-weighted, each recall drawn from the symbol's corpus
              distribution; test problems never appear), in exactly the prompt + response format the RL
-             loop samples. AdamW (lr 2e-3, batch 32, one thread), pretrain_steps FIXED: one recipe seed
+             loop samples. AdamW (lr 2e-3, cosine decay, batch 32, one thread), pretrain_steps (2,000) FIXED: one recipe seed
              gives the same base on any machine up to floating point, in a predictable time. Then the
              competence check (measured, printed, saved; it does not stop or change the build):
              passk.evaluate, n = 256, temperature 1: easy Pass@1 in [0.30, 0.80] and Pass@256 >= 0.85;
