@@ -770,7 +770,7 @@ def result_run(code: pathlib.Path, out: pathlib.Path, seed: int) -> dict:
 
 def grade_results(student: pathlib.Path) -> dict:
     if RESULT_TIERS is None:
-        return {"points": 0.0, "max": 0.0, "tier": None, "note": "results grading is not offered for this toy"}
+        return {"points": 0.0, "max": 0.0, "tier": None, "failed": ["not graded: RESULT_TIERS not measured for this toy"]}
     with tempfile.TemporaryDirectory(prefix="results-") as tmp:
         code = pathlib.Path(tmp) / "code"
         code.mkdir()
@@ -784,7 +784,11 @@ def grade_results(student: pathlib.Path) -> dict:
         tier = "full"
     else:
         tier = "partial" if got["gain"] >= 5 else "none"
-    return {"points": RESULT_POINTS[tier], "max": RESULT_POINTS["full"], "tier": tier, "measured": got}
+    why = [] if tier == "full" else [got["error"] if "error" in got else
+                                     f"tier {tier}: easy Pass@1 gain {got['gain']:.1f} (full: >= "
+                                     f"{RESULT_TIERS['gain'][0] - 3:.1f}), final entropy {got['entropy']:.4f} "
+                                     f"(full: {lo - (hi - lo) / 2:.4f}-{hi + (hi - lo) / 2:.4f})"]
+    return {"points": RESULT_POINTS[tier], "max": RESULT_POINTS["full"], "tier": tier, "measured": got, "failed": why}
 
 
 def calibrate() -> dict:
@@ -970,7 +974,7 @@ def main(argv=None) -> int:
         start = time.time()
         result = grade(args.dir, only=args.only, jobs=max(1, args.jobs))
         if args.results:
-            result["problems"]["results"] = grade_results(args.dir) | {"bonus": False, "failed": [], "seed": RESULT_SEED}
+            result["problems"]["results"] = grade_results(args.dir) | {"bonus": False, "seed": RESULT_SEED}
             result["total"] += result["problems"]["results"]["points"]
             result["max"] += result["problems"]["results"]["max"]
         print(format_grade(result))

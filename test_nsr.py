@@ -2731,6 +2731,22 @@ def test_assignment_grade_prints_a_table_and_its_last_line_is_one_json_object(tm
     assert lines[0].split() == ["problem", "points", "max", "what", "failed"]
 
 
+@pytest.mark.parametrize("got, tier, why", [
+    ({"gain": 40.0, "entropy": 0.05}, "full", None),
+    ({"gain": 26.5, "entropy": 0.05}, "full", None),              # the lowest reference gain - 3, inclusive
+    ({"gain": 26.4, "entropy": 0.05}, "partial", "gain 26.4 (full: >= 26.5)"),
+    ({"gain": 40.0, "entropy": 0.11}, "partial", "final entropy 0.1100 (full: 0.0250-0.0850)"),
+    ({"gain": 4.9, "entropy": 0.05}, "none", "tier none"),
+    ({"error": "a traceback"}, "none", "a traceback")])
+def test_assignment_results_tier_is_judged_against_the_reference_spread_and_says_why(monkeypatch, got, tier, why):
+    # reference spread: gain [29.5, 35], entropy [0.04, 0.07] -> full needs gain >= 26.5, entropy in [0.025, 0.085]
+    monkeypatch.setattr(assignment, "RESULT_TIERS", {"gain": [29.5, 35.0], "entropy": [0.04, 0.07]})
+    monkeypatch.setattr(assignment, "result_run", lambda code, out, seed: dict(got))
+    result = assignment.grade_results(HERE)
+    assert result["tier"] == tier and result["points"] == assignment.RESULT_POINTS[tier]
+    assert (result["failed"] == []) if why is None else (why in result["failed"][0])
+
+
 def test_assignment_submit_zips_the_edited_files_the_writeup_and_the_logs_without_checkpoints(handout_dir, tmp_path):
     student = tmp_path / "student"
     shutil.copytree(handout_dir, student)
