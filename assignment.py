@@ -748,6 +748,7 @@ CHECKS = {        # in the handout's order: each problem's visible tests use onl
 # A different floating-point order makes a student's run diverge from the reference's, so a result is
 # judged by the reference's seed-to-seed spread, not by one reference number.
 RESULT_SEED, RESULT_SEEDS, RESULT_POINTS = 0, (0, 1, 2, 3, 4), {"full": 10.0, "partial": 5.0, "none": 0.0}
+RESULT_TIMEOUT = 900         # seconds; the reference's run takes about a minute on an idle 2-core laptop
 RESULT_TIERS = None          # {"gain": [min, max], "entropy": [min, max]} from calibrate; None = not offered
 
 
@@ -759,8 +760,11 @@ def result_run(code: pathlib.Path, out: pathlib.Path, seed: int) -> dict:
     args = [f"--{k.replace('_', '-')}={v}" for k, v in nsr.TOY_DEFAULTS.items() if k != "out_dir"]
     args += ["--model", str(base), "--train", str(base / "train.jsonl"), "--eval", str(base / "test_easy.jsonl"),
              "--objective", "nsr", "--seed", str(seed), "--out-dir", str(out)]
-    proc = subprocess.run([sys.executable, str(code / "nsr.py"), *args], cwd=code, capture_output=True, text=True,
-                          timeout=PROBLEM_TIMEOUT)
+    try:
+        proc = subprocess.run([sys.executable, str(code / "nsr.py"), *args], cwd=code, capture_output=True,
+                              text=True, timeout=RESULT_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        return {"error": f"the training run took over {RESULT_TIMEOUT} s"}
     evals = [json.loads(line) for line in (out / "eval.jsonl").read_text().splitlines()] if proc.returncode == 0 else []
     if len(evals) < 2:
         return {"error": ((proc.stderr.strip().splitlines() or ["no evaluation"])[-1])[:200]}
@@ -796,8 +800,11 @@ def calibrate() -> dict:
     runs_ = []
     with tempfile.TemporaryDirectory(prefix="calibrate-") as tmp:
         for seed in RESULT_SEEDS:
+            start = time.time()
             runs_.append(result_run(HERE, pathlib.Path(tmp) / f"run-{seed}", seed))
-            print(f"  training seed {seed}: {runs_[-1]}", flush=True)
+            print(f"  training seed {seed}: {runs_[-1]} ({time.time() - start:.0f} s)", flush=True)
+            if "error" in runs_[-1]:
+                raise SystemExit(f"calibrate: the reference's run of training seed {seed} failed: {runs_[-1]['error']}")
     return {key: [min(r[key] for r in runs_), max(r[key] for r in runs_)] for key in ("gain", "entropy")}
 
 
