@@ -2747,6 +2747,14 @@ def test_assignment_results_tier_is_judged_against_the_reference_spread_and_says
     assert (result["failed"] == []) if why is None else (why in result["failed"][0])
 
 
+def test_assignment_reports_a_failed_process_by_its_exception_not_by_the_progress_bar_drawn_after_it():
+    traceback = ("Traceback (most recent call last):\n  File \"sample.py\", line 451, in update\n"
+                 "NotImplementedError: kv_cache: see HANDOUT.md\n\reval test_easy @ step 0:   0%|  | 0/128\n")
+    assert assignment.last_error(traceback) == "NotImplementedError: kv_cache: see HANDOUT.md"
+    assert assignment.last_error("x\nnsr.py: error: --lr must be > 0\n") == "nsr.py: error: --lr must be > 0"
+    assert assignment.last_error("just a line\n\n") == "just a line" and assignment.last_error("") == "?"
+
+
 def test_assignment_submit_zips_the_edited_files_the_writeup_and_the_logs_without_checkpoints(handout_dir, tmp_path):
     student = tmp_path / "student"
     shutil.copytree(handout_dir, student)
