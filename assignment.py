@@ -786,22 +786,18 @@ def grade_results(student: pathlib.Path) -> dict:
     if RESULT_TIERS is None:
         return {"points": 0.0, "max": 0.0, "tier": None, "failed": ["not graded: RESULT_TIERS not measured for this toy"]}
     with tempfile.TemporaryDirectory(prefix="results-") as tmp:
-        code = pathlib.Path(tmp) / "code"
-        code.mkdir()
-        for name in CODE:
-            shutil.copy(student / name, code / name)
-        got = result_run(code, pathlib.Path(tmp) / "run", RESULT_SEED)
+        got = result_run(copy_code(student, pathlib.Path(tmp) / "code"), pathlib.Path(tmp) / "run", RESULT_SEED)
     lo, hi = RESULT_TIERS["entropy"]
+    min_gain, entropy_lo, entropy_hi = RESULT_TIERS["gain"][0] - 3, lo - (hi - lo) / 2, hi + (hi - lo) / 2
     if "error" in got:
         tier = "none"
-    elif got["gain"] >= RESULT_TIERS["gain"][0] - 3 and lo - (hi - lo) / 2 <= got["entropy"] <= hi + (hi - lo) / 2:
+    elif got["gain"] >= min_gain and entropy_lo <= got["entropy"] <= entropy_hi:
         tier = "full"
     else:
         tier = "partial" if got["gain"] >= 5 else "none"
     why = [] if tier == "full" else [got["error"] if "error" in got else
-                                     f"tier {tier}: easy Pass@1 gain {got['gain']:.1f} (full: >= "
-                                     f"{RESULT_TIERS['gain'][0] - 3:.1f}), final entropy {got['entropy']:.4f} "
-                                     f"(full: {lo - (hi - lo) / 2:.4f}-{hi + (hi - lo) / 2:.4f})"]
+                                     f"tier {tier}: easy Pass@1 gain {got['gain']:.1f} (full: >= {min_gain:.1f}), "
+                                     f"final entropy {got['entropy']:.4f} (full: {entropy_lo:.4f}-{entropy_hi:.4f})"]
     return {"points": RESULT_POINTS[tier], "max": RESULT_POINTS["full"], "tier": tier, "measured": got, "failed": why}
 
 
