@@ -166,19 +166,22 @@ def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor, n
 def loss_normalizer(weights: torch.Tensor, lengths, mode: str = "tokens", max_new_tokens: int = 1) -> float:
     """Z of policy_loss for a whole mini-batch (computed once, before micro-batching).
 
-    weights (N,) or (N, T), lengths: response lengths (N,). "tokens": sum of lengths of samples with
-    w != 0 (the official token mean); "constant": N * max_new_tokens (independent of what was sampled).
-    Returns 0.0 when no sample carries a weight (rl_step then skips the rows, or, when an entropy or KL
-    term is on, uses their token mean); an (N, T) row carries where any token is non-zero. ValueError for
-    another mode ("normalizer must be 'tokens' or 'constant'").
+    weights (N,) or (N, T), lengths: response lengths (N,) of every sample of the mini-batch. "tokens": the
+    sum of all lengths, weighted or not (the official token mean: a GRPO sample of an all-correct group, w = 0,
+    still counts); "micro": the same number (minibatch_backward then takes each micro-batch's own token mean,
+    verl's exact form); "weighted": the lengths of the samples with w != 0 only (an (N, T) row carries where any
+    token is non-zero; 0.0 when none does); "constant": N * max_new_tokens (independent of what was sampled).
+    ValueError for another mode ("normalizer must be one of ...").
     """
     lengths = torch.as_tensor(lengths, dtype=torch.float32)
-    carries = (weights != 0 if weights.dim() == 1 else (weights != 0).any(dim=1)).cpu()   # (N,) bool
-    if mode == "tokens":
+    if mode in ("tokens", "micro"):
+        return float(lengths.sum())
+    if mode == "weighted":
+        carries = (weights != 0 if weights.dim() == 1 else (weights != 0).any(dim=1)).cpu()   # (N,) bool
         return float(lengths[carries].sum())
     if mode == "constant":
-        return float(len(lengths) * max_new_tokens) if bool(carries.any()) else 0.0
-    raise ValueError(f"normalizer must be 'tokens' or 'constant', got {mode!r}")
+        return float(len(lengths) * max_new_tokens)
+    raise ValueError(f"normalizer must be one of {', '.join(settings.NORMALIZERS)}, got {mode!r}")
 
 
 def gradient_demo(lr: float = 1.0, lam: float = 0.1) -> str:
@@ -228,6 +231,16 @@ class MiniBatch:
     scale: float = 1.0            # m / M for a last, partial mini-batch of m < M (the official code's)
 
 
+def minibatch_plan(subset: list[int], weights, cfg: Config) -> list[tuple[list[int], list[int]]]:
+    """The update's optimizer steps as (mini, rows): the subset cut into mini-batches of M responses (0 = all
+    in one), and the rows each one's loss reads: those with w != 0, or every row when an entropy or KL term,
+    ppo or the micro normaliser reads them all (a row with w = 0 carries no policy gradient)."""
+    every_row = cfg.entropy_coef > 0 or cfg.kl_coef > 0 or cfg.objective == "ppo" or cfg.normalizer == "micro"
+    M = cfg.mini_batch_size or max(len(subset), 1)
+    minis = [subset[start:start + M] for start in range(0, len(subset), M)]
+    return [(mini, [i for i in mini if every_row or bool((weights[i] != 0).any())]) for mini in minis]
+
+
 def rl_step(run: runs.Run, cfg: Config, step: int) -> dict:
     """One step of RL with verifiable rewards, every stage in view. Returns the step's metrics line."""
     t0 = time.time()
@@ -243,24 +256,22 @@ def rl_step(run: runs.Run, cfg: Config, step: int) -> dict:
     if cfg.reward == "random":    # the control: r_i ~ Bernoulli(p) from the run's generator, whatever the answer
         draws = torch.rand(len(rewards), generator=run.generator, device=run.generator.device)
         rewards = (draws < cfg.random_reward_p).float().tolist()
-    # ---- weight: w_i from the objective; ppo: per-token advantages A_i,t from the critic ----
+    # ---- weight: w_i from the objective (ppo: per-token advantages, after the old log-probs below) ----
+    weights = None if cfg.objective == "ppo" else sample_weights(rewards, cfg.objective, cfg.lam, cfg.group_size)
+    # ---- subset: PSR the correct samples, NSR the wrong ones, the others all; then mini-batches of M ----
+    plan = minibatch_plan(training_subset(rewards, cfg.objective), weights, cfg)   # [(mini, rows it trains)]
+    # ---- old log-probs: log pi_old of the ratio, by the TRAINING forward before any update (verl's
+    # compute_log_prob), micro-batched as the update will be: the first mini-batch's ratio is exactly 1 ----
+    if cfg.old_logprobs == "training":
+        rollouts.logprobs = runs.training_logprobs(run, cfg, prompts, rollouts, [rows for _, rows in plan])
     targets = None
-    if cfg.objective == "ppo":
+    if cfg.objective == "ppo":                   # A_i,t from the critic (its KL reward reads log pi_old)
         weights, targets = ppo.advantages(run, cfg, prompts, rollouts, rewards)        # (N, T), ppo.Targets
-    else:
-        weights = sample_weights(rewards, cfg.objective, cfg.lam, cfg.group_size)      # (N,)
-    # ---- subset: PSR the correct samples, NSR the wrong ones, the others all ----
-    subset = training_subset(rewards, cfg.objective)
-    # ---- mini-batches of M responses of the subset, each one optimizer step (the paper's update) ----
     stats = runs.StepStats()
-    every_row = cfg.entropy_coef > 0 or cfg.kl_coef > 0 or cfg.objective == "ppo"   # else w = 0 carries nothing
-    M = cfg.mini_batch_size or max(len(subset), 1)                                    # 0 = the whole subset
-    for start in range(0, len(subset), M):
-        mini = subset[start:start + M]
+    for mini, rows in plan:                      # ---- each mini-batch: ONE optimizer step ----
         scale = len(mini) / cfg.mini_batch_size if cfg.mini_batch_size else 1.0      # a last partial one: m / M
         if targets is not None:                                                       # ppo: the critic's step
             stats.critic.append(ppo.critic_step(run, cfg, prompts, rollouts, mini, targets, scale))
-        rows = [i for i in mini if every_row or bool((weights[i] != 0).any())]
         if not rows:
             continue
         lengths = [len(rollouts.tokens[i]) for i in mini]        # Z from ALL samples of the mini-batch
@@ -283,10 +294,9 @@ def rl_step(run: runs.Run, cfg: Config, step: int) -> dict:
 
 def minibatch_backward(run: runs.Run, batch: MiniBatch, cfg: Config, stats: runs.StepStats) -> float | None:
     """Accumulate the gradient of one mini-batch's loss, cfg.micro_batch_size sequences at a time (bounded
-    memory; Z is the whole mini-batch's). Returns the loss, or None if not finite (the gradient is dropped)."""
+    memory; Z is the whole mini-batch's, or each micro-batch's with --normalizer micro). Returns the loss, or None if not finite (the gradient is dropped)."""
     model, device = run.policy.model, next(run.policy.model.parameters()).device
     num_tokens = float(sum(len(r) for r in batch.responses))                  # the entropy / KL token mean
-    Z = batch.normalizer or num_tokens
     kl_coef = 0.0 if cfg.objective == "ppo" else cfg.kl_coef                  # ppo's KL is in its reward
     use_ratio = cfg.clip_low > 0 or cfg.clip_high > 0 or cfg.mini_batch_size > 0   # off-policy mini-batches
     total = torch.zeros((), device=device)
@@ -298,16 +308,19 @@ def minibatch_backward(run: runs.Run, batch: MiniBatch, cfg: Config, stats: runs
         w = torch.as_tensor(batch.weights[part], dtype=torch.float32, device=device)   # (m,) or (m, T)
         w = w if w.dim() == 1 else w[:, :R]
         old = sample.pad_rows(batch.old_logprobs[part], R, device) if use_ratio else None   # log pi_old (m, R)
+        Z, n = batch.normalizer or num_tokens, num_tokens                    # the means' denominators
+        if cfg.normalizer == "micro":   # verl's form: each micro-batch's own token mean x its share of the rows
+            Z = n = sum(len(r) for r in batch.responses[part]) * len(batch.responses) / len(mask)
         # ---- the loss terms (a new term is one more line here) ----
         # the policy-gradient term (the objectives): -(1/Z) sum w_i sum_t log pi(y_i,t), clipped
         loss, clipped = policy_loss(logp, w, mask, Z, old, cfg.clip_low, cfg.clip_high)
         if cfg.entropy_coef > 0:                                              # - c_H * mean token entropy
-            loss = loss - cfg.entropy_coef * entropy_bonus(entropy, mask, num_tokens)
+            loss = loss - cfg.entropy_coef * entropy_bonus(entropy, mask, n)
         if kl_coef > 0:                                                       # + beta * mean k3 KL to pi_ref
             with torch.no_grad():
                 ref_logp, _ = sample.response_logprobs(run.ref_model, input_ids, attn, pos, R, cfg.temperature,
                                                        head_chunk=run.head_chunk)
-            loss = loss + kl_coef * kl_penalty(logp, ref_logp, mask, num_tokens)
+            loss = loss + kl_coef * kl_penalty(logp, ref_logp, mask, n)
         loss = loss * batch.scale                                             # a partial mini-batch: m / M
         if not torch.isfinite(loss):
             return None
@@ -365,8 +378,10 @@ class Config:
     clip_high: float = -1.0       # the ratio's upper bound 1 + clip_high (acts on w > 0); -1 = clip_eps, 0 = none
     mini_batch_size: int = 64     # M: responses per optimizer step, after the objective's subset; 0 = all in one
     entropy_coef: float = 0.001   # entropy bonus: loss -= entropy_coef * mean token entropy (official yaml 1e-3)
-    kl_coef: float = -1.0         # KL to the initial model; -1 = the paper's: 0.001 for ppo (in its reward), 0 else
-    normalizer: str = "tokens"    # Z of the loss: tokens (response tokens of weighted samples) or constant
+    kl_coef: float = -1.0         # KL to the initial model; -1 = the official recipe's for the objective: 0.001 for
+                                  # grpo (a k3 KL loss) and ppo (in its reward), 0 for the others
+    normalizer: str = "tokens"    # Z of the loss: tokens (every response token of the mini-batch, the official token
+                                  # mean), micro (verl's per-micro-batch form), weighted (w != 0 only) or constant
     reward: str = "verifier"      # verifier, or random: the control r_i ~ Bernoulli(random_reward_p), answer unseen
     random_reward_p: float = 0.5  # P(r_i = 1) under --reward random
     # ---- rollouts and optimisation ----
@@ -418,6 +433,8 @@ class Config:
     device: str = "auto"          # auto (cuda if available), cpu, cuda, cuda:1, ...
     threads: int = 0              # torch CPU threads (torch.set_num_threads); 0 = leave torch's default
     save_every: int = 0           # also checkpoint every this many steps; 0 = only at the end
+    old_logprobs: str = "training"  # log pi_old of the ratio: training (the training forward before the update, as
+                                  # verl) or sampler (the sampler's own: one forward less, off-policy in bf16)
     max_nonfinite: int = 3        # stop after this many consecutive steps with a non-finite loss or gradient
 
 

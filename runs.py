@@ -1,10 +1,12 @@
 """
-runs.py -- a run's start, files and checkpoints. OPTIONAL READING: nsr.train calls these around its loop;
-none of them changes what a step computes.
+runs.py -- a run's start, files and checkpoints. OPTIONAL READING: nsr.train calls these around its loop,
+and nsr.rl_step calls five of them for the plumbing of a step (prompt_batch, sample_rollouts,
+training_logprobs, count_clipped, step_metrics); the loss and the update are all in nsr.py.
 
     start(cfg, objectives) -> (cfg, Run)   check the config, fill in the toy world, prepare the run
                                            directory, load the models, optimizers and data, resume
     prompt_batch, sample_rollouts          the problems of a step and their rollouts (divergence = a clear stop)
+    training_logprobs                      log pi_old by the training forward (the ratio's denominator)
     StepStats, step_metrics                what a step did -> its metrics.jsonl line (docs/training.md)
     evaluate, finish                       Pass@k on every eval set -> eval/, eval.jsonl, the final table
     save_checkpoint, latest_checkpoint     atomic checkpoints that resume a run exactly
@@ -89,9 +91,9 @@ def start(cfg, objectives) -> tuple[object, Run]:
 
 def resolve(cfg):
     """The derived values, in one place: the toy world's model and data when --model / --train / --eval are
-    not given, the KL coefficient in force (-1 = the paper's: 0.001 for ppo, 0 otherwise) and each clip
-    side (-1 = --clip-eps)."""
-    kl = cfg.kl_coef if cfg.kl_coef >= 0 else (0.001 if cfg.objective == "ppo" else 0.0)
+    not given, the KL coefficient in force (-1 = the official recipe's: 0.001 for grpo, a k3 KL loss, and for
+    ppo, in its reward; 0 otherwise) and each clip side (-1 = --clip-eps)."""
+    kl = cfg.kl_coef if cfg.kl_coef >= 0 else (0.001 if cfg.objective in ("grpo", "ppo") else 0.0)
     low, high = settings.clip_sides(cfg)
     cfg = dataclasses.replace(cfg, kl_coef=kl, clip_low=low, clip_high=high)
     if cfg.model:
@@ -336,6 +338,27 @@ def sample_rollouts(run: Run, cfg, prompts: list[list[int]], step: int) -> sampl
     if not all(math.isfinite(v) for row in rollouts.logprobs for v in row):
         raise RuntimeError(diverged)
     return rollouts
+
+
+def training_logprobs(run: Run, cfg, prompts: list[list[int]], rollouts: sample.Rollouts,
+                      row_groups: list[list[int]]) -> list[list[float]]:
+    """log pi_old(y_t) of the rows in row_groups by the policy's TRAINING forward, under no_grad and before any
+    update (the official code's compute_log_prob): each group micro-batched exactly as nsr.minibatch_backward
+    will batch it, so the first mini-batch's ratio pi_theta / pi_old is exactly 1 in every precision. The
+    sampler's log-probs differ in bf16 (another code path) and under top-p (a truncated distribution).
+    Rows in no group keep the sampler's values (no loss reads them). Returns one list per row of rollouts."""
+    out = list(rollouts.logprobs)
+    device = next(run.policy.model.parameters()).device
+    with torch.no_grad():
+        for rows in row_groups:
+            for part, input_ids, attn, pos, mask in sample.micro_batches(
+                    [prompts[i] for i in rows], [rollouts.tokens[i] for i in rows], cfg.micro_batch_size, device,
+                    run.pad_id):
+                logp, _ = sample.response_logprobs(run.policy.model, input_ids, attn, pos, mask.shape[1],
+                                                   cfg.temperature, head_chunk=run.head_chunk)
+                for i, row in zip(rows[part], logp.float().tolist()):
+                    out[i] = row[:len(rollouts.tokens[i])]
+    return out
 
 
 # ---- log ----------------------------------------------------------------------------------------

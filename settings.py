@@ -28,6 +28,9 @@ import sample
 TYPES = {"int": int, "float": float, "str": str, "bool": lambda text: text.lower() in ("1", "true", "yes")}
 
 
+NORMALIZERS = ("tokens", "micro", "weighted", "constant")   # nsr.loss_normalizer's modes (--normalizer)
+
+
 class UserError(ValueError):
     """Bad input (a flag, a file, a model path): shown as one clear message and exit status 2, not a traceback."""
 
@@ -90,7 +93,7 @@ def config_problems(cfg, objectives) -> list[str]:
         if getattr(cfg, name) < 0:
             bad.append(f"--{name.replace('_', '-')} must be >= 0, got {getattr(cfg, name)}")
     if cfg.kl_coef < 0 and cfg.kl_coef != -1:
-        bad.append(f"--kl-coef must be >= 0, or -1 for the paper's default, got {cfg.kl_coef}")
+        bad.append(f"--kl-coef must be >= 0, or -1 for the official recipe's value, got {cfg.kl_coef}")
     for name in ("lr", "critic_lr"):
         if not getattr(cfg, name) > 0:
             bad.append(f"--{name.replace('_', '-')} must be > 0, got {getattr(cfg, name)}")
@@ -122,17 +125,19 @@ def config_problems(cfg, objectives) -> list[str]:
     for name in ("adam_beta1", "adam_beta2"):
         if not 0 <= getattr(cfg, name) < 1:
             bad.append(f"--{name.replace('_', '-')} must be in [0, 1), got {getattr(cfg, name)}")
-    if cfg.normalizer not in ("tokens", "constant"):
-        bad.append(f"--normalizer must be 'tokens' or 'constant', got {cfg.normalizer!r}")
+    if cfg.normalizer not in NORMALIZERS:
+        bad.append(f"--normalizer must be one of {', '.join(NORMALIZERS)}, got {cfg.normalizer!r}")
+    if cfg.old_logprobs not in ("training", "sampler"):
+        bad.append(f"--old-logprobs must be training or sampler, got {cfg.old_logprobs!r}")
     if cfg.dtype not in ("auto", "float32", "bfloat16"):
         bad.append(f"--dtype must be auto, float32 or bfloat16, got {cfg.dtype!r}")
     if cfg.grad_checkpointing not in ("auto", "on", "off"):
         bad.append(f"--grad-checkpointing must be auto, on or off, got {cfg.grad_checkpointing!r}")
     if cfg.template not in sample.TEMPLATES:
         bad.append(f"--template {cfg.template!r} is unknown; choose one of {', '.join(sample.TEMPLATES)}")
-    if (low > 0 or high > 0 or cfg.mini_batch_size > 0) and cfg.top_p < 1:
-        bad.append("clipping and mini-batches need --top-p 1: the ratio uses the sampler's log-probs, which top-p "
-                   "truncates (--clip-eps 0 --mini-batch-size 0 for one on-policy step at another top-p)")
+    if (low > 0 or high > 0 or cfg.mini_batch_size > 0) and cfg.top_p < 1 and cfg.old_logprobs == "sampler":
+        bad.append("--old-logprobs sampler with clipping or mini-batches needs --top-p 1: the sampler's log-probs "
+                   "are of the top-p truncated distribution (--old-logprobs training recomputes them)")
     if cfg.train and not pathlib.Path(cfg.train).is_file():
         bad.append(f"--train {cfg.train}: no such file")
     for path in cfg.eval:
