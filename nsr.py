@@ -18,13 +18,14 @@ THE IDEA
       REINFORCE        +1              -1          = PSR + NSR
       GRPO        (r_i - mean_g r) / (std_g r + 1e-6) over the G samples g of the same prompt
       PPO         a per-TOKEN weight A_i,t: a learned critic's GAE advantage, whitened (ppo.py)
-    Z = the number of response tokens of the samples with w_i != 0 in the mini-batch (the official
-        code's token mean), or a constant (--normalizer constant).
+    Z = every response token of the mini-batch, weighted or not (the official code's token mean), or a
+        constant (--normalizer constant).
 
   WHAT RUNS BY DEFAULT is the official code's update (rl_step): the objective's subset (PSR the correct
   samples, NSR the wrong ones) in mini-batches of M responses, each ONE optimizer step on the PPO-clipped
-  surrogate of L (clip 0.2) minus an entropy bonus. In the first mini-batch the surrogate's gradient is
-  exactly L's on-policy gradient (tested); --clip-eps 0 --mini-batch-size 0 --entropy-coef 0 runs L itself.
+  surrogate of L (clip 0.2) minus an entropy bonus (GRPO: plus a KL loss), pi_old recomputed by the training
+  forward before the update, so the first mini-batch's gradient is exactly L's (tested, bf16 too);
+  --clip-eps 0 --mini-batch-size 0 --entropy-coef 0 runs L itself.
 
   The token-level gradient (policy_loss derives it, --demo-gradient shows it): dL/dz_v = -w (1[v = y] - pi_v).
 
@@ -119,22 +120,23 @@ def policy_loss(logp: torch.Tensor, weights: torch.Tensor, mask: torch.Tensor, n
 
         per token  -min(rho * w, clip(rho, 1 - clip_low, 1 + clip_high) * w),   rho = pi_theta / pi_old
 
-    In the first mini-batch of a step pi_theta = pi_old (the sampler's log-probs): rho = 1, the gradient is
-    exactly that of -w log pi (tested). Later mini-batches are off-policy; the clip zeroes the gradient where
+    In the first mini-batch of a step pi_theta = pi_old (log pi_old by the same training forward, before the
+    update: runs.training_logprobs): rho = 1 exactly, the gradient is that of -w log pi (tested in bf16). Later mini-batches are off-policy; the clip zeroes the gradient where
     rho > 1 + clip_high under w > 0 (raised enough: PSR's samples) and rho < 1 - clip_low under w < 0
     (lowered enough: NSR's). A side set to 0 does not clip (both 0: -rho w). old_logp None: -w log pi itself.
 
     logp (N, T) log pi_theta (carries the gradient); weights (N,) w_i, or (N, T) A_i,t (ppo); mask (N, T) 1.0
-    on real response tokens; old_logp (N, T) the sampler's. Returns (loss = sum of per-token terms x mask / Z,
+    on real response tokens; old_logp (N, T) log pi_old. Returns (loss = sum of per-token terms x mask / Z,
     clipped): clipped (N, T) bool, True where the clip zeroed the gradient (not masked; all False if no ratio).
 
     The token-level gradient (the paper's analysis). At one position with logits z (V,), pi = softmax(z)
     and sampled token y: log pi_y = z_y - logsumexp(z), so d log pi_y / d z_v = 1[v = y] - pi_v, and for
     L = -w log pi_y:   dL/dz_v = -w * (1[v = y] - pi_v).   Gradient DESCENT moves z_v by lr w (1[v=y] - pi_v):
       PSR (w = +1): z_y rises by lr (1 - pi_y), every other z_v falls by lr pi_v  -> sharpens onto y;
-      NSR (w = -1): z_y falls by lr (1 - pi_y), every other z_v RISES by lr pi_v, in proportion to the
-                    model's own prior -> the mass taken from the wrong answer goes to what the model already
-                    found plausible, so NSR refines rather than collapses the model (tested against autograd).
+      NSR (w = -1): z_y falls by lr (1 - pi_y), every other LOGIT z_v rises by lr pi_v (tested against
+                    autograd). In probabilities, to first order dpi_v = lr pi_v (pi_v + pi_y (1 - pi_y) -
+                    sum_{u != y} pi_u^2): likely alternatives gain more than in proportion, unlikely ones can
+                    LOSE (tested exactly on 5 tokens; docs/why.md says what that means for coverage).
     """
     w = (weights[:, None] if weights.dim() == 1 else weights).to(logp.dtype)   # (N, 1) or (N, T)
     if old_logp is None:                                                     # L itself: -w_i log pi
@@ -203,7 +205,7 @@ def gradient_demo(lr: float = 1.0, lam: float = 0.1) -> str:
     psr, nsr, wr = sgd_step([(y, 1.0)]), sgd_step([(y, -1.0)]), sgd_step([(y, -1.0), (y2, lam)])
     table = [("probabilities before", prior), (f"after PSR on {names[y]} (w=+1)", psr[0]),
             (f"after NSR on {names[y]} (w=-1)", nsr[0]),
-            (f"after W-REINFORCE: {names[y]} wrong (w=-1), {names[y2]} right (w=+{lam})", wr[0]),
+            (f"after W-REINFORCE: {names[y]} wrong (w=-1), {names[y2]} right (w=+{lam}); Z=2", wr[0]),
             ("NSR logit change = -lr*(1[v=y]-pi_v)", nsr[1])]
     width = max(len(label) for label, _ in table)
     lines = [f"one SGD step (lr={lr}) on the logits z of pi = softmax(z); sampled token y = {names[y]!r}",
@@ -211,8 +213,11 @@ def gradient_demo(lr: float = 1.0, lam: float = 0.1) -> str:
     for label, values in table:
         lines.append(f"{label:<{width}}  " + "  ".join(f"{v:+6.3f}" if label.startswith("NSR logit")
                                                       else f"{v:6.3f}" for v in values.tolist()))
-    lines.append("PSR sharpens onto y. NSR lowers z_y by lr*(1-pi_y) and raises every other logit by lr*pi_v,\n"
-                 "its prior: the freed mass goes mostly to the likeliest alternative, a.")
+    bar = float((prior * nsr[1].exp()).sum().log()) / lr   # pi_v' > pi_v  <=>  lr pi_v > log sum_u pi_u e^dz_u
+    lost = ", ".join(names[v] for v in range(5) if v != y and prior[v] < bar)
+    lines.append("PSR sharpens onto y. NSR lowers z_y by lr*(1-pi_y) and raises every other LOGIT by lr*pi_v, but\n"
+                 f"the PROBABILITIES do not follow the prior: v != y gains iff pi_v > log(sum_u pi_u e^dz_u) / lr = "
+                 f"{bar:.3f}\n(the unlikely {lost} LOSE; docs/why.md). W-REINFORCE's weights are divided by Z = 2.")
     return "\n".join(lines)
 
 
@@ -225,7 +230,7 @@ class MiniBatch:
     """The samples of one optimizer step, row-aligned (n rows)."""
     prompts: list                 # prompt token ids
     responses: list               # sampled response token ids
-    old_logprobs: list            # the sampler's log pi_old(y_t) per response token (the clipped ratio's)
+    old_logprobs: list            # log pi_old(y_t) per response token, the clipped ratio's (--old-logprobs)
     weights: torch.Tensor         # (n,) w_i, or (n, T) per-token advantages A_i,t (ppo)
     normalizer: float             # Z of the whole mini-batch (0: only entropy / KL terms, their token mean)
     scale: float = 1.0            # m / M for a last, partial mini-batch of m < M (the official code's)
@@ -294,7 +299,8 @@ def rl_step(run: runs.Run, cfg: Config, step: int) -> dict:
 
 def minibatch_backward(run: runs.Run, batch: MiniBatch, cfg: Config, stats: runs.StepStats) -> float | None:
     """Accumulate the gradient of one mini-batch's loss, cfg.micro_batch_size sequences at a time (bounded
-    memory; Z is the whole mini-batch's, or each micro-batch's with --normalizer micro). Returns the loss, or None if not finite (the gradient is dropped)."""
+    memory; Z is the whole mini-batch's, or each micro-batch's with --normalizer micro). Returns the loss,
+    or None if not finite (the gradient is dropped)."""
     model, device = run.policy.model, next(run.policy.model.parameters()).device
     num_tokens = float(sum(len(r) for r in batch.responses))                  # the entropy / KL token mean
     kl_coef = 0.0 if cfg.objective == "ppo" else cfg.kl_coef                  # ppo's KL is in its reward

@@ -61,8 +61,11 @@ class Run:
 
 
 # ---- start: check every input, resolve, prepare the directory, load ------------------------------
-# The order is the order of cost: nothing is moved and no weight is loaded before every input has been
-# read and checked, and a bad one stops the run with ONE message (settings.UserError -> exit status 2).
+# The order is the order of cost: every input the user named (config values, --resume, data files, the
+# template) is checked before anything is built, moved or loaded, and a bad one stops the run with ONE
+# message (settings.UserError -> exit status 2). One exception: with no --model, resolve() builds the toy
+# base (or reuses its cache; a stale build is moved aside, never deleted) BEFORE check_inputs reads the
+# model's files, because those files are what it checks.
 
 @dataclass
 class Inputs:

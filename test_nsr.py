@@ -1487,16 +1487,32 @@ def test_loss_normalizer_counts_every_response_token_as_the_official_token_mean(
         nsr.loss_normalizer(weights, [5, 3, 4, 9], "mean")
 
 
-def test_demo_gradient_prints_nsr_moving_the_logits_by_minus_one_minus_pi_and_plus_the_prior():
-    # The numbers --demo-gradient prints are the closed form: NSR's logit change on y = b is
-    # -(1 - pi_b) = -0.75 and +pi_v on every other token; PSR raises b; NSR lowers b and raises the rest.
-    rows = {line.split("  ")[0]: [float(x) for x in line.split()[-5:]]
-            for line in nsr.gradient_demo().splitlines()[2:7]}
-    prior, psr, nsr_after = rows["probabilities before"], rows["after PSR on b (w=+1)"], rows["after NSR on b (w=-1)"]
-    change = next(v for k, v in rows.items() if k.startswith("NSR logit change"))
-    assert change == pytest.approx([0.40, -0.75, 0.20, 0.10, 0.05], abs=1e-3)
-    assert psr[1] > prior[1] and nsr_after[1] < prior[1]
-    assert all(nsr_after[v] > prior[v] for v in (0, 2)) and sum(nsr_after) == pytest.approx(1.0, abs=5e-3)
+def test_demo_gradient_prints_every_row_as_the_closed_form_of_one_sgd_step_on_the_logits():
+    # Every printed row against the closed form, in float64, to the printed 3 decimals: one SGD step of
+    # lr = 1 on z = log prior moves z_v by (lr / Z) sum_i w_i (1[v = y_i] - pi_v). PSR: y = b, w = +1;
+    # NSR: w = -1; W-REINFORCE: b wrong (w = -1) and a right (w = +0.1) with Z = 2; the last row is NSR's
+    # logit change. The closing text names the tokens that lose probability under NSR (d, e) and the exact
+    # threshold log(sum_u pi_u e^dz_u) / lr, which the probabilities confirm.
+    text = nsr.gradient_demo()
+    rows = {line.rsplit(None, 5)[0].strip(): [float(x) for x in line.split()[-5:]] for line in text.splitlines()[2:7]}
+    prior = torch.tensor([0.40, 0.25, 0.20, 0.10, 0.05], dtype=torch.float64)
+    onehot = torch.eye(5, dtype=torch.float64)
+
+    def step(samples):                                  # [(token, weight)], Z = len(samples), lr = 1
+        dz = sum(w * (onehot[t] - prior) for t, w in samples) / len(samples)
+        return torch.softmax(prior.log() + dz, -1), dz
+
+    expected = {"probabilities before": prior, "after PSR on b (w=+1)": step([(1, 1.0)])[0],
+                "after NSR on b (w=-1)": step([(1, -1.0)])[0],
+                "after W-REINFORCE: b wrong (w=-1), a right (w=+0.1); Z=2": step([(1, -1.0), (0, 0.1)])[0],
+                "NSR logit change = -lr*(1[v=y]-pi_v)": step([(1, -1.0)])[1]}
+    assert set(rows) == set(expected)
+    for label, values in expected.items():
+        assert rows[label] == pytest.approx(values.tolist(), abs=5e-4), label
+    after, dz = step([(1, -1.0)])
+    bar = math.log(float((prior * dz.exp()).sum()))
+    assert f"= {bar:.3f}" in text and "the unlikely d, e LOSE" in text
+    assert [v for v in range(5) if v != 1 and after[v] < prior[v]] == [v for v in range(5) if v != 1 and prior[v] < bar]
 
 
 def _fixed_batch(seed: int = 0, n: int = 5, vocab: int = 97):
