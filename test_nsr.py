@@ -2458,6 +2458,24 @@ def test_grpo_resolves_to_the_official_kl_loss_and_ppo_keeps_its_kl_in_the_rewar
     assert runs.resolve(_tiny_config(world, tmp_path / "r", objective="grpo", kl_coef=0.0)).kl_coef == 0.0
 
 
+@pytest.mark.smoke
+def test_bench_gpu_refuses_in_one_line_without_cuda_and_its_check_runs_on_a_tiny_model(tmp_path, capsys, monkeypatch):
+    # `python bench.py gpu` on a machine without CUDA: one line, exit status 0. The check itself (one RL step
+    # of the preset's settings, the bf16 on-policy check, the sampler's speed) runs on CPU with a tiny
+    # architecture: with --old-logprobs training nothing clips at 0.001 in bf16.
+    import bench
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit) as stop:
+        bench.main(["gpu"])
+    assert stop.value.code == 0 and capsys.readouterr().out.strip().count("\n") == 0
+    arch = dict(hidden=64, layers=2, heads=4, kv_heads=2, head_dim=16, intermediate=128, vocab=120, tied=True,
+                qkv_bias=True, qk_norm=False, max_positions=512)
+    out = bench.gpu_check("cpu", arch, 2, 4, 16, tmp_path)
+    assert out["training"]["clip_frac_pos"] in (0.0, None) and out["training"]["clip_frac_neg"] in (0.0, None)
+    assert (out["training"]["clip_frac_pos"], out["training"]["clip_frac_neg"]) != (None, None)
+    assert out["plan_peak_gib"] > 0 and out["generate"]["ours_tok_s"] > 0 and "sampler" in out
+
+
 # =================================================================================================
 # REAL MODELS, PROMPTS AND DATA (nsr.py)
 # =================================================================================================
