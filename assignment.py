@@ -914,7 +914,7 @@ Q3. lambda. `python reproduce.py --methods w-reinforce --seeds 0 --sweep lam=0,0
 Q4. Clipping and mini-batches (the official repository's issue #6: NSR's gains "only appear when
     batch_size > ppo_mini_batch_size and PPO's ratio clipping is enabled").
     `python reproduce.py --methods psr nsr --seeds 0 --sweep clip_eps=0 --sweep clip_low=0
-    --sweep clip_high=0 --sweep mini_batch_size=0 --out runs/q4` ({t_q4}).
+    --sweep clip_high=0 --sweep mini_batch_size=none --out runs/q4` ({t_q4}).
     Some rows are identical to the digit: which, and why (which side of the clip does each objective
     ever meet)? What do clipping and the number of optimizer steps per batch change for PSR and for NSR?
 

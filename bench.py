@@ -231,7 +231,7 @@ def train_child(args) -> dict:
         # "on" = what nsr.train does with checkpointing: layers AND the output layer (Config.head_chunk)
         # the plain -w log pi loss of one on-policy step (no ratio, no entropy or KL term)
         cfg = nsr.Config(micro_batch_size=args.micro_batch, clip_eps=0.0, clip_low=0.0, clip_high=0.0,
-                         mini_batch_size=0, entropy_coef=0.0, kl_coef=0.0)
+                         mini_batch_size=None, entropy_coef=0.0, kl_coef=0.0)
         run = types.SimpleNamespace(policy=policy, ref_model=None, pad_id=0,
                                     head_chunk=cfg.head_chunk if args.child == "on" else 0)
         nsr.minibatch_backward(run, nsr.MiniBatch(prompts, responses, [], weights, Z), cfg, runs.StepStats())

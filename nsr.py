@@ -25,7 +25,7 @@ THE IDEA
   samples, NSR the wrong ones) in mini-batches of M responses, each ONE optimizer step on the PPO-clipped
   surrogate of L (clip 0.2) minus an entropy bonus (GRPO: plus a KL loss), pi_old recomputed by the training
   forward before the update, so the first mini-batch's gradient is exactly L's (tested, bf16 too);
-  --clip-eps 0 --mini-batch-size 0 --entropy-coef 0 runs L itself.
+  --clip-eps 0 --mini-batch-size none --entropy-coef 0 runs L itself.
 
   The token-level gradient (policy_loss derives it, --demo-gradient shows it): dL/dz_v = -w (1[v = y] - pi_v).
 
@@ -60,6 +60,7 @@ import runs
 import sample
 import settings
 import verifier
+import why
 
 # =================================================================================================
 # OBJECTIVES: rewards -> per-sample weights -> ONE policy-gradient loss
@@ -186,41 +187,6 @@ def loss_normalizer(weights: torch.Tensor, lengths, mode: str = "tokens", max_ne
     raise ValueError(f"normalizer must be one of {', '.join(settings.NORMALIZERS)}, got {mode!r}")
 
 
-def gradient_demo(lr: float = 1.0, lam: float = 0.1) -> str:
-    """--demo-gradient: one SGD step on the logits of a 5-token distribution, as a printed table: the
-    probabilities before, after one PSR step and one NSR step on the same sampled token y, and after one
-    W-REINFORCE step on two samples (y judged wrong, y2 correct)."""
-    names, prior = "abcde", torch.tensor([0.40, 0.25, 0.20, 0.10, 0.05])
-    y, y2 = 1, 0                                       # sampled token "b"; for W-REINFORCE also "a"
-
-    def sgd_step(samples):                             # samples: [(token, weight)], one position each
-        z = prior.log().clone().requires_grad_(True)   # logits (V,) whose softmax is the prior
-        logp = torch.log_softmax(z, dim=-1)
-        tokens, weights = torch.tensor([t for t, _ in samples]), torch.tensor([w for _, w in samples])
-        loss, _ = policy_loss(logp[tokens][:, None], weights, torch.ones(len(samples), 1), len(samples), None, 0, 0)
-        loss.backward()
-        with torch.no_grad():
-            return torch.softmax(z - lr * z.grad, dim=-1), -lr * z.grad  # SGD on the logits
-
-    psr, nsr, wr = sgd_step([(y, 1.0)]), sgd_step([(y, -1.0)]), sgd_step([(y, -1.0), (y2, lam)])
-    table = [("probabilities before", prior), (f"after PSR on {names[y]} (w=+1)", psr[0]),
-            (f"after NSR on {names[y]} (w=-1)", nsr[0]),
-            (f"after W-REINFORCE: {names[y]} wrong (w=-1), {names[y2]} right (w=+{lam}); Z=2", wr[0]),
-            ("NSR logit change = -lr*(1[v=y]-pi_v)", nsr[1])]
-    width = max(len(label) for label, _ in table)
-    lines = [f"one SGD step (lr={lr}) on the logits z of pi = softmax(z); sampled token y = {names[y]!r}",
-             " " * width + "  " + "  ".join(f"{n:>6}" for n in names)]
-    for label, values in table:
-        lines.append(f"{label:<{width}}  " + "  ".join(f"{v:+6.3f}" if label.startswith("NSR logit")
-                                                      else f"{v:6.3f}" for v in values.tolist()))
-    bar = float((prior * nsr[1].exp()).sum().log()) / lr   # pi_v' > pi_v  <=>  lr pi_v > log sum_u pi_u e^dz_u
-    lost = ", ".join(names[v] for v in range(5) if v != y and prior[v] < bar)
-    lines.append("PSR sharpens onto y. NSR lowers z_y by lr*(1-pi_y) and raises every other LOGIT by lr*pi_v, but\n"
-                 f"the PROBABILITIES do not follow the prior: v != y gains iff pi_v > log(sum_u pi_u e^dz_u) / lr = "
-                 f"{bar:.3f}\n(the unlikely {lost} LOSE; docs/why.md). W-REINFORCE's weights are divided by Z = 2.")
-    return "\n".join(lines)
-
-
 # =================================================================================================
 # ONE RL STEP: sample -> verify -> weight -> subset -> mini-batches (loss -> backward -> optimizer step)
 # =================================================================================================
@@ -241,7 +207,7 @@ def minibatch_plan(subset: list[int], weights, cfg: Config) -> list[tuple[list[i
     in one), and the rows each one's loss reads: those with w != 0, or every row when an entropy or KL term,
     ppo or the micro normaliser reads them all (a row with w = 0 carries no policy gradient)."""
     every_row = cfg.entropy_coef > 0 or cfg.kl_coef > 0 or cfg.objective == "ppo" or cfg.normalizer == "micro"
-    M = cfg.mini_batch_size or max(len(subset), 1)
+    M = cfg.mini_batch_size or max(len(subset), 1)                  # None: the whole subset in one step
     minis = [subset[start:start + M] for start in range(0, len(subset), M)]
     return [(mini, [i for i in mini if every_row or bool((weights[i] != 0).any())]) for mini in minis]
 
@@ -304,7 +270,7 @@ def minibatch_backward(run: runs.Run, batch: MiniBatch, cfg: Config, stats: runs
     model, device = run.policy.model, next(run.policy.model.parameters()).device
     num_tokens = float(sum(len(r) for r in batch.responses))                  # the entropy / KL token mean
     kl_coef = 0.0 if cfg.objective == "ppo" else cfg.kl_coef                  # ppo's KL is in its reward
-    use_ratio = cfg.clip_low > 0 or cfg.clip_high > 0 or cfg.mini_batch_size > 0   # off-policy mini-batches
+    use_ratio = cfg.clip_low > 0 or cfg.clip_high > 0 or cfg.mini_batch_size is not None   # off-policy mini-batches
     total = torch.zeros((), device=device)
     for part, input_ids, attn, pos, mask in sample.micro_batches(batch.prompts, batch.responses,
                                                                  cfg.micro_batch_size, device, run.pad_id):
@@ -375,61 +341,67 @@ def train(cfg: Config) -> dict:
 
 @dataclass
 class Config:
-    """The fields a student changes first come first; the system fields follow their banner."""
+    """23 fields a student changes first; the system fields follow their banner, grouped by what they serve.
+    None = "the official recipe's value for this run", resolved in ONE place (runs.resolve) into config.json."""
     # ---- the objective and the update ----
     objective: str = "nsr"        # psr, nsr, w-reinforce, reinforce, grpo or ppo (the OBJECTIVES table)
     lam: float = 0.1              # lambda of w-reinforce: weight of correct samples (the paper: 0.1)
-    clip_eps: float = 0.2         # PPO ratio clipping epsilon, both sides (the paper: 0.2); 0 = no clipping
-    clip_low: float = -1.0        # the ratio's lower bound 1 - clip_low (acts on w < 0); -1 = clip_eps, 0 = none
-    clip_high: float = -1.0       # the ratio's upper bound 1 + clip_high (acts on w > 0); -1 = clip_eps, 0 = none
-    mini_batch_size: int = 64     # M: responses per optimizer step, after the objective's subset; 0 = all in one
-    entropy_coef: float = 0.001   # entropy bonus: loss -= entropy_coef * mean token entropy (official yaml 1e-3)
-    kl_coef: float = -1.0         # KL to the initial model; -1 = the official recipe's for the objective: 0.001 for
-                                  # grpo (a k3 KL loss) and ppo (in its reward), 0 for the others
-    normalizer: str = "tokens"    # Z of the loss: tokens (every response token of the mini-batch, the official token
-                                  # mean), micro (verl's per-micro-batch form), weighted (w != 0 only) or constant
-    reward: str = "verifier"      # verifier, or random: the control r_i ~ Bernoulli(random_reward_p), answer unseen
-    random_reward_p: float = 0.5  # P(r_i = 1) under --reward random
-    # ---- rollouts and optimisation ----
     steps: int = 100              # training steps (one rollout batch each)
     batch_prompts: int = 32       # B: prompts per step
     group_size: int = 8           # G: rollouts per prompt
+    lr: float = 1e-6              # constant AdamW learning rate (the paper: 1e-6)
+    clip_eps: float = 0.2         # PPO ratio clipping epsilon, both sides (the paper: 0.2); 0 = no clipping
+    clip_low: float | None = None   # the ratio's lower bound 1 - clip_low (acts on w < 0); None = clip_eps; 0 = none
+    clip_high: float | None = None  # the ratio's upper bound 1 + clip_high (acts on w > 0); None = clip_eps; 0 = none
+    mini_batch_size: int | None = 64  # M: responses per optimizer step, after the subset; none = the subset in one
+    entropy_coef: float = 0.001   # entropy bonus: loss -= entropy_coef * mean token entropy (official yaml 1e-3)
+    kl_coef: float | None = None  # KL to the initial model; None = the official recipe's: 0.001 for grpo (a k3 KL
+                                  # loss) and ppo (in its reward), 0 for psr, nsr, w-reinforce, reinforce
     max_new_tokens: int = 1024    # response length limit while training (longer = truncated)
     temperature: float = 1.0      # sampling temperature of training rollouts (the paper: 1.0)
     top_p: float = 1.0            # nucleus top-p of training rollouts (the paper: 1.0)
-    lr: float = 1e-6              # constant AdamW learning rate (the paper: 1e-6)
-    seed: int = 0                 # seeds sampling, data order and evaluation
-    # ---- model, data, evaluation, run directory ----
+    # ---- model, data, seed, run directory ----
     model: str = ""               # HF hub name or local dir of the policy; "" = the toy base (toy.ensure_base)
     toy_seed: int = 0             # recipe seed of the toy base when --model is not given (runs/toy-base-s<seed>)
     train: str = ""               # JSONL file of training problems; "" = the toy world's train.jsonl
     eval: list = field(default_factory=list)  # JSONL eval set, repeatable; [] with the toy = its test splits
     eval_n: int = 64              # samples per eval problem (Pass@k for k <= eval_n); 0 = no evaluation
+    seed: int = 0                 # seeds sampling, data order and evaluation
+    out_dir: str = "runs/nsr"     # run directory: config.json, metrics.jsonl, eval.jsonl, eval/, checkpoint-*
+    resume: bool = False          # continue from out_dir's latest checkpoint (same flags, exactly the same run)
+    # ==== SYSTEM FIELDS: they can be skipped on a first read ====
+    # ---- research instruments (docs/experiments.md) ----
+    normalizer: str = "tokens"    # Z of the loss: tokens (every response token of the mini-batch, the official token
+                                  # mean), micro (verl's per-micro-batch form), weighted (w != 0 only) or constant
+    old_logprobs: str = "training"  # log pi_old of the ratio: training (the training forward before the update, as
+                                  # verl) or sampler (the sampler's own: one forward less, off-policy in bf16)
+    reward: str = "verifier"      # verifier, or random: the control r_i ~ Bernoulli(random_reward_p), answer unseen
+    random_reward_p: float = 0.5  # P(r_i = 1) under --reward random
+    optimizer: str = "adamw"      # adamw (the paper's), or sgd: plain SGD at --lr (an ablation: no per-weight scaling)
+    # ---- evaluation ----
     eval_every: int = 0           # also evaluate every this many steps; 0 = only before and after training
     eval_temperature: float = 0.6  # the paper's evaluation: 0.6
     eval_top_p: float = 0.95      # the paper's evaluation: 0.95
-    out_dir: str = "runs/nsr"     # run directory: config.json, metrics.jsonl, eval.jsonl, eval/, checkpoint-*
-    resume: bool = False          # continue from out_dir's latest checkpoint (same flags, exactly the same run)
-    # ==== SYSTEM FIELDS: prompts, ppo's critic, memory, devices; they can be skipped on a first read ====
+    eval_limit: int | None = None  # evaluate only the first this many problems of each eval set; None = all
+    eval_max_new_tokens: int | None = None  # response limit while evaluating; None = max_new_tokens
+    # ---- prompts ----
     template: str = "auto"        # prompt template: auto, plain, qwen2.5-math, qwen3, llama3
     problem_field: str = "problem"  # JSONL field holding the problem text
     answer_field: str = "answer"  # JSONL field holding the gold answer
-    max_prompt_len: int = 0       # skip (and count) prompts longer than this many tokens; 0 = no limit
-    eval_limit: int = 0           # evaluate only the first this many problems of each eval set; 0 = all
-    eval_max_new_tokens: int = 0  # response limit while evaluating; 0 = max_new_tokens
-    preset: str = ""              # presets.PRESETS name for one 24 GB GPU: its values become defaults (flags win)
-    dry_run: bool = False         # print the memory plan of the resolved config and exit
-    demo_gradient: bool = False   # print the one-step PSR / NSR / W-REINFORCE example on 5 tokens and exit
-    critic_lr: float = 1e-5       # ppo: the critic's AdamW learning rate (the paper: 1e-5 = 10 x lr)
-    value_clip: float = 0.5       # ppo: a value may move at most this far from the one that made the advantages
-    gae_gamma: float = 1.0        # ppo: GAE discount gamma (verl's default, the paper's)
-    gae_lam: float = 1.0          # ppo: GAE lambda (verl's default, the paper's)
-    chunk_size: int = 256         # rows sampled at once (bounds the KV-cache memory)
-    optimizer: str = "adamw"      # adamw (the paper's), or sgd: plain SGD at --lr (an ablation: no per-weight scaling)
+    max_prompt_len: int | None = None  # skip (and count) prompts longer than this many tokens; None = no limit
+    # ---- ppo's critic (ppo.py) ----
+    critic_lr: float = 1e-5       # the critic's AdamW learning rate (the paper: 1e-5 = 10 x lr)
+    value_clip: float = 0.5       # a value may move at most this far from the one that made the advantages
+    gae_gamma: float = 1.0        # GAE discount gamma (verl's default, the paper's)
+    gae_lam: float = 1.0          # GAE lambda (verl's default, the paper's)
+    # ---- the optimizer step ----
     weight_decay: float = 0.01    # AdamW weight decay
     adam_beta1: float = 0.9       # AdamW beta1
     adam_beta2: float = 0.999     # AdamW beta2
     grad_clip: float = 1.0        # clip the global gradient norm to this; 0 = no clipping
+    # ---- memory and devices (precision.py, presets.py) ----
+    preset: str = ""              # presets.PRESETS name for one 24 GB GPU: its values become defaults (flags win)
+    chunk_size: int = 256         # rows sampled at once (bounds the KV-cache memory)
     micro_batch_size: int = 8     # sequences per forward/backward (gradient accumulation over the mini-batch)
     dtype: str = "auto"           # auto (bf16 on CUDA, fp32 on CPU), float32 or bfloat16 (precision.py)
     optimizer_offload: bool = False  # fp32 masters, their grads and AdamW state in CPU RAM; AdamW steps on CPU
@@ -437,11 +409,12 @@ class Config:
     checkpointing_min_params: int = 100_000_000  # the size above which auto turns checkpointing on
     head_chunk: int = 128         # with checkpointing: output layer + log-softmax in chunks of this many positions
     device: str = "auto"          # auto (cuda if available), cpu, cuda, cuda:1, ...
-    threads: int = 0              # torch CPU threads (torch.set_num_threads); 0 = leave torch's default
+    threads: int | None = None    # torch CPU threads (torch.set_num_threads); None = leave torch's default
+    # ---- run control ----
     save_every: int = 0           # also checkpoint every this many steps; 0 = only at the end
-    old_logprobs: str = "training"  # log pi_old of the ratio: training (the training forward before the update, as
-                                  # verl) or sampler (the sampler's own: one forward less, off-policy in bf16)
     max_nonfinite: int = 3        # stop after this many consecutive steps with a non-finite loss or gradient
+    dry_run: bool = False         # print the memory plan of the resolved config and exit
+    demo_gradient: bool = False   # print the one-step PSR / NSR / W-REINFORCE example on 5 tokens and exit
 
 
 # The main job (`python nsr.py`, no --model) on 2 CPU cores: one thread (a second only adds synchronisation
@@ -456,7 +429,7 @@ def main(argv=None) -> None:
     cfg = settings.parse_config(Config, argv, TOY_DEFAULTS)
     try:
         if cfg.demo_gradient:
-            print(gradient_demo())
+            print(why.gradient_demo())
         elif cfg.dry_run:
             print(presets.format_memory_plan(presets.memory_plan(runs.resolve_for_plan(cfg, OBJECTIVES))))
         else:

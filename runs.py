@@ -94,11 +94,13 @@ def start(cfg, objectives) -> tuple[object, Run]:
 
 def resolve(cfg):
     """The derived values, in one place: the toy world's model and data when --model / --train / --eval are
-    not given, the KL coefficient in force (-1 = the official recipe's: 0.001 for grpo, a k3 KL loss, and for
-    ppo, in its reward; 0 otherwise) and each clip side (-1 = --clip-eps)."""
-    kl = cfg.kl_coef if cfg.kl_coef >= 0 else (0.001 if cfg.objective in ("grpo", "ppo") else 0.0)
+    not given, and every field left None (the official recipe's value): the KL coefficient (0.001 for grpo,
+    a k3 KL loss, and for ppo, in its reward; 0 otherwise), each clip side (--clip-eps) and the evaluation's
+    response limit (--max-new-tokens). What it returns is what config.json records."""
+    kl = cfg.kl_coef if cfg.kl_coef is not None else (0.001 if cfg.objective in ("grpo", "ppo") else 0.0)
     low, high = settings.clip_sides(cfg)
-    cfg = dataclasses.replace(cfg, kl_coef=kl, clip_low=low, clip_high=high)
+    cfg = dataclasses.replace(cfg, kl_coef=kl, clip_low=low, clip_high=high,
+                              eval_max_new_tokens=cfg.eval_max_new_tokens or cfg.max_new_tokens)
     if cfg.model:
         return cfg
     base = pathlib.Path(toy.ensure_base(recipe=toy.ToyRecipe(seed=cfg.toy_seed)))
@@ -216,10 +218,10 @@ def check_inputs(cfg, ckpt, data: dict) -> Inputs:
     tokenizer = AutoTokenizer.from_pretrained(str(ckpt or cfg.model), local_files_only=sample.is_local(ckpt or cfg.model))
     check_template(tokenizer, cfg, cfg.model)
     prompt_ids, kept, skipped = sample.encode_prompts(tokenizer, data[cfg.train], cfg.template,
-                                                      cfg.max_prompt_len or None)
+                                                      cfg.max_prompt_len)
     if not kept:
         raise settings.UserError(f"{cfg.train}: every prompt is longer than --max-prompt-len {cfg.max_prompt_len}")
-    eval_sets = {pathlib.Path(path).stem: data[path][:cfg.eval_limit or None]
+    eval_sets = {pathlib.Path(path).stem: data[path][:cfg.eval_limit]
                  for path in (cfg.eval if cfg.eval_n > 0 else [])}
     return Inputs(ckpt, kept, prompt_ids, skipped, eval_sets)
 
@@ -460,7 +462,7 @@ def evaluate(run: Run, cfg, step: int) -> None:
     for name, problems in run.eval_sets.items():
         result = passk.evaluate(run.policy.model, run.tokenizer, problems, cfg.eval_n,
                                 temperature=cfg.eval_temperature, top_p=cfg.eval_top_p,
-                                max_new_tokens=cfg.eval_max_new_tokens or cfg.max_new_tokens,
+                                max_new_tokens=cfg.eval_max_new_tokens,
                                 seed=cfg.seed, template=cfg.template, chunk_size=cfg.chunk_size,
                                 desc=f"eval {name} @ step {step}", out=eval_path(run.dir, step, name),
                                 model_name=cfg.model, data_name=name)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import inspect
 import itertools
 import json
 import math
@@ -45,6 +46,7 @@ import sample
 import settings
 import toy
 import verifier
+import why
 
 HERE = pathlib.Path(__file__).resolve().parent
 SHARED_DATA = HERE.parent / "shared" / "data"
@@ -1493,7 +1495,7 @@ def test_demo_gradient_prints_every_row_as_the_closed_form_of_one_sgd_step_on_th
     # NSR: w = -1; W-REINFORCE: b wrong (w = -1) and a right (w = +0.1) with Z = 2; the last row is NSR's
     # logit change. The closing text names the tokens that lose probability under NSR (d, e) and the exact
     # threshold log(sum_u pi_u e^dz_u) / lr, which the probabilities confirm.
-    text = nsr.gradient_demo()
+    text = why.gradient_demo()
     rows = {line.rsplit(None, 5)[0].strip(): [float(x) for x in line.split()[-5:]] for line in text.splitlines()[2:7]}
     prior = torch.tensor([0.40, 0.25, 0.20, 0.10, 0.05], dtype=torch.float64)
     onehot = torch.eye(5, dtype=torch.float64)
@@ -1539,7 +1541,7 @@ def _backward(model, prompts, responses, weights, Z, micro, policy=None, old_log
     run = types.SimpleNamespace(policy=policy or precision.Trainable(model, params, params, None),
                                 ref_model=terms.pop("ref_model", None), head_chunk=head_chunk, pad_id=0)
     cfg = nsr.Config(micro_batch_size=micro, clip_eps=clip_eps, clip_low=clip_eps, clip_high=clip_eps,
-                     mini_batch_size=0, **{"entropy_coef": 0.0, "kl_coef": 0.0, **terms})
+                     mini_batch_size=None, **{"entropy_coef": 0.0, "kl_coef": 0.0, **terms})
     batch = nsr.MiniBatch(prompts, responses, old_logprobs or [[] for _ in prompts], weights, Z)
     return nsr.minibatch_backward(run, batch, cfg, stats or runs.StepStats())
 
@@ -1724,6 +1726,19 @@ def test_train_stops_with_a_message_naming_the_step_when_sampling_meets_non_fini
     assert runs.latest_checkpoint(tmp_path / "run") is None                  # nothing non-finite was saved
 
 
+def test_config_shows_at_most_24_student_fields_first_and_no_numeric_sentinel():
+    # the fields above the SYSTEM FIELDS banner are what a student changes first; a default meaning "look
+    # elsewhere" is None (resolved by runs.resolve), never a magic number such as -1
+    source = inspect.getsource(nsr.Config)
+    student = source[:source.index("SYSTEM FIELDS")]
+    names = [f.name for f in dataclasses.fields(nsr.Config)]
+    assert sum(f"    {name}:" in student for name in names) <= 24
+    assert all(not isinstance(f.default, (int, float)) or f.default >= 0 for f in dataclasses.fields(nsr.Config))
+    for f in dataclasses.fields(nsr.Config):
+        if f.default is None:
+            assert f.type.endswith("| None") and settings.reader(f.type)("none") is None
+
+
 def test_train_config_rejects_bad_values_with_clear_messages_before_any_work(tmp_path, capsys):
     cases = [(["--objective", "ppo2"], "--objective 'ppo2' is unknown; choose one of psr, nsr"),
              (["--lam", "-0.5"], "--lam must be >= 0"),
@@ -1731,7 +1746,8 @@ def test_train_config_rejects_bad_values_with_clear_messages_before_any_work(tmp
              (["--top-p", "0.9", "--old-logprobs", "sampler"], "--old-logprobs sampler with clipping or mini-batches needs --top-p 1"),
              (["--old-logprobs", "engine"], "--old-logprobs must be training or sampler"),
              (["--normalizer", "mean"], "--normalizer must be one of tokens, micro, weighted, constant"),
-             (["--objective", "ppo", "--clip-eps", "0", "--mini-batch-size", "0"], "ppo needs clipping"),
+             (["--objective", "ppo", "--clip-eps", "0", "--mini-batch-size", "none"], "ppo needs clipping"),
+             (["--mini-batch-size", "0"], "--mini-batch-size must be >= 1 (or none), got 0"),
              (["--clip-low", "1.5"], "lower side (--clip-low, or --clip-eps) must be in [0, 1]"),
              (["--clip-eps", "1.5"], "lower side (--clip-low, or --clip-eps) must be in [0, 1]"),
              (["--clip-high", "-0.5"], "upper side (--clip-high, or --clip-eps) must be >= 0"),
@@ -1741,7 +1757,7 @@ def test_train_config_rejects_bad_values_with_clear_messages_before_any_work(tmp
              (["--dry-run", "--model", "org/unknown"], "no architecture numbers for 'org/unknown'"),
              (["--reward", "coin"], "--reward must be verifier or random"),
              (["--random-reward-p", "1.5"], "--random-reward-p must be in [0, 1]"),
-             (["--kl-coef", "-0.5"], "--kl-coef must be >= 0, or -1"),
+             (["--kl-coef", "-0.5"], "--kl-coef must be >= 0, got -0.5"),
              (["--critic-lr", "0"], "--critic-lr must be > 0"),
              (["--gae-lam", "1.5"], "--gae-lam must be in [0, 1]"),
              (["--train", str(tmp_path / "missing.jsonl")], "missing.jsonl: no such file"),
@@ -1756,6 +1772,11 @@ def test_train_config_rejects_bad_values_with_clear_messages_before_any_work(tmp
     with pytest.raises(settings.UserError, match="unknown"):
         nsr.train(nsr.Config(objective="nope", out_dir=str(tmp_path / "never")))
     assert not (tmp_path / "never").exists()
+    # a field that may be None reads "none" as None; the resolved config has no None left where a value exists
+    assert settings.parse_config(nsr.Config, ["--mini-batch-size", "none", "--kl-coef", "NONE"]).kl_coef is None
+    assert settings.parse_config(nsr.Config, ["--mini-batch-size", "none"]).mini_batch_size is None
+    resolved = runs.resolve(nsr.Config(model="m", objective="grpo", max_new_tokens=77))
+    assert (resolved.kl_coef, resolved.clip_low, resolved.clip_high, resolved.eval_max_new_tokens) == (0.001, 0.2, 0.2, 77)
     # precedence: Config defaults < toy defaults (no --model) < --preset < explicit flags
     assert settings.parse_config(nsr.Config, [], nsr.TOY_DEFAULTS).lr == nsr.TOY_DEFAULTS["lr"]
     name, preset = next(iter(presets.PRESETS.items()))
@@ -1906,7 +1927,7 @@ def test_the_random_reward_is_bernoulli_p_independent_of_correctness_and_resumes
     monkeypatch.setattr(nsr, "training_subset", lambda rewards, objective: seen.append(list(rewards)) or
                         real(rewards, objective))
     nsr.train(_tiny_config(world, tmp_path / "run", steps=8, batch_prompts=4, group_size=8, reward="random",
-                           random_reward_p=0.3, mini_batch_size=0, clip_eps=0.0, max_new_tokens=2))
+                           random_reward_p=0.3, mini_batch_size=None, clip_eps=0.0, max_new_tokens=2))
     r = np.array(seen).reshape(-1, 2)                               # (samples / 2, [true 1, true 0])
     sd = math.sqrt(0.3 * 0.7 / len(r))                              # 128 samples on each side
     assert abs(r[:, 0].mean() - 0.3) < 4 * sd and abs(r[:, 1].mean() - 0.3) < 4 * sd   # the same rate either way
@@ -2389,7 +2410,7 @@ def test_our_update_equals_the_official_update_formula_by_formula(objective, mic
     for normalizer in (["tokens", "micro"] if micro >= len(subset) else ["micro"]):
         model.zero_grad(set_to_none=True)
         cfg = nsr.Config(objective=objective, micro_batch_size=micro, clip_eps=0.2, clip_low=0.2, clip_high=0.2,
-                         mini_batch_size=0, entropy_coef=0.001, kl_coef=kl_coef, normalizer=normalizer,
+                         mini_batch_size=None, entropy_coef=0.001, kl_coef=kl_coef, normalizer=normalizer,
                          temperature=0.8)
         (mini, rows), = nsr.minibatch_plan(subset, weights, cfg)
         Z = nsr.loss_normalizer(weights[mini], pick(lengths), normalizer)
@@ -2414,7 +2435,7 @@ def test_with_several_micro_batches_our_default_token_mean_differs_from_verls_an
     losses = {}
     for normalizer in ("tokens", "micro"):
         cfg = nsr.Config(objective="reinforce", micro_batch_size=5, clip_eps=0.2, clip_low=0.2, clip_high=0.2,
-                         mini_batch_size=0, entropy_coef=0.0, kl_coef=0.0, normalizer=normalizer)
+                         mini_batch_size=None, entropy_coef=0.0, kl_coef=0.0, normalizer=normalizer)
         params = list(model.parameters())
         run = types.SimpleNamespace(policy=precision.Trainable(model, params, params, None), ref_model=None,
                                     head_chunk=0, pad_id=0)
