@@ -244,7 +244,7 @@ def handout_text(problems: list[Problem]) -> str:
 # The inputs are regenerated from the seed in each process and every call gets a fresh copy, so a function
 # that edits its inputs in place changes nothing for the other side.
 
-CODE = (*SOURCES, "toy.py", "presets.py", "precision.py", "runs.py", "settings.py", "reproduce.py",
+CODE = (*SOURCES, "why.py", "toy.py", "presets.py", "precision.py", "runs.py", "settings.py", "reproduce.py",
         "test_nsr.py", "pytest.ini", "assignment.py")
 
 
@@ -711,8 +711,7 @@ CHECKS = {        # in the handout's order: each problem's visible tests use onl
                               "test_nsr_gradient_step_lowers_the_sampled_logit_and_raises_the_others_in_proportion_to_their_probability",
                               "test_clipped_loss_at_ratio_one_has_the_same_gradient_as_the_unclipped_loss",
                               "test_the_clipped_surrogate_gradient_vanishes_exactly_where_ppos_does_on_each_side",
-                              "test_clip_fractions_count_by_the_sign_of_the_weight_the_tokens_whose_gradient_the_clip_zeroed",
-                              "test_demo_gradient_prints_nsr_moving_the_logits_by_minus_one_minus_pi_and_plus_the_prior"],
+                              "test_clip_fractions_count_by_the_sign_of_the_weight_the_tokens_whose_gradient_the_clip_zeroed"],
                     "diff": Diff("loss, clipped tokens and gradient, both clip sides", cases_policy_loss,
                                  lambda fn, case: call_with_grad(fn, case, "logp"), same_policy_loss)},
     "logprobs": {"tests": ["test_token_logprobs_are_the_tempered_log_softmax_at_the_targets_and_its_entropy"],
