@@ -159,22 +159,22 @@ def _check_evaluate_input(problems, n, ks, chunk_size):
     return problems, n, ks
 
 
-def count_correct(tokenizer, responses: list[list[int]], answer: str) -> int:
-    """How many of one problem's responses (token ids) are correct: decode + verifier.is_correct.
+def verify(tokenizer, responses: list[list[int]], answers: list[str]) -> list[bool]:
+    """Is each response (token ids) correct for its gold answer? decode + verifier.is_correct, in order.
 
-    NOTE: each DISTINCT response is decoded and verified once (a dict): a trained model repeats a few
-    answers hundreds of times out of n, and the verifier's canonicalisation was ~20% of evaluate()'s time
-    when it ran per sample. The same booleans, so the same counts.
+    NOTE: each DISTINCT (response, answer) pair is decoded and verified once (a dict): a trained model
+    repeats a few answers hundreds of times out of n, and the verifier's canonicalisation was ~20% of
+    evaluate()'s time when it ran per sample. The same booleans as one call per response.
     """
     verdicts: dict[tuple, bool] = {}
-    correct = 0
-    for tokens in responses:
-        key = tuple(tokens)
+    out = []
+    for tokens, answer in zip(responses, answers, strict=True):
+        key = (tuple(tokens), answer)
         if key not in verdicts:
             response = tokenizer.decode(tokens, skip_special_tokens=True)
             verdicts[key] = bool(verifier.is_correct(response, answer))
-        correct += verdicts[key]
-    return correct
+        out.append(verdicts[key])
+    return out
 
 
 def evaluate(model, tokenizer, problems, n: int, *, temperature: float = 1.0, top_p: float = 1.0,
@@ -258,7 +258,7 @@ def _sample_and_count(model, tokenizer, prompt_ids, problems, settings: dict, de
                                    uniforms=uniforms)
         for j, problem in enumerate(group):
             samples = slice(j * n, (j + 1) * n)    # rows of problem j, in input order
-            counts.append(count_correct(tokenizer, rollouts.tokens[samples], problem["answer"]))
+            counts.append(sum(verify(tokenizer, rollouts.tokens[samples], [problem["answer"]] * n)))
             n_tokens += sum(map(len, rollouts.tokens[samples]))
             n_truncated += sum(rollouts.truncated[samples])
             for row in rollouts.entropies[samples]:

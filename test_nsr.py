@@ -603,6 +603,19 @@ def test_passk_evaluate_hands_each_problem_its_own_uniform_table_so_the_same_see
         assert uniforms.dtype == torch.float64 and torch.equal(uniforms, expected)
 
 
+def test_passk_verify_decodes_each_distinct_response_and_answer_once_and_matches_the_verifier():
+    tokenizer = _PasskFakeTokenizer()                      # [3, 1] decodes to "... \\boxed{31}"
+    responses = [[3, 1], [3, 1], [4], [3, 1], [4], [3, 1]]
+    answers = ["31", "31", "31", "4", "4", "31"]
+    expected = [verifier.is_correct(tokenizer.decode(r, skip_special_tokens=True), a)
+                for r, a in zip(responses, answers)]
+    tokenizer.skip_flags.clear()
+    assert passk.verify(tokenizer, responses, answers) == expected == [True, True, False, False, True, True]
+    assert len(tokenizer.skip_flags) == 4                 # 4 distinct (response, answer) pairs
+    with pytest.raises(ValueError):
+        passk.verify(tokenizer, responses, answers[:2])   # one answer per response
+
+
 def test_problem_uniforms_depend_on_the_seed_and_problem_alone_and_extend_with_n():
     table = passk.problem_uniforms(0, 5, 8, 6)
     assert table.shape == (8, 6) and table.dtype == torch.float64 and 0 <= table.min() and table.max() < 1
@@ -1241,6 +1254,48 @@ def test_generate_rejects_uniforms_of_the_wrong_shape():
     model = tiny_model("qwen2")
     with pytest.raises(ValueError, match="uniforms must have shape"):
         sample.generate(model, SAMPLING_PROMPTS, max_new_tokens=4, uniforms=_crn_uniforms(4, 5))
+
+
+def test_branch_gives_rows_that_drew_the_same_token_from_one_prefix_one_new_cache_row_in_parent_order():
+    node = torch.tensor([0, 0, 1, 1, 1, 2, 0])          # 7 rows on 3 cache rows
+    next_ids = torch.tensor([5, 3, 4, 4, 9, 1, 5])
+    live = torch.tensor([True, True, True, True, True, False, True])    # row 5 has finished: cache row 2 ends
+    node, parent, token = sample._branch(node, next_ids, live, vocab=10)
+    # new cache rows, sorted by (parent, token): (0, 3), (0, 5), (1, 4), (1, 9)
+    assert parent.tolist() == [0, 0, 1, 1] and token.tolist() == [3, 5, 4, 9]
+    assert node.tolist() == [1, 0, 2, 2, 3, 0, 1]         # the finished row points anywhere valid (0)
+    # nothing splits and nothing ends: the cache rows stay as they are (parent = 0..d-1)
+    same = sample._branch(torch.tensor([0, 1, 1]), torch.tensor([7, 2, 2]), torch.ones(3, dtype=torch.bool), 10)
+    assert same[0].tolist() == [0, 1, 1] and same[1].tolist() == [0, 1] and same[2].tolist() == [7, 2]
+
+
+def test_generate_runs_one_forward_row_per_distinct_prefix_and_samples_as_the_plain_path(monkeypatch):
+    model = tiny_model("qwen2")
+    prompts = [SAMPLING_PROMPTS[0], SAMPLING_PROMPTS[2]] * 8                 # 16 rows, 2 distinct prompts
+    N = 8
+    uniforms = _crn_uniforms(len(prompts), N, seed=3)
+    kw = dict(max_new_tokens=N, temperature=0.5, uniforms=uniforms)
+    free = sample.generate(model, prompts, eos_token_ids=[], **kw)
+    eos = collections.Counter(t for row in free.tokens for t in row[1:4]).most_common(1)[0][0]
+    sizes, forward = [], sample.forward
+
+    def counting_forward(model_, input_ids, *args, **kwargs):
+        sizes.append(input_ids.shape[0])
+        return forward(model_, input_ids, *args, **kwargs)
+
+    monkeypatch.setattr(sample, "forward", counting_forward)
+    fast = sample.generate(model, prompts, eos_token_ids=[eos], **kw)
+    fast_sizes, sizes[:] = list(sizes), []
+    plain = sample.generate(model, prompts, eos_token_ids=[eos], fast=False, **kw)
+    assert fast.tokens == plain.tokens and fast.truncated == plain.truncated and any(fast.truncated)
+    for field in ("logprobs", "entropies"):
+        for a, b in zip(getattr(fast, field), getattr(plain, field)):
+            assert torch.allclose(torch.tensor(a), torch.tensor(b), atol=1e-5)
+    # step t feeds one row per distinct (prompt, first t tokens) among rows still going; plain feeds all 16
+    expected = [2] + [len({(tuple(p), tuple(y[:t])) for p, y in zip(prompts, fast.tokens) if len(y) > t})
+                      for t in range(1, N) if any(len(y) > t for y in fast.tokens)]
+    assert fast_sizes == expected and expected[1] < len(prompts)
+    assert sizes == [16] * len(sizes)
 
 
 def test_kv_cache_eviction_in_place_keeps_the_selected_rows_and_can_grow_to_its_capacity():
