@@ -12,6 +12,8 @@ bench.py -- speed benchmarks for nsr, one function per benchmark, one subcommand
                             Full run: nice -n 10 python bench.py sampler   (40 s - 1.5 min on a busy 2-core CPU)
   python bench.py train     see the TRAIN banner below
   python bench.py offload   see the OFFLOAD banner below
+  python bench.py verifier  the verifier's slowest call on each adversarial input, in ms (test_nsr.py counts
+                            the verifier's work in Python lines instead of timing it)
 
 The last line of output is one JSON object with the measured numbers (ratios = ours / transformers).
 
@@ -46,6 +48,7 @@ import precision
 import runs
 import sample
 import toy
+import verifier
 
 HERE = pathlib.Path(__file__).resolve().parent
 
@@ -350,6 +353,19 @@ def bench_offload(args) -> dict:
 
 
 # =================================================================================================
+# VERIFIER: worst-case milliseconds on adversarial inputs (the timing the tests leave out)
+# =================================================================================================
+
+def bench_verifier(args) -> dict:
+    """verifier.worst_case_ms, median of args.repeats runs per input."""
+    runs_ms = [verifier.worst_case_ms() for _ in range(args.repeats)]
+    result = {name: round(statistics.median(r[name] for r in runs_ms), 1) for name in runs_ms[0]}
+    for name, ms in result.items():
+        print(f"{name:<34} worst call {ms:6.1f} ms")
+    return {"worst_call_ms": result, "max_ms": max(result.values())}
+
+
+# =================================================================================================
 # MAIN
 # =================================================================================================
 
@@ -390,6 +406,10 @@ def main(argv=None):
     sp.add_argument("--repeats", type=int, default=3, help="timed steps (median reported)")
     sp.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     sp.set_defaults(fn=bench_offload)
+
+    sp = sub.add_parser("verifier", help="the verifier's slowest call on adversarial inputs, ms")
+    sp.add_argument("--repeats", type=int, default=3, help="runs per input (median reported)")
+    sp.set_defaults(fn=bench_verifier)
 
     args = parser.parse_args(argv)
     if getattr(args, "repeats", 1) < 1:

@@ -873,6 +873,35 @@ def reward(response, gold) -> float:
 # SELF-CHECK: `python verifier.py` prints the MATH self-consistency rate and the worst-case timings
 # =================================================================================================
 
+def worst_case_ms() -> dict[str, float]:
+    """{adversarial input: its slowest call in milliseconds} over is_correct both ways and normalize_answer.
+    Timings live here and in `python bench.py verifier`, never in a test (a busy machine is slow)."""
+    import time
+    digits = "9" * 5000
+    cases = {
+        "300,000 x 'a'": "a" * 300_000,
+        "300,000 chars inside one box": "\\boxed{" + "x" * 300_000 + "}",
+        "unclosed box + 300,000 '{'": "\\boxed{" + "{" * 300_000,
+        "40,000 boxes": "\\boxed{" * 40_000,
+        "40,000 boxes, the last complete": "\\boxed{" * 39_999 + "\\boxed{1}",
+        "'Answer:' after 300,000 chars": "a" * 300_000 + " Answer: 1",
+        "20,000 nested braces": "\\boxed{" + "{" * 20_000 + "1" + "}" * 20_000 + "}",
+        "20,000 nested \\frac": "\\boxed{" + "\\frac{" * 20_000 + "1" + "}" * 20_000 + "}",
+        "5,000-digit integer": "\\boxed{" + digits + "}",
+        "5,000-digit fraction": "\\boxed{\\frac{" + digits + "}{" + digits + "7}}",
+        "'the answer is' + 100,000 items": "The answer is " + "1, " * 100_000,
+    }
+    worst = {}
+    for name, text in cases.items():
+        worst[name] = 0.0
+        for call in (lambda: is_correct(text, "1"), lambda: is_correct(text, text), lambda: normalize_answer(text),
+                     lambda: is_correct("\\boxed{1}", text)):
+            start = time.perf_counter()
+            call()
+            worst[name] = max(worst[name], (time.perf_counter() - start) * 1e3)
+    return worst
+
+
 def _self_check() -> None:
     import json
     import pathlib
@@ -888,28 +917,8 @@ def _self_check() -> None:
               f"{hits / len(records):.4%}  ({seconds / len(records) * 1e6:.0f} us per record)")
     else:
         print(f"self-consistency: skipped, {data_dir} not found")
-    digits = "9" * 5000
-    cases = {
-        "300,000 x 'a'": "a" * 300_000,
-        "300,000 chars inside one box": "\\boxed{" + "x" * 300_000 + "}",
-        "unclosed box + 300,000 '{'": "\\boxed{" + "{" * 300_000,
-        "40,000 boxes": "\\boxed{" * 40_000,
-        "40,000 boxes, the last complete": "\\boxed{" * 39_999 + "\\boxed{1}",
-        "'Answer:' after 300,000 chars": "a" * 300_000 + " Answer: 1",
-        "20,000 nested braces": "\\boxed{" + "{" * 20_000 + "1" + "}" * 20_000 + "}",
-        "20,000 nested \\frac": "\\boxed{" + "\\frac{" * 20_000 + "1" + "}" * 20_000 + "}",
-        "5,000-digit integer": "\\boxed{" + digits + "}",
-        "5,000-digit fraction": "\\boxed{\\frac{" + digits + "}{" + digits + "7}}",
-        "'the answer is' + 100,000 items": "The answer is " + "1, " * 100_000,
-    }
-    for name, text in cases.items():
-        worst = 0.0
-        for call in (lambda: is_correct(text, "1"), lambda: is_correct(text, text), lambda: normalize_answer(text),
-                     lambda: is_correct("\\boxed{1}", text)):
-            start = time.perf_counter()
-            call()
-            worst = max(worst, time.perf_counter() - start)
-        print(f"{name:<34} worst call {worst * 1e3:6.1f} ms")
+    for name, ms in worst_case_ms().items():
+        print(f"{name:<34} worst call {ms:6.1f} ms")
 
 
 if __name__ == "__main__":
