@@ -546,9 +546,10 @@ def parse_args(argv=None):
         if len(set(getattr(args, name))) != len(getattr(args, name)):
             parser.error(f"--{name.replace('_', '-')} must be distinct, got {getattr(args, name)}")
     for change in [{}] + [{field: value} for field, values in sweeps for _, value in values]:
-        problems = settings.config_problems(nsr.Config(**{**nsr.TOY_DEFAULTS, **overrides, **change}), nsr.OBJECTIVES)
-        if problems:
-            parser.error("invalid training settings:\n  " + "\n  ".join(problems))
+        try:
+            settings.check_config(nsr.Config(**{**nsr.TOY_DEFAULTS, **overrides, **change}), nsr.OBJECTIVES)
+        except settings.UserError as e:
+            parser.error(f"training settings: {e}")
     return args, overrides, sweeps
 
 

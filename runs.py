@@ -33,7 +33,6 @@ from transformers import AutoConfig, AutoTokenizer
 import passk
 import ppo
 import precision
-import presets
 import sample
 import settings
 import toy
@@ -103,12 +102,7 @@ def resolve(cfg):
 
 def resolve_for_plan(cfg, objectives):
     """--dry-run: the checked, resolved config of a real model (nothing is built or loaded)."""
-    settings.check_config(cfg, objectives)
-    if not cfg.model:
-        raise settings.UserError("--dry-run prints the memory plan of a real model: give --model or --preset")
-    if cfg.model not in presets.ARCHITECTURES and not (pathlib.Path(cfg.model) / "config.json").is_file():
-        raise settings.UserError(f"--dry-run: no architecture numbers for {cfg.model!r}: give a local model directory, "
-                                 f"or one of {', '.join(presets.ARCHITECTURES)}")
+    settings.check_config(cfg, objectives)                     # with --dry-run's own: a model to plan
     return resolve(cfg)
 
 
