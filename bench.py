@@ -38,11 +38,11 @@ import statistics
 import subprocess
 import sys
 import time
-import types
 
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
+import loading
 import nsr
 import precision
 import runs
@@ -84,15 +84,15 @@ def toy_model_and_prompts(n_prompts: int, repeats: int):
     runs/toy-base-s0 when it has been built (python toy.py), else the same architecture freshly initialised."""
     base = HERE / toy.base_dir(0)
     if (base / "config.json").is_file():
-        model, tokenizer = sample.load_model(str(base), dtype="float32", device="cpu")
-        problems = sample.load_problems(base / "test_easy.jsonl")
+        model, tokenizer = loading.load_model(str(base), dtype="float32", device="cpu")
+        problems = loading.load_problems(base / "test_easy.jsonl")
         label = "a: toy model (trained, runs/toy-base-s0)"
     else:
         recipe, tokenizer = toy.ToyRecipe(), toy.build_tokenizer()
         model = toy.build_model(recipe, tokenizer)
         problems = toy.make_splits(recipe)["test_easy"]
         label = "a: toy model (untrained: runs/toy-base-s0 not built)"
-    prompt_ids, _, _ = sample.encode_prompts(tokenizer, problems[:n_prompts])
+    prompt_ids, _, _ = loading.encode_prompts(tokenizer, problems[:n_prompts])
     return label, model.eval(), [p for p in prompt_ids for _ in range(repeats)]
 
 
@@ -234,8 +234,7 @@ def train_child(args) -> dict:
         # the plain -w log pi loss of one on-policy step (no ratio, no entropy or KL term)
         cfg = nsr.Config(micro_batch_size=args.micro_batch, clip_eps=0.0, clip_low=0.0, clip_high=0.0,
                          mini_batch_size=0, entropy_coef=0.0, kl_coef=0.0)
-        run = types.SimpleNamespace(policy=policy, ref_model=None, pad_id=0,
-                                    head_chunk=cfg.head_chunk if args.child == "on" else 0)
+        run = runs.bare_run(policy, head_chunk=cfg.head_chunk if args.child == "on" else 0)
         nsr.minibatch_backward(run, nsr.MiniBatch(prompts, responses, [], weights, Z), cfg, runs.StepStats())
         precision.optimizer_step(policy, grad_clip=1.0)
         if device.type == "cuda":

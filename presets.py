@@ -59,7 +59,7 @@ PRESETS = {
                        grad_checkpointing="on", chunk_size=32, lr=1e-6, temperature=1.0),
     # Beyond Qwen. fp32 weights are their own master (16 instead of 20 bytes/param): the only way
     # 1.24e9 params fit on 24 GiB without offload; fp32 compute is slower. "llama3" renders Llama 3's
-    # header format without the date lines of the 3.1+ templates (see sample.py's templates).
+    # header format without the date lines of the 3.1+ templates (see loading.py's templates).
     "llama-3.2-1b-instruct": dict(model="meta-llama/Llama-3.2-1B-Instruct", template="llama3",
                                   dtype="float32", batch_prompts=32, group_size=8, max_prompt_len=512,
                                   max_new_tokens=1024, micro_batch_size=1, grad_checkpointing="on",

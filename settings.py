@@ -20,8 +20,8 @@ import re
 
 import torch
 
+import loading
 import presets
-import sample
 
 
 # A Config field's type annotation -> how a command-line value of it is read (--set / --sweep use it too)
@@ -150,8 +150,8 @@ def _choice_problems(cfg) -> list[str]:
         bad.append(f"--dtype must be auto, float32 or bfloat16, got {cfg.dtype!r}")
     if cfg.grad_checkpointing not in ("auto", "on", "off"):
         bad.append(f"--grad-checkpointing must be auto, on or off, got {cfg.grad_checkpointing!r}")
-    if cfg.template not in sample.TEMPLATES:
-        bad.append(f"--template {cfg.template!r} is unknown; choose one of {', '.join(sample.TEMPLATES)}")
+    if cfg.template not in loading.TEMPLATES:
+        bad.append(f"--template {cfg.template!r} is unknown; choose one of {', '.join(loading.TEMPLATES)}")
     return bad
 
 
