@@ -162,8 +162,9 @@ def load_problems(path, problem_field: str = "problem", answer_field: str = "ans
 
     One JSON object per line (blank lines are ignored). A record whose `answer_field` is missing or
     empty but that has a MATH-style "solution" gets its answer from the solution's last \\boxed{...}
-    (verifier.extract_answer). Errors (malformed JSON, a missing field) name the file and the
-    1-based line number and stop: a wrong field name should fail loudly, not train on nothing.
+    (verifier.extract_answer). Errors (malformed JSON, a missing field, an answer that is a list, an
+    object, null or true/false: "[2]" is no answer) name the file and the 1-based line number and stop:
+    a wrong field name should fail loudly, not train on nothing.
 
     A record that still has no answer is SKIPPED with a warning naming file:line. NOTE: the MATH
     train split has exactly such records (lines 5342 and 5344 of math_train.jsonl: "answer" is ""
@@ -196,6 +197,10 @@ def load_problems(path, problem_field: str = "problem", answer_field: str = "ans
             # Answers are compared as strings by the verifier; JSON numbers (27 for "27") too, and a
             # whole float (27.0, as numeric dataset columns export) becomes "27", not "27.0".
             answer = record.get(answer_field)
+            if answer_field in record and (answer is None or isinstance(answer, (list, dict, bool))):
+                kind = "null" if answer is None else type(answer).__name__
+                raise ValueError(f"{path}:{lineno}: field {answer_field!r} must be a string or a number, got {kind} "
+                                 f"({json.dumps(answer)[:40]})")
             if isinstance(answer, float) and answer.is_integer():
                 answer = int(answer)
             answer = "" if answer is None else str(answer).strip()

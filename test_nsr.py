@@ -2212,6 +2212,22 @@ def test_every_user_error_is_one_line_and_exit_status_2_before_any_weights_are_l
 
 
 @pytest.mark.smoke
+@pytest.mark.parametrize("answer, kind", [("[2]", "list"), ('{"value": 2}', "dict"), ("null", "null")])
+def test_an_answer_that_is_a_list_an_object_or_null_stops_the_command_line_with_file_and_line(tmp_path, capsys,
+                                                                                            answer, kind):
+    world = _tiny_world(tmp_path)
+    data = tmp_path / "data.jsonl"
+    data.write_text('{"problem": "1+1", "answer": "2"}\n{"problem": "2+2", "answer": %s}\n' % answer)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stop:
+        nsr.main(_argv(world, tmp_path / "never", "--train", str(data)))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert stop.value.code == 2 and len(err) == 1, err
+    assert err[0].startswith(f"nsr.py: error: {data}:2: field 'answer' must be a string or a number, got {kind}")
+    assert not (tmp_path / "never").exists()
+
+
+@pytest.mark.smoke
 def test_a_run_killed_with_sigkill_at_a_random_point_and_resumed_writes_the_uninterrupted_metrics(tmp_path):
     # A real process, killed with SIGKILL once its metrics.jsonl has a seeded number of lines (plus a seeded
     # few ms: mid-step, mid-checkpoint or mid-line), then resumed with --resume until it finishes.
