@@ -2227,6 +2227,7 @@ def test_an_answer_that_is_a_list_an_object_or_null_stops_the_command_line_with_
     assert not (tmp_path / "never").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.smoke
 def test_a_run_killed_with_sigkill_at_a_random_point_and_resumed_writes_the_uninterrupted_metrics(tmp_path):
     # A real process, killed with SIGKILL once its metrics.jsonl has a seeded number of lines (plus a seeded
@@ -2624,6 +2625,7 @@ def test_reproduce_bootstrap_is_paired_so_identical_models_differ_by_exactly_zer
     assert "Base" in reproduce.tables(same) and "NSR" in reproduce.tables(same)
 
 
+@pytest.mark.slow
 @pytest.mark.smoke
 def test_reproduce_runs_every_method_on_the_quick_toy_writes_summary_json_and_resumes(tmp_path, capsys):
     argv = ["--quick", "--bases", str(tmp_path / "bases"), "--out", str(tmp_path / "out"), "--jobs", "1",
@@ -2675,6 +2677,7 @@ def test_reproduce_entropy_bootstrap_resamples_runs_not_splits_and_recipe_seeds_
     np.testing.assert_allclose(b, 0.05)
 
 
+@pytest.mark.slow
 @pytest.mark.smoke
 def test_reproduce_sweep_labels_each_value_and_judges_only_the_unswept_runs(tmp_path, capsys):
     argv = ["--quick", "--bases", str(tmp_path / "bases"), "--out", str(tmp_path / "out"), "--jobs", "1",
@@ -2762,6 +2765,7 @@ def test_assignment_handout_keeps_every_signature_and_docstring_and_no_reference
         assignment.handout(handout_dir)
 
 
+@pytest.mark.slow
 @pytest.mark.smoke
 def test_assignment_grader_gives_the_handout_zero_and_a_planted_bug_costs_exactly_its_problem(handout_dir, tmp_path):
     blank = assignment.grade(handout_dir)
@@ -2784,6 +2788,7 @@ def test_assignment_grader_gives_the_handout_zero_and_a_planted_bug_costs_exactl
     assert assignment.grade(HERE, only=["decode_step"])["total"] == 15      # the reference's own decode step
 
 
+@pytest.mark.slow
 @pytest.mark.smoke
 def test_assignment_grade_prints_a_table_and_its_last_line_is_one_json_object(tmp_path, capsys):
     copy = tmp_path / "copy"
@@ -2843,6 +2848,10 @@ def test_assignment_submit_zips_the_edited_files_the_writeup_and_the_logs_withou
 #     python -m pytest -q test_nsr.py -m math      exact math: a formula, a table or a rule, exactly
 #     python -m pytest -q test_nsr.py -m parity    our code against transformers' or an independent reference
 #     python -m pytest -q test_nsr.py -m smoke     a whole command or training loop on a tiny model
+# and the quick suite, while editing one function (every exact gradient and weight test is in it):
+#     python -m pytest -q -m "not slow" test_nsr.py
+# `slow` marks the five tests that run whole commands in other processes (the assignment grader twice,
+# reproduce.py twice, a process killed and resumed); the full suite (CI's command) runs them too.
 # =================================================================================================
 # Parity and smoke tests carry their mark above; every other test is exact math, marked here (pytest.ini
 # registers the three marks).
