@@ -211,10 +211,11 @@ def check_inputs(cfg, ckpt, data: dict) -> Inputs:
     for path in [cfg.train, *cfg.eval]:
         if path not in data:
             data[path] = read_problems(path, cfg)
-    tokenizer = AutoTokenizer.from_pretrained(str(ckpt or cfg.model), local_files_only=loading.is_local(ckpt or cfg.model))
+    tokenizer = AutoTokenizer.from_pretrained(str(ckpt or cfg.model),
+                                              local_files_only=loading.is_local(ckpt or cfg.model))
     check_template(tokenizer, cfg, cfg.model)
     prompt_ids, kept, skipped = loading.encode_prompts(tokenizer, data[cfg.train], cfg.template,
-                                                      cfg.max_prompt_len or None)
+                                                       cfg.max_prompt_len or None)
     if not kept:
         raise settings.UserError(f"{cfg.train}: every prompt is longer than --max-prompt-len {cfg.max_prompt_len}")
     eval_sets = {pathlib.Path(path).stem: data[path][:cfg.eval_limit or None]

@@ -169,7 +169,8 @@ def _input_problems(cfg) -> list[str]:
         bad.append(f"--device {cfg.device}: CUDA is not available on this machine")
     if cfg.dry_run and not cfg.model:
         bad.append("--dry-run prints the memory plan of a real model: give --model or --preset")
-    elif cfg.dry_run and cfg.model not in presets.ARCHITECTURES and not (pathlib.Path(cfg.model) / "config.json").is_file():
+    elif cfg.dry_run and cfg.model not in presets.ARCHITECTURES and \
+            not (pathlib.Path(cfg.model) / "config.json").is_file():
         bad.append(f"--dry-run: no architecture numbers for {cfg.model!r}: give a local model directory, "
                    f"or one of {', '.join(presets.ARCHITECTURES)}")
     return bad
