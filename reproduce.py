@@ -58,10 +58,10 @@ import time
 import numpy as np
 import torch
 
+import loading
 import nsr
 import passk
 import runs
-import sample
 import settings
 import toy
 
@@ -96,10 +96,10 @@ def eval_settings() -> dict:
 
 def evaluate(model_dir: pathlib.Path, base: pathlib.Path) -> dict:
     """Both test splits with THE evaluation settings -> {split: {"counts", "mean_entropy"}}."""
-    model, tokenizer = sample.load_model(model_dir, dtype="float32", device="cpu")
+    model, tokenizer = loading.load_model(model_dir, dtype="float32", device="cpu")
     out = {}
     for split in SPLITS:
-        problems = sample.load_problems(base / f"{split}.jsonl")
+        problems = loading.load_problems(base / f"{split}.jsonl")
         result = passk.evaluate(model, tokenizer, problems, desc=f"eval {split}", **eval_settings())
         out[split] = {"counts": result["counts"], "mean_entropy": result["mean_entropy"]}
     return out
@@ -133,7 +133,7 @@ def run_job(job: dict) -> dict:
                 model_dir = runs.latest_checkpoint(run_dir)
                 record["curves"] = read_curves(run_dir / "metrics.jsonl")
             if model_dir is None:                                # diverged before its first checkpoint
-                record["splits"] = {s: {"counts": [0] * len(sample.load_problems(base / f"{s}.jsonl")),
+                record["splits"] = {s: {"counts": [0] * len(loading.load_problems(base / f"{s}.jsonl")),
                                         "mean_entropy": float("nan")} for s in SPLITS}
             else:
                 record["splits"] = evaluate(model_dir, base)
@@ -145,9 +145,7 @@ def run_job(job: dict) -> dict:
             os.close(stdout)
             os.close(stderr)
     record["seconds"] = round(time.time() - start, 1)
-    tmp = done.with_suffix(".tmp")
-    tmp.write_text(json.dumps(record))
-    os.replace(tmp, done)                                        # atomic: a result is whole or absent
+    loading.write_atomic(done, json.dumps(record))               # atomic: a result is whole or absent
     print(f"  done: {job['name']} ({record['seconds']:.0f} s)" + (" DIVERGED" if record["diverged"] else ""),
           flush=True)
     return record
@@ -168,7 +166,7 @@ def claim_job_dir(run_dir: pathlib.Path, key: str) -> bool:
     if ours and runs.latest_checkpoint(run_dir) is not None:
         return True
     if run_dir.exists() and (runs.holds_run(run_dir) or (not ours and any(run_dir.iterdir()))):
-        print(f"  {run_dir} held earlier output: moved it to {sample.move_aside(run_dir)}", flush=True)
+        print(f"  {run_dir} held earlier output: moved it to {loading.move_aside(run_dir)}", flush=True)
     run_dir.mkdir(parents=True, exist_ok=True)
     marker.write_text(json.dumps({"key": key}) + "\n")
     return False
@@ -546,9 +544,10 @@ def parse_args(argv=None):
         if len(set(getattr(args, name))) != len(getattr(args, name)):
             parser.error(f"--{name.replace('_', '-')} must be distinct, got {getattr(args, name)}")
     for change in [{}] + [{field: value} for field, values in sweeps for _, value in values]:
-        problems = settings.config_problems(nsr.Config(**{**nsr.TOY_DEFAULTS, **overrides, **change}), nsr.OBJECTIVES)
-        if problems:
-            parser.error("invalid training settings:\n  " + "\n  ".join(problems))
+        try:
+            settings.check_config(nsr.Config(**{**nsr.TOY_DEFAULTS, **overrides, **change}), nsr.OBJECTIVES)
+        except settings.UserError as e:
+            parser.error(f"training settings: {e}")
     return args, overrides, sweeps
 
 
@@ -586,7 +585,7 @@ def main(argv=None) -> int:
     out = pathlib.Path(args.out)
     earlier = out / "summary.json"           # another reproduction's summary (other jobs) is moved aside
     if earlier.is_file() and json.loads(earlier.read_text()).get("job_keys") != summary["job_keys"]:
-        print(f"{earlier} summarised other jobs: moved it to {sample.move_aside(earlier)}")
+        print(f"{earlier} summarised other jobs: moved it to {loading.move_aside(earlier)}")
     earlier.write_text(json.dumps(summary, indent=1))
     plot = plot_dynamics(summary["dynamics"], out / "dynamics.png") if summary["dynamics"] else None
     print("\n" + tables(summary) + "\n\n" + format_coverage(summary["coverage"]) + "\n\n"
