@@ -46,8 +46,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import hashlib
 import json
+import math
 import multiprocessing
 import os
 import pathlib
@@ -69,7 +71,8 @@ METHODS = ("psr", "nsr", "w-reinforce", "reinforce", "grpo", "ppo")   # the pape
 NAMES = {"base": "Base", "psr": "PSR", "nsr": "NSR", "w-reinforce": "W-REINFORCE", "reinforce": "REINFORCE",
          "grpo": "GRPO", "ppo": "PPO"}
 SPLITS = ("test_easy", "test_hard")       # the roles of MATH and of AIME 2025
-N, EVAL_SEED, KS = 256, 0, [2 ** j for j in range(9)]               # k = 1, 2, 4, ..., 256
+N, EVAL_SEED, KS = 1024, 0, [2 ** j for j in range(9)]              # n = 4 x the largest k; k = 1, 2, ..., 256
+KMAX = KS[-1]
 MARGIN = 1.0                              # non-inferiority margin, in points of Pass@k
 
 
@@ -86,21 +89,21 @@ def training_config(base: pathlib.Path, method: str, train_seed: int, run_dir: p
     return nsr.Config(**values)
 
 
-def eval_settings() -> dict:
+def eval_settings(n: int = N) -> dict:
     """THE evaluation settings of every model: n, one seed, and the main job's temperature, top-p and
     response budget (nsr.TOY_DEFAULTS, read as runs.evaluate reads a Config)."""
     cfg = nsr.Config(**nsr.TOY_DEFAULTS)
-    return dict(n=N, seed=EVAL_SEED, temperature=cfg.eval_temperature, top_p=cfg.eval_top_p,
+    return dict(n=n, seed=EVAL_SEED, temperature=cfg.eval_temperature, top_p=cfg.eval_top_p,
                 max_new_tokens=cfg.eval_max_new_tokens or cfg.max_new_tokens)
 
 
-def evaluate(model_dir: pathlib.Path, base: pathlib.Path) -> dict:
+def evaluate(model_dir: pathlib.Path, base: pathlib.Path, n: int = N) -> dict:
     """Both test splits with THE evaluation settings -> {split: {"counts", "mean_entropy"}}."""
     model, tokenizer = sample.load_model(model_dir, dtype="float32", device="cpu")
     out = {}
     for split in SPLITS:
         problems = sample.load_problems(base / f"{split}.jsonl")
-        result = passk.evaluate(model, tokenizer, problems, desc=f"eval {split}", **eval_settings())
+        result = passk.evaluate(model, tokenizer, problems, desc=f"eval {split}", **eval_settings(n))
         out[split] = {"counts": result["counts"], "mean_entropy": result["mean_entropy"]}
     return out
 
@@ -136,7 +139,7 @@ def run_job(job: dict) -> dict:
                 record["splits"] = {s: {"counts": [0] * len(sample.load_problems(base / f"{s}.jsonl")),
                                         "mean_entropy": float("nan")} for s in SPLITS}
             else:
-                record["splits"] = evaluate(model_dir, base)
+                record["splits"] = evaluate(model_dir, base, job["n"])
         finally:
             sys.stdout.flush()
             sys.stderr.flush()
@@ -189,7 +192,7 @@ def make_jobs(args, overrides: dict, sweeps: list | None = None) -> list[dict]:
     for r in args.recipe_seeds:
         base = pathlib.Path(args.bases) / (f"toy-quick-s{r}" if args.quick else toy.base_dir(r).name)
         jobs.append({"name": f"base r{r}", "method": "base", "recipe_seed": r, "train_seed": None,
-                     "base": str(base), "run_dir": str(out / f"r{r}-base"), "config": None, "quick": args.quick})
+                     "base": str(base), "run_dir": str(out / f"r{r}-base"), "config": None, "quick": args.quick, "n": args.n})
         for t in args.seeds:
             for method in args.methods:
                 for label, change, field in variants:
@@ -198,21 +201,62 @@ def make_jobs(args, overrides: dict, sweeps: list | None = None) -> list[dict]:
                     cfg = training_config(base, method, t, run_dir, {**overrides, **change})
                     jobs.append({"name": f"{method}{label} r{r} t{t}", "method": method + label, "recipe_seed": r,
                                  "train_seed": t, "base": str(base), "run_dir": str(run_dir),
-                                 "config": dataclasses.asdict(cfg), "quick": args.quick})
+                                 "config": dataclasses.asdict(cfg), "quick": args.quick, "n": args.n})
     for job in jobs:   # a result on disk is re-used only for exactly the same job (recipe, config, settings)
-        blob = json.dumps({**job, "recipe": toy.recipe_hash(recipe_for(job)), "eval": eval_settings()},
+        blob = json.dumps({**job, "recipe": toy.recipe_hash(recipe_for(job)), "eval": eval_settings(job["n"])},
                           sort_keys=True)
         job["key"] = hashlib.sha256(blob.encode()).hexdigest()[:16]
     return jobs
+
+
+# What a reproduction costs, from the per-job costs measured on one thread of the 2-core machine
+# (docs/toy-regime-log.md, "the decisive design"): a base build, a training run (100 steps) of each method, and
+# one model's evaluation on both test splits per 256 samples per problem (it grows linearly with n).
+SECONDS = {"build": 100.0, "eval_per_256": 30.0,
+           "train": {"psr": 25.0, "nsr": 20.0, "w-reinforce": 25.0, "reinforce": 25.0, "grpo": 25.0, "ppo": 45.0}}
+
+
+def job_seconds(job: dict) -> float:
+    """The expected cost of one job (SECONDS): 0 when its result is on disk, the build only for an uncached base."""
+    run_dir = pathlib.Path(job["run_dir"])
+    done = run_dir / "result.json"
+    if done.is_file() and json.loads(done.read_text()).get("key") == job["key"]:
+        return 0.0
+    cost = SECONDS["eval_per_256"] * job["n"] / 256
+    if job["method"] == "base":
+        return cost + (0.0 if toy.is_built(pathlib.Path(job["base"]), recipe_for(job)) else SECONDS["build"])
+    return cost + SECONDS["train"][job["method"].split("[")[0]]
+
+
+def schedule_seconds(costs: list[float], processes: int) -> float:
+    """The wall time of running jobs of these costs in order on `processes` workers, each job going to the
+    first free worker (what Pool.map with chunksize 1 does)."""
+    free = [0.0] * processes
+    for cost in costs:
+        free[free.index(min(free))] += cost
+    return max(free)
+
+
+def expected_seconds(jobs: list[dict], processes: int, cost=job_seconds) -> float:
+    """main's two phases, one after the other: every base, then every training run."""
+    bases = [cost(j) for j in jobs if j["method"] == "base"]
+    trained = [cost(j) for j in jobs if j["method"] != "base"]
+    return schedule_seconds(bases, processes) + schedule_seconds(trained, processes)
+
+
+def format_expected(jobs: list[dict], processes: int) -> str:
+    seconds = expected_seconds(jobs, processes)
+    return (f"expected: about {seconds / 60:.0f} min on {processes} free cores (per-job costs measured on one "
+            f"thread: reproduce.SECONDS; results and bases already on disk cost nothing)")
 
 
 # =================================================================================================
 # VERDICTS: paired bootstrap of Pass@k differences over problems and seeds
 # =================================================================================================
 
-def passk_matrix(counts: list[int]) -> np.ndarray:
-    """(problems, len(KS)) unbiased Pass@k of each problem, in percent."""
-    return np.array([[100 * passk.pass_at_k(N, c, k) for k in KS] for c in counts])
+def passk_matrix(counts: list[int], n: int) -> np.ndarray:
+    """(problems, len(KS)) unbiased Pass@k of each problem from its count of n, in percent."""
+    return np.array([[100 * passk.pass_at_k(n, c, k) for k in KS] for c in counts])
 
 
 def bootstrap(summary: dict, resamples: int = 2000, seed: int = 0) -> dict:
@@ -224,7 +268,8 @@ def bootstrap(summary: dict, resamples: int = 2000, seed: int = 0) -> dict:
     recipes = sorted({r["recipe_seed"] for r in runs})
     train_seeds = sorted({r["train_seed"] for r in runs if r["train_seed"] is not None})
     methods = sorted({r["method"] for r in runs})
-    table = {(r["method"], r["recipe_seed"], r["train_seed"], r["split"]): passk_matrix(r["counts"]) for r in runs}
+    table = {(r["method"], r["recipe_seed"], r["train_seed"], r["split"]): passk_matrix(r["counts"], summary["n"])
+             for r in runs}
     draws = {(m, s): np.zeros((resamples, len(KS))) for m in methods for s in SPLITS}
     for b in range(resamples):
         chosen = rng.choice(recipes, size=len(recipes))
@@ -240,7 +285,7 @@ def bootstrap(summary: dict, resamples: int = 2000, seed: int = 0) -> dict:
 
 def point(summary: dict, method: str, split: str) -> np.ndarray:
     """Mean Pass@k (percent) over every run of a method on a split: (len(KS),)."""
-    mats = [passk_matrix(r["counts"]) for r in summary["runs"] if r["method"] == method and r["split"] == split]
+    mats = [passk_matrix(r["counts"], summary["n"]) for r in summary["runs"] if r["method"] == method and r["split"] == split]
     return np.concatenate(mats).mean(axis=0)
 
 
@@ -355,24 +400,163 @@ def cells(summary: dict, draws: dict) -> dict:
                     ent.setdefault(r["recipe_seed"], []).append(r["mean_entropy"])
             e = unit_draws(ent)
             out[label][s] = {"pass@1": [float(d[:, 0].mean()), *interval(d[:, 0])],
-                             f"pass@{N}": [float(d[:, -1].mean()), *interval(d[:, -1])],
-                             f"minus_base@{N}": [float((d[:, -1] - draws[("base", s)][:, -1]).mean()),
+                             f"pass@{KMAX}": [float(d[:, -1].mean()), *interval(d[:, -1])],
+                             f"minus_base@{KMAX}": [float((d[:, -1] - draws[("base", s)][:, -1]).mean()),
                                                  *interval(d[:, -1] - draws[("base", s)][:, -1])],
                              "entropy": [float(e.mean()), *interval(e)]}
     return out
 
 
 def format_cells(found: dict) -> str:
-    head = f"{'cell':<30}{'split':<11}{'Pass@1':>22}{'Pass@' + str(N):>22}{'- base @' + str(N):>24}{'entropy':>26}"
+    head = f"{'cell':<30}{'split':<11}{'Pass@1':>22}{'Pass@' + str(KMAX):>22}{'- base @' + str(KMAX):>24}{'entropy':>26}"
     lines = ["each method and variant, mean [95% bootstrap interval over recipe seeds, problems, training seeds]", head]
     for label, by_split in found.items():
         for s, row in by_split.items():
-            cells_ = [f"{row[k][0]:6.1f} [{row[k][1]:6.1f},{row[k][2]:6.1f}]" for k in ("pass@1", f"pass@{N}")]
-            diff = row[f"minus_base@{N}"]
+            cells_ = [f"{row[k][0]:6.1f} [{row[k][1]:6.1f},{row[k][2]:6.1f}]" for k in ("pass@1", f"pass@{KMAX}")]
+            diff = row[f"minus_base@{KMAX}"]
             ent = row["entropy"]
             lines.append(f"{display(label):<30}{s:<11}{cells_[0]:>22}{cells_[1]:>22}"
                          f"{diff[0]:+7.1f} [{diff[1]:+6.1f},{diff[2]:+6.1f}]"
                          f"{ent[0]:8.4f} [{ent[1]:.4f},{ent[2]:.4f}]")
+    return "\n".join(lines)
+
+
+# =================================================================================================
+# VARIANCE: where the width of an interval comes from, and what another design would give
+# =================================================================================================
+# The estimate of "method - base" at one (split, k) is the mean over recipe seeds r, training seeds t and
+# problems i of D_rti = X_rti - B_ri (X the method's per-problem Pass@k estimate, B the base's). Its
+# variance is a sum of one term per source (a random-effects model: each source's variance per unit,
+# divided by the number of its units the design averages over):
+#
+#   Var = base / R  +  (seed + seed x problem / P) / (R T)  +  problem / (R P)
+#         + estimator: v_method / (R T P) + v_base / (R P)
+#
+# base: real differences between bases (recipe seeds); seed, seed x problem: between training runs of one
+# base; problem: between the problems of one base; v_method, v_base: the mean per-problem variance of the
+# Pass@k ESTIMATE itself (finite n). NOTE: the base is evaluated once per recipe seed, so its estimator
+# noise does not average over training seeds. Estimated by the method of moments: a two-way table of D
+# (training seeds x problems) within each base, then the spread of the bases' means. Each component is
+# clipped at 0, and with 3 bases the base component is itself uncertain: the bootstrap interval, not this
+# split, is what the verdicts use. The estimator terms treat the method's and the base's samples as
+# independent; common random numbers in the evaluation only make the real estimator term smaller.
+
+@functools.lru_cache(maxsize=None)
+def all_wrong(n: int, k: int) -> np.ndarray:
+    """G[c] = C(n-c, k) / C(n, k) for c = 0..n (the chance that k of the n samples, c of them right, are all
+    wrong; pass_at_k = 1 - G), by the product form of passk.pass_at_k: G[c] = G[c-1] * (1 - k / (n-c+1))."""
+    i = np.arange(n, 0, -1, dtype=float)                        # n, n-1, ..., 1: the factor of the c-th step
+    return np.concatenate([[1.0], np.cumprod(np.clip(1 - k / i, 0, None))])
+
+
+def estimator_variance(counts, n: int, k: int) -> np.ndarray:
+    """Per problem, the variance of its Pass@k estimate (percent^2), from its count c of n samples.
+
+    pass_at_k = 1 - G, and G = C(n-c, k) / C(n, k) is unbiased for (1 - p)^k. So E[G^2] = Var(G) + (1-p)^(2k),
+    and C(n-c, 2k) / C(n, 2k) is unbiased for (1 - p)^(2k):
+
+        v = G^2 - C(n-c, 2k) / C(n, 2k)        is an UNBIASED estimate of the variance      (needs n >= 2k)
+
+    (one problem's v can be negative; its mean over problems is what is used). For n < 2k no unbiased
+    estimate exists: the plug-in, plugin_variance(c / n, n, k)."""
+    counts = np.asarray(counts, dtype=int)
+    if 2 * k <= n:
+        return 1e4 * (all_wrong(n, k)[counts] ** 2 - all_wrong(n, 2 * k)[counts])
+    return 1e4 * np.array([plugin_variance(c / n, n, k) for c in counts])
+
+
+def plugin_variance(p: float, n: int, k: int) -> float:
+    """Var of the Pass@k estimate from n samples of a problem solved with probability p: the exact sum over
+    c ~ Binomial(n, p); a fraction^2. Projects the estimator's term to another n."""
+    if p <= 0 or p >= 1:
+        return 0.0
+    c = np.arange(n + 1)
+    pmf = np.exp(log_choose(n) + c * math.log(p) + (n - c) * math.log1p(-p))
+    g = all_wrong(n, k)
+    return float(pmf @ g ** 2 - (pmf @ g) ** 2)
+
+
+@functools.lru_cache(maxsize=None)
+def log_choose(n: int) -> np.ndarray:
+    """log C(n, c) for c = 0..n."""
+    return np.array([math.lgamma(n + 1) - math.lgamma(c + 1) - math.lgamma(n - c + 1) for c in range(n + 1)])
+
+
+def variance_components(summary: dict, method: str, split: str, k: int = KMAX, ns=(256, 512, 1024, 2048)) -> dict:
+    """The sources of the variance of mean(method - base) at (split, k): "per_unit" (percent^2 of one base,
+    one training seed, one problem; v_method / v_base the estimator's per problem at the design's n, and
+    projected to each n in ns by the plug-in's ratio), "terms" as this design (R, T, P) averages them, their
+    "total" and the normal 95% half-width 1.96 sqrt(total)."""
+    n, j = summary["n"], KS.index(k)
+    runs_ = summary["runs"]
+    recipes = sorted({r["recipe_seed"] for r in runs_ if r["method"] == method})
+    parts = {key: [] for key in ("seed", "interaction", "problem", "v_method", "v_base")}
+    plug = {"v_method": {m: [] for m in ns}, "v_base": {m: [] for m in ns}}
+    means, mean_vars = [], []
+    for r in recipes:
+        base = next(x for x in runs_ if x["method"] == "base" and x["recipe_seed"] == r and x["split"] == split)
+        mine = sorted((x for x in runs_ if x["method"] == method and x["recipe_seed"] == r and x["split"] == split),
+                      key=lambda x: x["train_seed"])
+        B = passk_matrix(base["counts"], n)[:, j]                                  # (P,)
+        D = np.array([passk_matrix(x["counts"], n)[:, j] for x in mine]) - B       # (T, P)
+        T, P = D.shape
+        v_base = float(estimator_variance(base["counts"], n, k).mean())
+        v_method = float(np.mean([estimator_variance(x["counts"], n, k) for x in mine]))
+        row, col, grand = D.mean(axis=1), D.mean(axis=0), D.mean()
+        ms_p = T * col.var(ddof=1)                              # E[ms_p] = s_e^2 + T s_p^2 (s_p: problem + v_base)
+        if T > 1:
+            ms_t = P * row.var(ddof=1)                          # E[ms_t] = s_e^2 + P s_t^2
+            ms_e = float(((D - row[:, None] - col[None, :] + grand) ** 2).sum() / ((T - 1) * (P - 1)))
+            parts["seed"].append(max((ms_t - ms_e) / P, 0.0))
+            parts["interaction"].append(max(ms_e - v_method, 0.0))     # s_e^2 = seed x problem + v_method
+            mean_vars.append((ms_t + ms_p - ms_e) / (T * P))           # Var(grand) = s_t^2/T + s_p^2/P + s_e^2/(TP)
+        else:                      # one training seed: seed and seed x problem are inside "problem"
+            ms_e = v_method
+            mean_vars.append(ms_p / P)
+        parts["problem"].append(max((ms_p - ms_e) / T - v_base, 0.0))
+        parts["v_method"].append(v_method)
+        parts["v_base"].append(v_base)
+        for key, counts, v in (("v_method", [c for x in mine for c in x["counts"]], v_method),
+                               ("v_base", base["counts"], v_base)):
+            # the estimator at another n m: this n's unbiased value x the plug-in's ratio (m : n)
+            at = {size: np.mean([plugin_variance(c / n, size, k) for c in counts]) for size in {n, *ns}}
+            for m in ns:
+                plug[key][m].append(v * at[m] / at[n] if at[n] > 0 else v * n / m)
+        means.append(grand)
+    R, T, P = len(recipes), len(mine), len(B)
+    per_unit = {key: float(np.mean(values)) if values else None for key, values in parts.items()}
+    per_unit["base"] = max(float(np.var(means, ddof=1)) - float(np.mean(mean_vars)), 0.0) if R > 1 else None
+    per_unit["v_method_at"] = {str(m): float(np.mean(v)) for m, v in plug["v_method"].items()}
+    per_unit["v_base_at"] = {str(m): float(np.mean(v)) for m, v in plug["v_base"].items()}
+    terms = design_terms(per_unit, R, T, P)
+    total = float(sum(terms.values()))
+    return {"method": method, "split": split, "k": k, "n": n, "R": R, "T": T, "P": P,
+            "estimate": float(np.mean(means)), "per_unit": per_unit, "terms": terms, "total": total,
+            "shares": {key: value / total if total > 0 else 0.0 for key, value in terms.items()},
+            "halfwidth": 1.96 * total ** 0.5}
+
+
+def design_terms(per_unit: dict, R: int, T: int, P: int, n: int | None = None) -> dict:
+    """The variance terms (percent^2) of a design with R bases, T training seeds, P problems per base and
+    n samples per problem (None: the measured n); a source not measured (one base, one seed) counts as 0."""
+    u = {key: value or 0.0 for key, value in per_unit.items() if not key.endswith("_at")}
+    v_method = per_unit["v_method_at"][str(n)] if n else u["v_method"]
+    v_base = per_unit["v_base_at"][str(n)] if n else u["v_base"]
+    return {"estimator": v_method / (R * T * P) + v_base / (R * P),
+            "training seed": (u["seed"] + u["interaction"] / P) / (R * T),
+            "problem sample": u["problem"] / (R * P),
+            "base": u["base"] / R}
+
+
+def format_variance(rows: list[dict]) -> str:
+    lines = ["where the interval comes from: variance of (method - base) at k = 256 (points^2) and its share; "
+             "summary.json \"variance\"",
+             f"{'method':<14}{'split':<11}{'estimate':>9}{'1.96 sd':>9}" +
+             "".join(f"{key:>22}" for key in ("estimator", "training seed", "problem sample", "base"))]
+    for row in rows:
+        lines.append(f"{display(row['method']):<14}{row['split']:<11}{row['estimate']:>+9.1f}{row['halfwidth']:>9.1f}"
+                     + "".join(f"{row['terms'][key]:>13.2f} ({100 * row['shares'][key]:>3.0f}%)  "
+                               for key in ("estimator", "training seed", "problem sample", "base")))
     return "\n".join(lines)
 
 
@@ -403,8 +587,8 @@ def coverage(summary: dict) -> list[dict]:
     return rows
 
 
-def format_coverage(rows: list[dict]) -> str:
-    lines = [f"coverage at k = {N} against the base (problems; mean over runs [min-max])",
+def format_coverage(rows: list[dict], n: int) -> str:
+    lines = [f"coverage at k = n = {n} against the base (problems; mean over runs [min-max])",
              f"{'method':<28}{'split':<11}" + "".join(f"{key:>16}" for key in ("kept", "lost", "gained", "neither"))]
     for row in rows:
         cells = "".join(f"{row[key]:>7.1f} [{row[key + '_range'][0]:>2}-{row[key + '_range'][1]:>2}]  "
@@ -498,7 +682,7 @@ def tables(summary: dict) -> str:
         for m in order:
             counts = [c for r in summary["runs"] if r["method"] == m and r["split"] == s for c in r["counts"]]
             ent = [r["mean_entropy"] for r in summary["runs"] if r["method"] == m and r["split"] == s]
-            rows[f"{display(m):<{width}} H={np.mean(ent):.3f}"] = {"counts": counts, "n": N}
+            rows[f"{display(m):<{width}} H={np.mean(ent):.3f}"] = {"counts": counts, "n": summary["n"]}
         out.append(f"{s} ({'MATH' if s == 'test_easy' else 'AIME'} role), mean over seeds; H = test entropy\n"
                    + passk.format_table(rows, KS))
     return "\n\n".join(out)
@@ -519,6 +703,8 @@ def parse_args(argv=None):
                         help="also run every method at each value of one nsr.Config field, labelled "
                              "method[FIELD=V] in the tables; repeatable (each sweep's variants side by side, "
                              "an ablation); the verdicts use the unswept runs only")
+    parser.add_argument("--n", type=int, default=N, help=f"samples per problem of every evaluation (default {N} = "
+                        f"4 x the largest k, {KMAX}: the estimator's share of the interval stays small)")
     parser.add_argument("--jobs", type=int, default=2, help="parallel processes (default 2: one per core)")
     parser.add_argument("--out", default="runs/reproduce", help="output directory (default runs/reproduce)")
     parser.add_argument("--bases", default="runs", help="where the toy bases are cached (default runs/)")
@@ -540,6 +726,8 @@ def parse_args(argv=None):
 
     overrides = {name: values[0][1] for name, values in (field_value("--set", item) for item in args.set)}
     sweeps = [field_value("--sweep", item) for item in args.sweep]
+    if args.n < KMAX:
+        parser.error(f"--n must be >= {KMAX} (the largest k of the tables and verdicts), got {args.n}")
     if args.jobs < 1:
         parser.error(f"--jobs must be >= 1, got {args.jobs}")
     for name in ("recipe_seeds", "seeds", "methods"):
@@ -558,12 +746,14 @@ def main(argv=None) -> int:
     jobs = make_jobs(args, overrides, sweeps)
     print(f"reproduce: {len(jobs)} jobs ({len(args.recipe_seeds)} bases, {len(jobs) - len(args.recipe_seeds)} "
           f"training runs) in {args.jobs} processes -> {args.out}", flush=True)
+    if not args.quick:
+        print(format_expected(jobs, args.jobs), flush=True)
     # the bases first (each training job needs its base built), then every training run
     ctx = multiprocessing.get_context("spawn")
     with ctx.Pool(args.jobs) as pool:
         records = pool.map(run_job, [j for j in jobs if j["method"] == "base"], chunksize=1)
         records += pool.map(run_job, [j for j in jobs if j["method"] != "base"], chunksize=1)
-    summary = {"n": N, "ks": KS, "runs": [
+    summary = {"n": args.n, "ks": KS, "runs": [
         {"method": r["method"], "recipe_seed": r["recipe_seed"], "train_seed": r["train_seed"], "split": s,
          "counts": r["splits"][s]["counts"], "mean_entropy": r["splits"][s]["mean_entropy"]}
         for r in records for s in SPLITS]}
@@ -572,6 +762,8 @@ def main(argv=None) -> int:
     summary["verdicts"] = found
     by_seed = verdicts_by_recipe_seed(unswept) if len(args.recipe_seeds) > 1 else {}
     summary["verdicts_by_recipe_seed"] = {str(seed): v for seed, v in by_seed.items()}
+    summary["variance"] = [variance_components(unswept, m, s) for m in sorted({r["method"] for r in unswept["runs"]}
+                           - {"base"}, key=label_order) for s in SPLITS]
     summary["coverage"] = coverage(summary)
     summary["cells"] = cells(summary, bootstrap(summary))          # every variant, with its intervals
     summary["dynamics"] = dynamics(records)
@@ -589,8 +781,9 @@ def main(argv=None) -> int:
         print(f"{earlier} summarised other jobs: moved it to {sample.move_aside(earlier)}")
     earlier.write_text(json.dumps(summary, indent=1))
     plot = plot_dynamics(summary["dynamics"], out / "dynamics.png") if summary["dynamics"] else None
-    print("\n" + tables(summary) + "\n\n" + format_coverage(summary["coverage"]) + "\n\n"
-          + format_cells(summary["cells"]) + "\n\n" + format_verdicts(found))
+    print("\n" + tables(summary) + "\n\n" + format_coverage(summary["coverage"], summary["n"]) + "\n\n"
+          + format_cells(summary["cells"]) + "\n\n" + format_variance(summary["variance"]) + "\n\n"
+          + format_verdicts(found))
     if by_seed:
         print("\neach recipe seed alone (its evidence: summary.json \"verdicts_by_recipe_seed\"):")
         for seed, seed_found in by_seed.items():
