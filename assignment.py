@@ -547,7 +547,7 @@ def cases_normalizer(rng):
         weights = torch.randn((N, rng.randint(1, 5)) if rng.random() < 0.3 else (N,), generator=g)
         weights[torch.rand(weights.shape, generator=g) < 0.5] = 0.0
         out.append(dict(weights=weights, lengths=[rng.randint(1, 50) for _ in range(N)],
-                        mode=rng.choice(["tokens", "tokens", "constant", "tokenz"]), max_new_tokens=rng.randint(1, 64)))
+                        mode=rng.choice(["tokens", "micro", "weighted", "constant", "tokenz"]), max_new_tokens=rng.randint(1, 64)))
     return out
 
 
@@ -718,7 +718,7 @@ CHECKS = {        # in the handout's order: each problem's visible tests use onl
     "logprobs": {"tests": ["test_token_logprobs_are_the_tempered_log_softmax_at_the_targets_and_its_entropy"],
                  "diff": Diff("log-probs, entropy and their gradient, any dtype and temperature", cases_logprobs,
                               lambda fn, case: call_with_grad(fn, case, "logits"), same_logprobs)},
-    "normalizer": {"tests": ["test_loss_normalizer_counts_the_tokens_of_weighted_samples_only",
+    "normalizer": {"tests": ["test_loss_normalizer_counts_every_response_token_as_the_official_token_mean",
                              "test_gradients_with_micro_batch_size_one_equal_the_full_batch_gradients"],
                    "diff": Diff("Z of both modes, per-token weights, errors", cases_normalizer, plain,
                                 lambda a, b, case: isinstance(a, float) and a == b)},
@@ -914,7 +914,7 @@ Q3. lambda. `python reproduce.py --methods w-reinforce --seeds 0 --sweep lam=0,0
 Q4. Clipping and mini-batches (the official repository's issue #6: NSR's gains "only appear when
     batch_size > ppo_mini_batch_size and PPO's ratio clipping is enabled").
     `python reproduce.py --methods psr nsr --seeds 0 --sweep clip_eps=0 --sweep clip_low=0
-    --sweep clip_high=0 --sweep mini_batch_size=0 --out runs/q4` ({t_q4}).
+    --sweep clip_high=0 --sweep mini_batch_size=none --out runs/q4` ({t_q4}).
     Some rows are identical to the digit: which, and why (which side of the clip does each objective
     ever meet)? What do clipping and the number of optimizer steps per batch change for PSR and for NSR?
 

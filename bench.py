@@ -12,6 +12,7 @@ bench.py -- speed benchmarks for nsr, one function per benchmark, one subcommand
                             Full run: nice -n 10 python bench.py sampler   (40 s - 1.5 min on a busy 2-core CPU)
   python bench.py train     see the TRAIN banner below
   python bench.py offload   see the OFFLOAD banner below
+  python bench.py gpu       see the GPU banner below (needs CUDA; says so and exits 0 without it)
 
 The last line of output is one JSON object with the measured numbers (ratios = ours / transformers).
 
@@ -104,7 +105,7 @@ def count_tokens(rows: list[list[int]], eos_ids: list[int]) -> int:
 
 def run_ours(model, prompts, args, max_new_tokens: int, seed: int) -> tuple[float, int]:
     """One timed call of sample.generate -> (seconds, generated tokens)."""
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator(device=model.device).manual_seed(seed)         # on the model's device (cuda for `gpu`)
     start = time.perf_counter()
     rollouts = sample.generate(model, prompts, max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                             generator=g, chunk_size=args.chunk_size)
@@ -118,8 +119,8 @@ def run_transformers(model, prompts, args, max_new_tokens: int, seed: int) -> tu
     torch.manual_seed(seed)
     start = time.perf_counter()                        # padding is part of the job, so it is timed too
     P = max(len(p) for p in prompts)
-    input_ids = torch.tensor([[0] * (P - len(p)) + p for p in prompts])
-    attention_mask = torch.tensor([[0] * (P - len(p)) + [1] * len(p) for p in prompts])
+    input_ids = torch.tensor([[0] * (P - len(p)) + p for p in prompts], device=model.device)
+    attention_mask = torch.tensor([[0] * (P - len(p)) + [1] * len(p) for p in prompts], device=model.device)
     with torch.inference_mode():
         # top_k=0 switches off transformers' default top-k so both sample from the same distribution
         out = model.generate(input_ids=input_ids, attention_mask=attention_mask, do_sample=True,
@@ -230,7 +231,7 @@ def train_child(args) -> dict:
         # "on" = what nsr.train does with checkpointing: layers AND the output layer (Config.head_chunk)
         # the plain -w log pi loss of one on-policy step (no ratio, no entropy or KL term)
         cfg = nsr.Config(micro_batch_size=args.micro_batch, clip_eps=0.0, clip_low=0.0, clip_high=0.0,
-                         mini_batch_size=0, entropy_coef=0.0, kl_coef=0.0)
+                         mini_batch_size=None, entropy_coef=0.0, kl_coef=0.0)
         run = types.SimpleNamespace(policy=policy, ref_model=None, pad_id=0,
                                     head_chunk=cfg.head_chunk if args.child == "on" else 0)
         nsr.minibatch_backward(run, nsr.MiniBatch(prompts, responses, [], weights, Z), cfg, runs.StepStats())
@@ -350,6 +351,85 @@ def bench_offload(args) -> dict:
 
 
 # =================================================================================================
+# GPU: one prepared check of the real-model path on whatever CUDA device is present
+# =================================================================================================
+#
+# python bench.py gpu       the Qwen2.5-Math-1.5B preset's architecture, randomly initialised (nothing is
+#                           downloaded), bf16 with fp32 masters and the preset's settings, shrunk in
+#                           rollouts and response length so the whole check takes a few minutes:
+#                             1. one RL step (nsr.train, reinforce, random rewards so both signs train, one
+#                                mini-batch holding the whole batch, clip 0.001): peak GPU memory against
+#                                presets.memory_plan of the same config, and the bf16 on-policy check of
+#                                --old-logprobs training (clip_frac_pos = clip_frac_neg = 0) vs sampler;
+#                             2. tokens/s of sample.generate vs model.generate on the same model.
+#                           Without CUDA it says so in one line and exits 0. Budget: <= 8 minutes.
+
+def gpu_world(root: pathlib.Path, arch: dict, dtype: torch.dtype) -> pathlib.Path:
+    """A saved random Qwen2 of `arch` + the toy's char tokenizer + 16 one-digit addition problems."""
+    from transformers import Qwen2Config
+    tokenizer = toy.build_tokenizer()
+    config = Qwen2Config(vocab_size=arch["vocab"], hidden_size=arch["hidden"], intermediate_size=arch["intermediate"],
+                         num_hidden_layers=arch["layers"], num_attention_heads=arch["heads"],
+                         num_key_value_heads=arch["kv_heads"], tie_word_embeddings=arch["tied"],
+                         max_position_embeddings=arch["max_positions"], eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.eos_token_id)
+    torch.manual_seed(0)
+    world = root / "model"
+    Qwen2ForCausalLM(config).to(dtype).save_pretrained(world)
+    tokenizer.save_pretrained(world)
+    with (world / "train.jsonl").open("w") as f:
+        for a in range(16):
+            f.write(json.dumps({"problem": f"{a % 9}+{a // 9 + 1}", "answer": str(a % 9 + a // 9 + 1)}) + "\n")
+    return world
+
+
+def gpu_check(device: str, arch: dict, batch_prompts: int, group_size: int, max_new_tokens: int,
+              root: pathlib.Path) -> dict:
+    """Steps 1-2 of the banner on `device` (the test runs it on CPU with a tiny arch)."""
+    import presets
+    cuda = device.startswith("cuda")
+    world = gpu_world(root, arch, torch.bfloat16)
+    preset = {**presets.PRESETS["qwen2.5-math-1.5b"], "model": str(world)}
+    out = {"device": torch.cuda.get_device_name(0) if cuda else device, "arch_params": presets.param_count(arch)}
+    for mode in ("training", "sampler"):
+        cfg = nsr.Config(**{**preset, "train": str(world / "train.jsonl"), "template": "plain", "steps": 1,
+                            "batch_prompts": batch_prompts, "group_size": group_size,
+                            "max_new_tokens": max_new_tokens, "mini_batch_size": batch_prompts * group_size,
+                            "objective": "reinforce", "reward": "random", "clip_eps": 0.001,
+                            "entropy_coef": 0.0, "eval_n": 0, "device": device, "old_logprobs": mode,
+                            "optimizer_offload": cuda and preset["optimizer_offload"],
+                            "out_dir": str(root / f"run-{mode}")})
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        start = time.perf_counter()
+        metrics = nsr.train(cfg)["metrics"]
+        out[mode] = {"clip_frac_pos": metrics["clip_frac_pos"], "clip_frac_neg": metrics["clip_frac_neg"],
+                     "step_s": round(time.perf_counter() - start, 1), "response_len": metrics["response_len"],
+                     "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None}
+        if mode == "training":
+            plan = presets.memory_plan(runs.resolve(cfg), arch)
+            out["plan_peak_gib"] = round(plan["peak"] / 2**30, 2)
+    model = sample.load_model(str(world), "bfloat16", torch.device(device))[0]
+    prompts = [list(range(10, 10 + 8 + i)) for i in range(batch_prompts) for _ in range(group_size)]
+    args = types.SimpleNamespace(temperature=1.0, top_p=1.0, chunk_size=batch_prompts * group_size, repeats=1,
+                                 threads=torch.get_num_threads())
+    out["generate"] = compare("gpu", model, prompts, args, max_new_tokens)   # ours vs model.generate
+    return out
+
+
+def bench_gpu(args) -> dict | None:
+    if not torch.cuda.is_available():
+        print("bench.py gpu: no CUDA device on this machine; nothing measured (run it where a GPU is)")
+        raise SystemExit(0)
+    import presets
+    import tempfile
+    with tempfile.TemporaryDirectory() as root:
+        return {"benchmark": "gpu", **gpu_check("cuda", presets.ARCHITECTURES["Qwen/Qwen2.5-Math-1.5B"],
+                                                args.batch_prompts, args.group_size, args.max_new_tokens,
+                                                pathlib.Path(root))}
+
+
+# =================================================================================================
 # MAIN
 # =================================================================================================
 
@@ -390,6 +470,13 @@ def main(argv=None):
     sp.add_argument("--repeats", type=int, default=3, help="timed steps (median reported)")
     sp.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     sp.set_defaults(fn=bench_offload)
+
+    sp = sub.add_parser("gpu", help="one RL step of the Qwen2.5-Math-1.5B preset (random init) on CUDA: memory, "
+                                    "sampler speed, the bf16 on-policy check")
+    sp.add_argument("--batch-prompts", type=int, default=4, help="prompts per step")
+    sp.add_argument("--group-size", type=int, default=8, help="rollouts per prompt")
+    sp.add_argument("--max-new-tokens", type=int, default=256, help="response budget (a random model never stops)")
+    sp.set_defaults(fn=bench_gpu)
 
     args = parser.parse_args(argv)
     if getattr(args, "repeats", 1) < 1:

@@ -18,13 +18,14 @@ THE IDEA
       REINFORCE        +1              -1          = PSR + NSR
       GRPO        (r_i - mean_g r) / (std_g r + 1e-6) over the G samples g of the same prompt
       PPO         a per-TOKEN weight A_i,t: a learned critic's GAE advantage, whitened (ppo.py)
-    Z = the number of response tokens of the samples with w_i != 0 in the mini-batch (the official
-        code's token mean), or a constant (--normalizer constant).
+    Z = every response token of the mini-batch, weighted or not (the official code's token mean), or a
+        constant (--normalizer constant).
 
   WHAT RUNS BY DEFAULT is the official code's update (rl_step): the objective's subset (PSR the correct
   samples, NSR the wrong ones) in mini-batches of M responses, each ONE optimizer step on the PPO-clipped
-  surrogate of L (clip 0.2) minus an entropy bonus. In the first mini-batch the surrogate's gradient is
-  exactly L's on-policy gradient (tested); --clip-eps 0 --mini-batch-size 0 --entropy-coef 0 runs L itself.
+  surrogate of L (clip 0.2) minus an entropy bonus (GRPO: plus a KL loss), pi_old recomputed by the training
+  forward before the update, so the first mini-batch's gradient is exactly L's (tested, bf16 too);
+  --clip-eps 0 --mini-batch-size none --entropy-coef 0 runs L itself.
 
   The token-level gradient (policy_loss derives it, --demo-gradient shows it): dL/dz_v = -w (1[v = y] - pi_v).
 
@@ -61,6 +62,7 @@ import runs
 import sample
 import settings
 import verifier
+import why
 
 # =================================================================================================
 # OBJECTIVES: rewards -> per-sample weights -> ONE policy-gradient loss
@@ -121,22 +123,23 @@ def policy_loss(logp: torch.Tensor, weights: torch.Tensor, mask: torch.Tensor, n
 
         per token  -min(rho * w, clip(rho, 1 - clip_low, 1 + clip_high) * w),   rho = pi_theta / pi_old
 
-    In the first mini-batch of a step pi_theta = pi_old (the sampler's log-probs): rho = 1, the gradient is
-    exactly that of -w log pi (tested). Later mini-batches are off-policy; the clip zeroes the gradient where
+    In the first mini-batch of a step pi_theta = pi_old (log pi_old by the same training forward, before the
+    update: runs.training_logprobs): rho = 1 exactly, the gradient is that of -w log pi (tested in bf16). Later mini-batches are off-policy; the clip zeroes the gradient where
     rho > 1 + clip_high under w > 0 (raised enough: PSR's samples) and rho < 1 - clip_low under w < 0
     (lowered enough: NSR's). A side set to 0 does not clip (both 0: -rho w). old_logp None: -w log pi itself.
 
     logp (N, T) log pi_theta (carries the gradient); weights (N,) w_i, or (N, T) A_i,t (ppo); mask (N, T) 1.0
-    on real response tokens; old_logp (N, T) the sampler's. Returns (loss = sum of per-token terms x mask / Z,
+    on real response tokens; old_logp (N, T) log pi_old. Returns (loss = sum of per-token terms x mask / Z,
     clipped): clipped (N, T) bool, True where the clip zeroed the gradient (not masked; all False if no ratio).
 
     The token-level gradient (the paper's analysis). At one position with logits z (V,), pi = softmax(z)
     and sampled token y: log pi_y = z_y - logsumexp(z), so d log pi_y / d z_v = 1[v = y] - pi_v, and for
     L = -w log pi_y:   dL/dz_v = -w * (1[v = y] - pi_v).   Gradient DESCENT moves z_v by lr w (1[v=y] - pi_v):
       PSR (w = +1): z_y rises by lr (1 - pi_y), every other z_v falls by lr pi_v  -> sharpens onto y;
-      NSR (w = -1): z_y falls by lr (1 - pi_y), every other z_v RISES by lr pi_v, in proportion to the
-                    model's own prior -> the mass taken from the wrong answer goes to what the model already
-                    found plausible, so NSR refines rather than collapses the model (tested against autograd).
+      NSR (w = -1): z_y falls by lr (1 - pi_y), every other LOGIT z_v rises by lr pi_v (tested against
+                    autograd). In probabilities, to first order dpi_v = lr pi_v (pi_v + pi_y (1 - pi_y) -
+                    sum_{u != y} pi_u^2): likely alternatives gain more than in proportion, unlikely ones can
+                    LOSE (tested exactly on 5 tokens; docs/why.md says what that means for coverage).
     """
     w = (weights[:, None] if weights.dim() == 1 else weights).to(logp.dtype)   # (N, 1) or (N, T)
     if old_logp is None:                                                     # L itself: -w_i log pi
@@ -168,51 +171,22 @@ def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor, n
 def loss_normalizer(weights: torch.Tensor, lengths, mode: str = "tokens", max_new_tokens: int = 1) -> float:
     """Z of policy_loss for a whole mini-batch (computed once, before micro-batching).
 
-    weights (N,) or (N, T), lengths: response lengths (N,). "tokens": sum of lengths of samples with
-    w != 0 (the official token mean); "constant": N * max_new_tokens (independent of what was sampled).
-    Returns 0.0 when no sample carries a weight (rl_step then skips the rows, or, when an entropy or KL
-    term is on, uses their token mean); an (N, T) row carries where any token is non-zero. ValueError for
-    another mode ("normalizer must be 'tokens' or 'constant'").
+    weights (N,) or (N, T), lengths: response lengths (N,) of every sample of the mini-batch. "tokens": the
+    sum of all lengths, weighted or not (the official token mean: a GRPO sample of an all-correct group, w = 0,
+    still counts); "micro": the same number (minibatch_backward then takes each micro-batch's own token mean,
+    verl's exact form); "weighted": the lengths of the samples with w != 0 only (an (N, T) row carries where any
+    token is non-zero; 0.0 when none does); "constant": N * max_new_tokens (independent of what was sampled).
+    ValueError for another mode ("normalizer must be one of ...").
     """
     lengths = torch.as_tensor(lengths, dtype=torch.float32)
-    carries = (weights != 0 if weights.dim() == 1 else (weights != 0).any(dim=1)).cpu()   # (N,) bool
-    if mode == "tokens":
+    if mode in ("tokens", "micro"):
+        return float(lengths.sum())
+    if mode == "weighted":
+        carries = (weights != 0 if weights.dim() == 1 else (weights != 0).any(dim=1)).cpu()   # (N,) bool
         return float(lengths[carries].sum())
     if mode == "constant":
-        return float(len(lengths) * max_new_tokens) if bool(carries.any()) else 0.0
-    raise ValueError(f"normalizer must be 'tokens' or 'constant', got {mode!r}")
-
-
-def gradient_demo(lr: float = 1.0, lam: float = 0.1) -> str:
-    """--demo-gradient: one SGD step on the logits of a 5-token distribution, as a printed table: the
-    probabilities before, after one PSR step and one NSR step on the same sampled token y, and after one
-    W-REINFORCE step on two samples (y judged wrong, y2 correct)."""
-    names, prior = "abcde", torch.tensor([0.40, 0.25, 0.20, 0.10, 0.05])
-    y, y2 = 1, 0                                       # sampled token "b"; for W-REINFORCE also "a"
-
-    def sgd_step(samples):                             # samples: [(token, weight)], one position each
-        z = prior.log().clone().requires_grad_(True)   # logits (V,) whose softmax is the prior
-        logp = torch.log_softmax(z, dim=-1)
-        tokens, weights = torch.tensor([t for t, _ in samples]), torch.tensor([w for _, w in samples])
-        loss, _ = policy_loss(logp[tokens][:, None], weights, torch.ones(len(samples), 1), len(samples), None, 0, 0)
-        loss.backward()
-        with torch.no_grad():
-            return torch.softmax(z - lr * z.grad, dim=-1), -lr * z.grad  # SGD on the logits
-
-    psr, nsr, wr = sgd_step([(y, 1.0)]), sgd_step([(y, -1.0)]), sgd_step([(y, -1.0), (y2, lam)])
-    table = [("probabilities before", prior), (f"after PSR on {names[y]} (w=+1)", psr[0]),
-            (f"after NSR on {names[y]} (w=-1)", nsr[0]),
-            (f"after W-REINFORCE: {names[y]} wrong (w=-1), {names[y2]} right (w=+{lam})", wr[0]),
-            ("NSR logit change = -lr*(1[v=y]-pi_v)", nsr[1])]
-    width = max(len(label) for label, _ in table)
-    lines = [f"one SGD step (lr={lr}) on the logits z of pi = softmax(z); sampled token y = {names[y]!r}",
-             " " * width + "  " + "  ".join(f"{n:>6}" for n in names)]
-    for label, values in table:
-        lines.append(f"{label:<{width}}  " + "  ".join(f"{v:+6.3f}" if label.startswith("NSR logit")
-                                                      else f"{v:6.3f}" for v in values.tolist()))
-    lines.append("PSR sharpens onto y. NSR lowers z_y by lr*(1-pi_y) and raises every other logit by lr*pi_v,\n"
-                 "its prior: the freed mass goes mostly to the likeliest alternative, a.")
-    return "\n".join(lines)
+        return float(len(lengths) * max_new_tokens)
+    raise ValueError(f"normalizer must be one of {', '.join(settings.NORMALIZERS)}, got {mode!r}")
 
 
 # =================================================================================================
@@ -224,10 +198,20 @@ class MiniBatch:
     """The samples of one optimizer step, row-aligned (n rows)."""
     prompts: list                 # prompt token ids
     responses: list               # sampled response token ids
-    old_logprobs: list            # the sampler's log pi_old(y_t) per response token (the clipped ratio's)
+    old_logprobs: list            # log pi_old(y_t) per response token, the clipped ratio's (--old-logprobs)
     weights: torch.Tensor         # (n,) w_i, or (n, T) per-token advantages A_i,t (ppo)
     normalizer: float             # Z of the whole mini-batch (0: only entropy / KL terms, their token mean)
     scale: float = 1.0            # m / M for a last, partial mini-batch of m < M (the official code's)
+
+
+def minibatch_plan(subset: list[int], weights, cfg: Config) -> list[tuple[list[int], list[int]]]:
+    """The update's optimizer steps as (mini, rows): the subset cut into mini-batches of M responses (0 = all
+    in one), and the rows each one's loss reads: those with w != 0, or every row when an entropy or KL term,
+    ppo or the micro normaliser reads them all (a row with w = 0 carries no policy gradient)."""
+    every_row = cfg.entropy_coef > 0 or cfg.kl_coef > 0 or cfg.objective == "ppo" or cfg.normalizer == "micro"
+    M = cfg.mini_batch_size or max(len(subset), 1)                  # None: the whole subset in one step
+    minis = [subset[start:start + M] for start in range(0, len(subset), M)]
+    return [(mini, [i for i in mini if every_row or bool((weights[i] != 0).any())]) for mini in minis]
 
 
 def rl_step(run: runs.Run, cfg: Config, step: int) -> dict:
@@ -245,24 +229,22 @@ def rl_step(run: runs.Run, cfg: Config, step: int) -> dict:
     if cfg.reward == "random":    # the control: r_i ~ Bernoulli(p) from the run's generator, whatever the answer
         draws = torch.rand(len(rewards), generator=run.generator, device=run.generator.device)
         rewards = (draws < cfg.random_reward_p).float().tolist()
-    # ---- weight: w_i from the objective; ppo: per-token advantages A_i,t from the critic ----
+    # ---- weight: w_i from the objective (ppo: per-token advantages, after the old log-probs below) ----
+    weights = None if cfg.objective == "ppo" else sample_weights(rewards, cfg.objective, cfg.lam, cfg.group_size)
+    # ---- subset: PSR the correct samples, NSR the wrong ones, the others all; then mini-batches of M ----
+    plan = minibatch_plan(training_subset(rewards, cfg.objective), weights, cfg)   # [(mini, rows it trains)]
+    # ---- old log-probs: log pi_old of the ratio, by the TRAINING forward before any update (verl's
+    # compute_log_prob), micro-batched as the update will be: the first mini-batch's ratio is exactly 1 ----
+    if cfg.old_logprobs == "training":
+        rollouts.logprobs = runs.training_logprobs(run, cfg, prompts, rollouts, [rows for _, rows in plan])
     targets = None
-    if cfg.objective == "ppo":
+    if cfg.objective == "ppo":                   # A_i,t from the critic (its KL reward reads log pi_old)
         weights, targets = ppo.advantages(run, cfg, prompts, rollouts, rewards)        # (N, T), ppo.Targets
-    else:
-        weights = sample_weights(rewards, cfg.objective, cfg.lam, cfg.group_size)      # (N,)
-    # ---- subset: PSR the correct samples, NSR the wrong ones, the others all ----
-    subset = training_subset(rewards, cfg.objective)
-    # ---- mini-batches of M responses of the subset, each one optimizer step (the paper's update) ----
     stats = runs.StepStats()
-    every_row = cfg.entropy_coef > 0 or cfg.kl_coef > 0 or cfg.objective == "ppo"   # else w = 0 carries nothing
-    M = cfg.mini_batch_size or max(len(subset), 1)                                    # 0 = the whole subset
-    for start in range(0, len(subset), M):
-        mini = subset[start:start + M]
+    for mini, rows in plan:                      # ---- each mini-batch: ONE optimizer step ----
         scale = len(mini) / cfg.mini_batch_size if cfg.mini_batch_size else 1.0      # a last partial one: m / M
         if targets is not None:                                                       # ppo: the critic's step
             stats.critic.append(ppo.critic_step(run, cfg, prompts, rollouts, mini, targets, scale))
-        rows = [i for i in mini if every_row or bool((weights[i] != 0).any())]
         if not rows:
             continue
         lengths = [len(rollouts.tokens[i]) for i in mini]        # Z from ALL samples of the mini-batch
@@ -285,12 +267,12 @@ def rl_step(run: runs.Run, cfg: Config, step: int) -> dict:
 
 def minibatch_backward(run: runs.Run, batch: MiniBatch, cfg: Config, stats: runs.StepStats) -> float | None:
     """Accumulate the gradient of one mini-batch's loss, cfg.micro_batch_size sequences at a time (bounded
-    memory; Z is the whole mini-batch's). Returns the loss, or None if not finite (the gradient is dropped)."""
+    memory; Z is the whole mini-batch's, or each micro-batch's with --normalizer micro). Returns the loss,
+    or None if not finite (the gradient is dropped)."""
     model, device = run.policy.model, next(run.policy.model.parameters()).device
     num_tokens = float(sum(len(r) for r in batch.responses))                  # the entropy / KL token mean
-    Z = batch.normalizer or num_tokens
     kl_coef = 0.0 if cfg.objective == "ppo" else cfg.kl_coef                  # ppo's KL is in its reward
-    use_ratio = cfg.clip_low > 0 or cfg.clip_high > 0 or cfg.mini_batch_size > 0   # off-policy mini-batches
+    use_ratio = cfg.clip_low > 0 or cfg.clip_high > 0 or cfg.mini_batch_size is not None   # off-policy mini-batches
     total = torch.zeros((), device=device)
     for part, input_ids, attn, pos, mask in sample.micro_batches(batch.prompts, batch.responses,
                                                                  cfg.micro_batch_size, device, run.pad_id):
@@ -300,16 +282,19 @@ def minibatch_backward(run: runs.Run, batch: MiniBatch, cfg: Config, stats: runs
         w = torch.as_tensor(batch.weights[part], dtype=torch.float32, device=device)   # (m,) or (m, T)
         w = w if w.dim() == 1 else w[:, :R]
         old = sample.pad_rows(batch.old_logprobs[part], R, device) if use_ratio else None   # log pi_old (m, R)
+        Z, n = batch.normalizer or num_tokens, num_tokens                    # the means' denominators
+        if cfg.normalizer == "micro":   # verl's form: each micro-batch's own token mean x its share of the rows
+            Z = n = sum(len(r) for r in batch.responses[part]) * len(batch.responses) / len(mask)
         # ---- the loss terms (a new term is one more line here) ----
         # the policy-gradient term (the objectives): -(1/Z) sum w_i sum_t log pi(y_i,t), clipped
         loss, clipped = policy_loss(logp, w, mask, Z, old, cfg.clip_low, cfg.clip_high)
         if cfg.entropy_coef > 0:                                              # - c_H * mean token entropy
-            loss = loss - cfg.entropy_coef * entropy_bonus(entropy, mask, num_tokens)
+            loss = loss - cfg.entropy_coef * entropy_bonus(entropy, mask, n)
         if kl_coef > 0:                                                       # + beta * mean k3 KL to pi_ref
             with torch.no_grad():
                 ref_logp, _ = sample.response_logprobs(run.ref_model, input_ids, attn, pos, R, cfg.temperature,
                                                        head_chunk=run.head_chunk)
-            loss = loss + kl_coef * kl_penalty(logp, ref_logp, mask, num_tokens)
+            loss = loss + kl_coef * kl_penalty(logp, ref_logp, mask, n)
         loss = loss * batch.scale                                             # a partial mini-batch: m / M
         if not torch.isfinite(loss):
             return None
@@ -358,59 +343,67 @@ def train(cfg: Config) -> dict:
 
 @dataclass
 class Config:
-    """The fields a student changes first come first; the system fields follow their banner."""
+    """23 fields a student changes first; the system fields follow their banner, grouped by what they serve.
+    None = "the official recipe's value for this run", resolved in ONE place (runs.resolve) into config.json."""
     # ---- the objective and the update ----
     objective: str = "nsr"        # psr, nsr, w-reinforce, reinforce, grpo or ppo (the OBJECTIVES table)
     lam: float = 0.1              # lambda of w-reinforce: weight of correct samples (the paper: 0.1)
-    clip_eps: float = 0.2         # PPO ratio clipping epsilon, both sides (the paper: 0.2); 0 = no clipping
-    clip_low: float = -1.0        # the ratio's lower bound 1 - clip_low (acts on w < 0); -1 = clip_eps, 0 = none
-    clip_high: float = -1.0       # the ratio's upper bound 1 + clip_high (acts on w > 0); -1 = clip_eps, 0 = none
-    mini_batch_size: int = 64     # M: responses per optimizer step, after the objective's subset; 0 = all in one
-    entropy_coef: float = 0.001   # entropy bonus: loss -= entropy_coef * mean token entropy (official yaml 1e-3)
-    kl_coef: float = -1.0         # KL to the initial model; -1 = the paper's: 0.001 for ppo (in its reward), 0 else
-    normalizer: str = "tokens"    # Z of the loss: tokens (response tokens of weighted samples) or constant
-    reward: str = "verifier"      # verifier, or random: the control r_i ~ Bernoulli(random_reward_p), answer unseen
-    random_reward_p: float = 0.5  # P(r_i = 1) under --reward random
-    # ---- rollouts and optimisation ----
     steps: int = 100              # training steps (one rollout batch each)
     batch_prompts: int = 32       # B: prompts per step
     group_size: int = 8           # G: rollouts per prompt
+    lr: float = 1e-6              # constant AdamW learning rate (the paper: 1e-6)
+    clip_eps: float = 0.2         # PPO ratio clipping epsilon, both sides (the paper: 0.2); 0 = no clipping
+    clip_low: float | None = None   # the ratio's lower bound 1 - clip_low (acts on w < 0); None = clip_eps; 0 = none
+    clip_high: float | None = None  # the ratio's upper bound 1 + clip_high (acts on w > 0); None = clip_eps; 0 = none
+    mini_batch_size: int | None = 64  # M: responses per optimizer step, after the subset; none = the subset in one
+    entropy_coef: float = 0.001   # entropy bonus: loss -= entropy_coef * mean token entropy (official yaml 1e-3)
+    kl_coef: float | None = None  # KL to the initial model; None = the official recipe's: 0.001 for grpo (a k3 KL
+                                  # loss) and ppo (in its reward), 0 for psr, nsr, w-reinforce, reinforce
     max_new_tokens: int = 1024    # response length limit while training (longer = truncated)
     temperature: float = 1.0      # sampling temperature of training rollouts (the paper: 1.0)
     top_p: float = 1.0            # nucleus top-p of training rollouts (the paper: 1.0)
-    lr: float = 1e-6              # constant AdamW learning rate (the paper: 1e-6)
-    seed: int = 0                 # seeds sampling, data order and evaluation
-    # ---- model, data, evaluation, run directory ----
+    # ---- model, data, seed, run directory ----
     model: str = ""               # HF hub name or local dir of the policy; "" = the toy base (toy.ensure_base)
     toy_seed: int = 0             # recipe seed of the toy base when --model is not given (runs/toy-base-s<seed>)
     train: str = ""               # JSONL file of training problems; "" = the toy world's train.jsonl
     eval: list = field(default_factory=list)  # JSONL eval set, repeatable; [] with the toy = its test splits
     eval_n: int = 64              # samples per eval problem (Pass@k for k <= eval_n); 0 = no evaluation
+    seed: int = 0                 # seeds sampling, data order and evaluation
+    out_dir: str = "runs/nsr"     # run directory: config.json, metrics.jsonl, eval.jsonl, eval/, checkpoint-*
+    resume: bool = False          # continue from out_dir's latest checkpoint (same flags, exactly the same run)
+    # ==== SYSTEM FIELDS: they can be skipped on a first read ====
+    # ---- research instruments (docs/experiments.md) ----
+    normalizer: str = "tokens"    # Z of the loss: tokens (every response token of the mini-batch, the official token
+                                  # mean), micro (verl's per-micro-batch form), weighted (w != 0 only) or constant
+    old_logprobs: str = "training"  # log pi_old of the ratio: training (the training forward before the update, as
+                                  # verl) or sampler (the sampler's own: one forward less, off-policy in bf16)
+    reward: str = "verifier"      # verifier, or random: the control r_i ~ Bernoulli(random_reward_p), answer unseen
+    random_reward_p: float = 0.5  # P(r_i = 1) under --reward random
+    optimizer: str = "adamw"      # adamw (the paper's), or sgd: plain SGD at --lr (an ablation: no per-weight scaling)
+    # ---- evaluation ----
     eval_every: int = 0           # also evaluate every this many steps; 0 = only before and after training
     eval_temperature: float = 0.6  # the paper's evaluation: 0.6
     eval_top_p: float = 0.95      # the paper's evaluation: 0.95
-    out_dir: str = "runs/nsr"     # run directory: config.json, metrics.jsonl, eval.jsonl, eval/, checkpoint-*
-    resume: bool = False          # continue from out_dir's latest checkpoint (same flags, exactly the same run)
-    # ==== SYSTEM FIELDS: prompts, ppo's critic, memory, devices; they can be skipped on a first read ====
+    eval_limit: int | None = None  # evaluate only the first this many problems of each eval set; None = all
+    eval_max_new_tokens: int | None = None  # response limit while evaluating; None = max_new_tokens
+    # ---- prompts ----
     template: str = "auto"        # prompt template: auto, plain, qwen2.5-math, qwen3, llama3
     problem_field: str = "problem"  # JSONL field holding the problem text
     answer_field: str = "answer"  # JSONL field holding the gold answer
-    max_prompt_len: int = 0       # skip (and count) prompts longer than this many tokens; 0 = no limit
-    eval_limit: int = 0           # evaluate only the first this many problems of each eval set; 0 = all
-    eval_max_new_tokens: int = 0  # response limit while evaluating; 0 = max_new_tokens
-    preset: str = ""              # presets.PRESETS name for one 24 GB GPU: its values become defaults (flags win)
-    dry_run: bool = False         # print the memory plan of the resolved config and exit
-    demo_gradient: bool = False   # print the one-step PSR / NSR / W-REINFORCE example on 5 tokens and exit
-    critic_lr: float = 1e-5       # ppo: the critic's AdamW learning rate (the paper: 1e-5 = 10 x lr)
-    value_clip: float = 0.5       # ppo: a value may move at most this far from the one that made the advantages
-    gae_gamma: float = 1.0        # ppo: GAE discount gamma (verl's default, the paper's)
-    gae_lam: float = 1.0          # ppo: GAE lambda (verl's default, the paper's)
-    chunk_size: int = 256         # rows sampled at once (bounds the KV-cache memory)
-    optimizer: str = "adamw"      # adamw (the paper's), or sgd: plain SGD at --lr (an ablation: no per-weight scaling)
+    max_prompt_len: int | None = None  # skip (and count) prompts longer than this many tokens; None = no limit
+    # ---- ppo's critic (ppo.py) ----
+    critic_lr: float = 1e-5       # the critic's AdamW learning rate (the paper: 1e-5 = 10 x lr)
+    value_clip: float = 0.5       # a value may move at most this far from the one that made the advantages
+    gae_gamma: float = 1.0        # GAE discount gamma (verl's default, the paper's)
+    gae_lam: float = 1.0          # GAE lambda (verl's default, the paper's)
+    # ---- the optimizer step ----
     weight_decay: float = 0.01    # AdamW weight decay
     adam_beta1: float = 0.9       # AdamW beta1
     adam_beta2: float = 0.999     # AdamW beta2
     grad_clip: float = 1.0        # clip the global gradient norm to this; 0 = no clipping
+    # ---- memory and devices (precision.py, presets.py) ----
+    preset: str = ""              # presets.PRESETS name for one 24 GB GPU: its values become defaults (flags win)
+    chunk_size: int = 256         # rows sampled at once (bounds the KV-cache memory)
     micro_batch_size: int = 8     # sequences per forward/backward (gradient accumulation over the mini-batch)
     dtype: str = "auto"           # auto (bf16 on CUDA, fp32 on CPU), float32 or bfloat16 (precision.py)
     optimizer_offload: bool = False  # fp32 masters, their grads and AdamW state in CPU RAM; AdamW steps on CPU
@@ -418,9 +411,12 @@ class Config:
     checkpointing_min_params: int = 100_000_000  # the size above which auto turns checkpointing on
     head_chunk: int = 128         # with checkpointing: output layer + log-softmax in chunks of this many positions
     device: str = "auto"          # auto (cuda if available), cpu, cuda, cuda:1, ...
-    threads: int = 0              # torch CPU threads (torch.set_num_threads); 0 = leave torch's default
+    threads: int | None = None    # torch CPU threads (torch.set_num_threads); None = leave torch's default
+    # ---- run control ----
     save_every: int = 0           # also checkpoint every this many steps; 0 = only at the end
     max_nonfinite: int = 3        # stop after this many consecutive steps with a non-finite loss or gradient
+    dry_run: bool = False         # print the memory plan of the resolved config and exit
+    demo_gradient: bool = False   # print the one-step PSR / NSR / W-REINFORCE example on 5 tokens and exit
 
 
 # The main job (`python nsr.py`, no --model) on 2 CPU cores: PSR and NSR from the same base (a comma list of
@@ -452,7 +448,7 @@ def main(argv=None) -> None:
     objectives = cfg.objective.split(",")
     try:
         if cfg.demo_gradient:
-            print(gradient_demo())
+            print(why.gradient_demo())
         elif cfg.dry_run:
             print(presets.format_memory_plan(presets.memory_plan(runs.resolve_for_plan(cfg, OBJECTIVES))))
         elif len(objectives) > 1 or (not cfg.model and cfg.out_dir == TOY_DEFAULTS["out_dir"]):

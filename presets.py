@@ -125,7 +125,7 @@ def memory_plan(cfg, arch: dict | None = None, gpu_gib: float = 24.0) -> dict:
     act = 4 if cfg.dtype == "float32" else 2          # bytes per weight/activation ("auto" = bf16 on a GPU)
     h, L, V, I = arch["hidden"], arch["layers"], arch["vocab"], arch["intermediate"]
     q_dim, kv_dim = arch["heads"] * arch["head_dim"], arch["kv_heads"] * arch["head_dim"]
-    prompt_len = cfg.max_prompt_len or 1024           # 0 = no limit: assume 1024 (the paper's)
+    prompt_len = cfg.max_prompt_len or 1024           # None = no limit: assume 1024 (the paper's)
     T = prompt_len + cfg.max_new_tokens               # the longest sequence (tokens)
     b = cfg.micro_batch_size                          # sequences per forward/backward
     rows = min(cfg.chunk_size, cfg.batch_prompts * cfg.group_size)   # rows sampled at once

@@ -720,7 +720,7 @@ def parse_args(argv=None):
         if name in per_job:
             parser.error(f"{flag} {item!r}: {name} is set by each job (--methods, --seeds, --recipe-seeds, --out)")
         try:
-            return name, [(text, settings.TYPES.get(fields[name].type, str)(text)) for text in value.split(",")]
+            return name, [(text, settings.reader(fields[name].type)(text)) for text in value.split(",")]
         except ValueError:
             parser.error(f"{flag} {item!r}: {value!r} is not a {fields[name].type}")
 

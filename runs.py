@@ -1,10 +1,12 @@
 """
-runs.py -- a run's start, files and checkpoints. OPTIONAL READING: nsr.train calls these around its loop;
-none of them changes what a step computes.
+runs.py -- a run's start, files and checkpoints. OPTIONAL READING: nsr.train calls these around its loop,
+and nsr.rl_step calls five of them for the plumbing of a step (prompt_batch, sample_rollouts,
+training_logprobs, count_clipped, step_metrics); the loss and the update are all in nsr.py.
 
     start(cfg, objectives) -> (cfg, Run)   check the config, fill in the toy world, prepare the run
                                            directory, load the models, optimizers and data, resume
     prompt_batch, sample_rollouts          the problems of a step and their rollouts (divergence = a clear stop)
+    training_logprobs                      log pi_old by the training forward (the ratio's denominator)
     StepStats, step_metrics                what a step did -> its metrics.jsonl line (docs/training.md)
     evaluate, finish                       Pass@k on every eval set -> eval/, eval.jsonl, the final table
     save_checkpoint, latest_checkpoint     atomic checkpoints that resume a run exactly
@@ -59,8 +61,11 @@ class Run:
 
 
 # ---- start: check every input, resolve, prepare the directory, load ------------------------------
-# The order is the order of cost: nothing is moved and no weight is loaded before every input has been
-# read and checked, and a bad one stops the run with ONE message (settings.UserError -> exit status 2).
+# The order is the order of cost: every input the user named (config values, --resume, data files, the
+# template) is checked before anything is built, moved or loaded, and a bad one stops the run with ONE
+# message (settings.UserError -> exit status 2). One exception: with no --model, resolve() builds the toy
+# base (or reuses its cache; a stale build is moved aside, never deleted) BEFORE check_inputs reads the
+# model's files, because those files are what it checks.
 
 @dataclass
 class Inputs:
@@ -89,11 +94,13 @@ def start(cfg, objectives) -> tuple[object, Run]:
 
 def resolve(cfg):
     """The derived values, in one place: the toy world's model and data when --model / --train / --eval are
-    not given, the KL coefficient in force (-1 = the paper's: 0.001 for ppo, 0 otherwise) and each clip
-    side (-1 = --clip-eps)."""
-    kl = cfg.kl_coef if cfg.kl_coef >= 0 else (0.001 if cfg.objective == "ppo" else 0.0)
+    not given, and every field left None (the official recipe's value): the KL coefficient (0.001 for grpo,
+    a k3 KL loss, and for ppo, in its reward; 0 otherwise), each clip side (--clip-eps) and the evaluation's
+    response limit (--max-new-tokens). What it returns is what config.json records."""
+    kl = cfg.kl_coef if cfg.kl_coef is not None else (0.001 if cfg.objective in ("grpo", "ppo") else 0.0)
     low, high = settings.clip_sides(cfg)
-    cfg = dataclasses.replace(cfg, kl_coef=kl, clip_low=low, clip_high=high)
+    cfg = dataclasses.replace(cfg, kl_coef=kl, clip_low=low, clip_high=high,
+                              eval_max_new_tokens=cfg.eval_max_new_tokens or cfg.max_new_tokens)
     if cfg.model:
         return cfg
     base = pathlib.Path(toy.ensure_base(recipe=toy.ToyRecipe(seed=cfg.toy_seed)))
@@ -211,10 +218,10 @@ def check_inputs(cfg, ckpt, data: dict) -> Inputs:
     tokenizer = AutoTokenizer.from_pretrained(str(ckpt or cfg.model), local_files_only=sample.is_local(ckpt or cfg.model))
     check_template(tokenizer, cfg, cfg.model)
     prompt_ids, kept, skipped = sample.encode_prompts(tokenizer, data[cfg.train], cfg.template,
-                                                      cfg.max_prompt_len or None)
+                                                      cfg.max_prompt_len)
     if not kept:
         raise settings.UserError(f"{cfg.train}: every prompt is longer than --max-prompt-len {cfg.max_prompt_len}")
-    eval_sets = {pathlib.Path(path).stem: data[path][:cfg.eval_limit or None]
+    eval_sets = {pathlib.Path(path).stem: data[path][:cfg.eval_limit]
                  for path in (cfg.eval if cfg.eval_n > 0 else [])}
     return Inputs(ckpt, kept, prompt_ids, skipped, eval_sets)
 
@@ -338,6 +345,27 @@ def sample_rollouts(run: Run, cfg, prompts: list[list[int]], step: int) -> sampl
     return rollouts
 
 
+def training_logprobs(run: Run, cfg, prompts: list[list[int]], rollouts: sample.Rollouts,
+                      row_groups: list[list[int]]) -> list[list[float]]:
+    """log pi_old(y_t) of the rows in row_groups by the policy's TRAINING forward, under no_grad and before any
+    update (the official code's compute_log_prob): each group micro-batched exactly as nsr.minibatch_backward
+    will batch it, so the first mini-batch's ratio pi_theta / pi_old is exactly 1 in every precision. The
+    sampler's log-probs differ in bf16 (another code path) and under top-p (a truncated distribution).
+    Rows in no group keep the sampler's values (no loss reads them). Returns one list per row of rollouts."""
+    out = list(rollouts.logprobs)
+    device = next(run.policy.model.parameters()).device
+    with torch.no_grad():
+        for rows in row_groups:
+            for part, input_ids, attn, pos, mask in sample.micro_batches(
+                    [prompts[i] for i in rows], [rollouts.tokens[i] for i in rows], cfg.micro_batch_size, device,
+                    run.pad_id):
+                logp, _ = sample.response_logprobs(run.policy.model, input_ids, attn, pos, mask.shape[1],
+                                                   cfg.temperature, head_chunk=run.head_chunk)
+                for i, row in zip(rows[part], logp.float().tolist()):
+                    out[i] = row[:len(rollouts.tokens[i])]
+    return out
+
+
 # ---- log ----------------------------------------------------------------------------------------
 
 @dataclass
@@ -434,7 +462,7 @@ def evaluate(run: Run, cfg, step: int) -> None:
     for name, problems in run.eval_sets.items():
         result = passk.evaluate(run.policy.model, run.tokenizer, problems, cfg.eval_n,
                                 temperature=cfg.eval_temperature, top_p=cfg.eval_top_p,
-                                max_new_tokens=cfg.eval_max_new_tokens or cfg.max_new_tokens,
+                                max_new_tokens=cfg.eval_max_new_tokens,
                                 seed=cfg.seed, template=cfg.template, chunk_size=cfg.chunk_size,
                                 desc=f"eval {name} @ step {step}", out=eval_path(run.dir, step, name),
                                 model_name=cfg.model, data_name=name)

@@ -28,6 +28,18 @@ import sample
 TYPES = {"int": int, "float": float, "str": str, "bool": lambda text: text.lower() in ("1", "true", "yes")}
 
 
+def reader(annotation: str):
+    """How a command-line value of a Config field with this type annotation is read ("int", "float | None",
+    ...): TYPES' reader, and for a field that may be None (the official recipe's value) also the text "none"."""
+    read = TYPES.get(annotation.split(" | ")[0], str)
+    if not annotation.endswith("| None"):
+        return read
+    return lambda text: None if text.lower() == "none" else read(text)
+
+
+NORMALIZERS = ("tokens", "micro", "weighted", "constant")   # nsr.loss_normalizer's modes (--normalizer)
+
+
 class UserError(ValueError):
     """Bad input (a flag, a file, a model path): shown as one clear message and exit status 2, not a traceback."""
 
@@ -60,7 +72,7 @@ def parse_config(config_cls, argv=None, toy_defaults: dict | None = None):
         elif f.type == "list":
             parser.add_argument(flag, action="append", metavar="FILE", help=h)
         else:
-            parser.add_argument(flag, type=TYPES[f.type], help=f"{h} (default: {f.default})")
+            parser.add_argument(flag, type=reader(f.type), help=f"{h} (default: {f.default})")
     given = vars(parser.parse_args(argv))
     preset = {}
     if given.get("preset"):
@@ -84,13 +96,13 @@ def config_problems(cfg, objectives) -> list[str]:
                  "max_nonfinite"):
         if getattr(cfg, name) < 1:
             bad.append(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
-    for name in ("max_prompt_len", "eval_n", "eval_every", "eval_limit", "eval_max_new_tokens", "save_every",
-                 "grad_clip", "weight_decay", "entropy_coef", "clip_eps", "checkpointing_min_params",
-                 "head_chunk", "threads", "mini_batch_size", "value_clip"):
-        if getattr(cfg, name) < 0:
+    for name in ("eval_n", "eval_every", "save_every", "grad_clip", "weight_decay", "entropy_coef", "clip_eps",
+                 "checkpointing_min_params", "head_chunk", "value_clip", "kl_coef"):
+        if getattr(cfg, name) is not None and getattr(cfg, name) < 0:
             bad.append(f"--{name.replace('_', '-')} must be >= 0, got {getattr(cfg, name)}")
-    if cfg.kl_coef < 0 and cfg.kl_coef != -1:
-        bad.append(f"--kl-coef must be >= 0, or -1 for the paper's default, got {cfg.kl_coef}")
+    for name in ("max_prompt_len", "eval_limit", "eval_max_new_tokens", "threads", "mini_batch_size"):
+        if getattr(cfg, name) is not None and getattr(cfg, name) < 1:   # None: no limit / the default
+            bad.append(f"--{name.replace('_', '-')} must be >= 1 (or none), got {getattr(cfg, name)}")
     for name in ("lr", "critic_lr"):
         if not getattr(cfg, name) > 0:
             bad.append(f"--{name.replace('_', '-')} must be > 0, got {getattr(cfg, name)}")
@@ -122,17 +134,19 @@ def config_problems(cfg, objectives) -> list[str]:
     for name in ("adam_beta1", "adam_beta2"):
         if not 0 <= getattr(cfg, name) < 1:
             bad.append(f"--{name.replace('_', '-')} must be in [0, 1), got {getattr(cfg, name)}")
-    if cfg.normalizer not in ("tokens", "constant"):
-        bad.append(f"--normalizer must be 'tokens' or 'constant', got {cfg.normalizer!r}")
+    if cfg.normalizer not in NORMALIZERS:
+        bad.append(f"--normalizer must be one of {', '.join(NORMALIZERS)}, got {cfg.normalizer!r}")
+    if cfg.old_logprobs not in ("training", "sampler"):
+        bad.append(f"--old-logprobs must be training or sampler, got {cfg.old_logprobs!r}")
     if cfg.dtype not in ("auto", "float32", "bfloat16"):
         bad.append(f"--dtype must be auto, float32 or bfloat16, got {cfg.dtype!r}")
     if cfg.grad_checkpointing not in ("auto", "on", "off"):
         bad.append(f"--grad-checkpointing must be auto, on or off, got {cfg.grad_checkpointing!r}")
     if cfg.template not in sample.TEMPLATES:
         bad.append(f"--template {cfg.template!r} is unknown; choose one of {', '.join(sample.TEMPLATES)}")
-    if (low > 0 or high > 0 or cfg.mini_batch_size > 0) and cfg.top_p < 1:
-        bad.append("clipping and mini-batches need --top-p 1: the ratio uses the sampler's log-probs, which top-p "
-                   "truncates (--clip-eps 0 --mini-batch-size 0 for one on-policy step at another top-p)")
+    if (low > 0 or high > 0 or cfg.mini_batch_size is not None) and cfg.top_p < 1 and cfg.old_logprobs == "sampler":
+        bad.append("--old-logprobs sampler with clipping or mini-batches needs --top-p 1: the sampler's log-probs "
+                   "are of the top-p truncated distribution (--old-logprobs training recomputes them)")
     if cfg.train and not pathlib.Path(cfg.train).is_file():
         bad.append(f"--train {cfg.train}: no such file")
     for path in cfg.eval:
@@ -146,8 +160,8 @@ def config_problems(cfg, objectives) -> list[str]:
 
 
 def clip_sides(cfg) -> tuple[float, float]:
-    """(clip_low, clip_high) in force: each side's own flag, or --clip-eps where it is -1."""
-    return tuple(cfg.clip_eps if side == -1 else side for side in (cfg.clip_low, cfg.clip_high))
+    """(clip_low, clip_high) in force: each side's own flag, or --clip-eps where it is None."""
+    return tuple(cfg.clip_eps if side is None else side for side in (cfg.clip_low, cfg.clip_high))
 
 
 def check_config(cfg, objectives) -> None:

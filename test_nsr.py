@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import inspect
 import itertools
 import json
 import math
@@ -45,6 +46,7 @@ import sample
 import settings
 import toy
 import verifier
+import why
 
 HERE = pathlib.Path(__file__).resolve().parent
 SHARED_DATA = HERE.parent / "shared" / "data"
@@ -1476,23 +1478,43 @@ def test_token_logprobs_are_the_tempered_log_softmax_at_the_targets_and_its_entr
     assert sample.token_logprobs(torch.randn(1, 2, 5), torch.zeros(1, 2, dtype=torch.long))[1] is None
 
 
-def test_loss_normalizer_counts_the_tokens_of_weighted_samples_only():
-    weights = torch.tensor([0.0, -1.0, -1.0, 0.0])
-    assert nsr.loss_normalizer(weights, [5, 3, 4, 9]) == 7.0
+def test_loss_normalizer_counts_every_response_token_as_the_official_token_mean():
+    weights = torch.tensor([0.0, -1.0, -1.0, 0.0])                # a GRPO all-correct group's rows carry w = 0
+    assert nsr.loss_normalizer(weights, [5, 3, 4, 9]) == 21.0     # ... and still count, as verl's masked_mean
+    assert nsr.loss_normalizer(weights, [5, 3, 4, 9], "micro") == 21.0
+    assert nsr.loss_normalizer(weights, [5, 3, 4, 9], "weighted") == 7.0
+    assert nsr.loss_normalizer(torch.zeros(4), [5, 3, 4, 9], "weighted") == 0.0
     assert nsr.loss_normalizer(weights, [5, 3, 4, 9], "constant", max_new_tokens=16) == 64.0
-    assert nsr.loss_normalizer(torch.zeros(4), [5, 3, 4, 9]) == 0.0
+    with pytest.raises(ValueError, match="normalizer must be one of"):
+        nsr.loss_normalizer(weights, [5, 3, 4, 9], "mean")
 
 
-def test_demo_gradient_prints_nsr_moving_the_logits_by_minus_one_minus_pi_and_plus_the_prior():
-    # The numbers --demo-gradient prints are the closed form: NSR's logit change on y = b is
-    # -(1 - pi_b) = -0.75 and +pi_v on every other token; PSR raises b; NSR lowers b and raises the rest.
-    rows = {line.split("  ")[0]: [float(x) for x in line.split()[-5:]]
-            for line in nsr.gradient_demo().splitlines()[2:7]}
-    prior, psr, nsr_after = rows["probabilities before"], rows["after PSR on b (w=+1)"], rows["after NSR on b (w=-1)"]
-    change = next(v for k, v in rows.items() if k.startswith("NSR logit change"))
-    assert change == pytest.approx([0.40, -0.75, 0.20, 0.10, 0.05], abs=1e-3)
-    assert psr[1] > prior[1] and nsr_after[1] < prior[1]
-    assert all(nsr_after[v] > prior[v] for v in (0, 2)) and sum(nsr_after) == pytest.approx(1.0, abs=5e-3)
+def test_demo_gradient_prints_every_row_as_the_closed_form_of_one_sgd_step_on_the_logits():
+    # Every printed row against the closed form, in float64, to the printed 3 decimals: one SGD step of
+    # lr = 1 on z = log prior moves z_v by (lr / Z) sum_i w_i (1[v = y_i] - pi_v). PSR: y = b, w = +1;
+    # NSR: w = -1; W-REINFORCE: b wrong (w = -1) and a right (w = +0.1) with Z = 2; the last row is NSR's
+    # logit change. The closing text names the tokens that lose probability under NSR (d, e) and the exact
+    # threshold log(sum_u pi_u e^dz_u) / lr, which the probabilities confirm.
+    text = why.gradient_demo()
+    rows = {line.rsplit(None, 5)[0].strip(): [float(x) for x in line.split()[-5:]] for line in text.splitlines()[2:7]}
+    prior = torch.tensor([0.40, 0.25, 0.20, 0.10, 0.05], dtype=torch.float64)
+    onehot = torch.eye(5, dtype=torch.float64)
+
+    def step(samples):                                  # [(token, weight)], Z = len(samples), lr = 1
+        dz = sum(w * (onehot[t] - prior) for t, w in samples) / len(samples)
+        return torch.softmax(prior.log() + dz, -1), dz
+
+    expected = {"probabilities before": prior, "after PSR on b (w=+1)": step([(1, 1.0)])[0],
+                "after NSR on b (w=-1)": step([(1, -1.0)])[0],
+                "after W-REINFORCE: b wrong (w=-1), a right (w=+0.1); Z=2": step([(1, -1.0), (0, 0.1)])[0],
+                "NSR logit change = -lr*(1[v=y]-pi_v)": step([(1, -1.0)])[1]}
+    assert set(rows) == set(expected)
+    for label, values in expected.items():
+        assert rows[label] == pytest.approx(values.tolist(), abs=5e-4), label
+    after, dz = step([(1, -1.0)])
+    bar = math.log(float((prior * dz.exp()).sum()))
+    assert f"= {bar:.3f}" in text and "the unlikely d, e LOSE" in text
+    assert [v for v in range(5) if v != 1 and after[v] < prior[v]] == [v for v in range(5) if v != 1 and prior[v] < bar]
 
 
 def _fixed_batch(seed: int = 0, n: int = 5, vocab: int = 97):
@@ -1519,7 +1541,7 @@ def _backward(model, prompts, responses, weights, Z, micro, policy=None, old_log
     run = types.SimpleNamespace(policy=policy or precision.Trainable(model, params, params, None),
                                 ref_model=terms.pop("ref_model", None), head_chunk=head_chunk, pad_id=0)
     cfg = nsr.Config(micro_batch_size=micro, clip_eps=clip_eps, clip_low=clip_eps, clip_high=clip_eps,
-                     mini_batch_size=0, **{"entropy_coef": 0.0, "kl_coef": 0.0, **terms})
+                     mini_batch_size=None, **{"entropy_coef": 0.0, "kl_coef": 0.0, **terms})
     batch = nsr.MiniBatch(prompts, responses, old_logprobs or [[] for _ in prompts], weights, Z)
     return nsr.minibatch_backward(run, batch, cfg, stats or runs.StepStats())
 
@@ -1704,12 +1726,28 @@ def test_train_stops_with_a_message_naming_the_step_when_sampling_meets_non_fini
     assert runs.latest_checkpoint(tmp_path / "run") is None                  # nothing non-finite was saved
 
 
+def test_config_shows_at_most_24_student_fields_first_and_no_numeric_sentinel():
+    # the fields above the SYSTEM FIELDS banner are what a student changes first; a default meaning "look
+    # elsewhere" is None (resolved by runs.resolve), never a magic number such as -1
+    source = inspect.getsource(nsr.Config)
+    student = source[:source.index("SYSTEM FIELDS")]
+    names = [f.name for f in dataclasses.fields(nsr.Config)]
+    assert sum(f"    {name}:" in student for name in names) <= 24
+    assert all(not isinstance(f.default, (int, float)) or f.default >= 0 for f in dataclasses.fields(nsr.Config))
+    for f in dataclasses.fields(nsr.Config):
+        if f.default is None:
+            assert f.type.endswith("| None") and settings.reader(f.type)("none") is None
+
+
 def test_train_config_rejects_bad_values_with_clear_messages_before_any_work(tmp_path, capsys):
     cases = [(["--objective", "ppo2"], "--objective 'ppo2' is unknown; choose one of psr, nsr"),
              (["--lam", "-0.5"], "--lam must be >= 0"),
              (["--objective", "grpo", "--group-size", "1"], "--group-size must be >= 2 for grpo"),
-             (["--top-p", "0.9"], "clipping and mini-batches need --top-p 1"),
-             (["--objective", "ppo", "--clip-eps", "0", "--mini-batch-size", "0"], "ppo needs clipping"),
+             (["--top-p", "0.9", "--old-logprobs", "sampler"], "--old-logprobs sampler with clipping or mini-batches needs --top-p 1"),
+             (["--old-logprobs", "engine"], "--old-logprobs must be training or sampler"),
+             (["--normalizer", "mean"], "--normalizer must be one of tokens, micro, weighted, constant"),
+             (["--objective", "ppo", "--clip-eps", "0", "--mini-batch-size", "none"], "ppo needs clipping"),
+             (["--mini-batch-size", "0"], "--mini-batch-size must be >= 1 (or none), got 0"),
              (["--clip-low", "1.5"], "lower side (--clip-low, or --clip-eps) must be in [0, 1]"),
              (["--clip-eps", "1.5"], "lower side (--clip-low, or --clip-eps) must be in [0, 1]"),
              (["--clip-high", "-0.5"], "upper side (--clip-high, or --clip-eps) must be >= 0"),
@@ -1719,7 +1757,7 @@ def test_train_config_rejects_bad_values_with_clear_messages_before_any_work(tmp
              (["--dry-run", "--model", "org/unknown"], "no architecture numbers for 'org/unknown'"),
              (["--reward", "coin"], "--reward must be verifier or random"),
              (["--random-reward-p", "1.5"], "--random-reward-p must be in [0, 1]"),
-             (["--kl-coef", "-0.5"], "--kl-coef must be >= 0, or -1"),
+             (["--kl-coef", "-0.5"], "--kl-coef must be >= 0, got -0.5"),
              (["--critic-lr", "0"], "--critic-lr must be > 0"),
              (["--gae-lam", "1.5"], "--gae-lam must be in [0, 1]"),
              (["--train", str(tmp_path / "missing.jsonl")], "missing.jsonl: no such file"),
@@ -1734,6 +1772,11 @@ def test_train_config_rejects_bad_values_with_clear_messages_before_any_work(tmp
     with pytest.raises(settings.UserError, match="unknown"):
         nsr.train(nsr.Config(objective="nope", out_dir=str(tmp_path / "never")))
     assert not (tmp_path / "never").exists()
+    # a field that may be None reads "none" as None; the resolved config has no None left where a value exists
+    assert settings.parse_config(nsr.Config, ["--mini-batch-size", "none", "--kl-coef", "NONE"]).kl_coef is None
+    assert settings.parse_config(nsr.Config, ["--mini-batch-size", "none"]).mini_batch_size is None
+    resolved = runs.resolve(nsr.Config(model="m", objective="grpo", max_new_tokens=77))
+    assert (resolved.kl_coef, resolved.clip_low, resolved.clip_high, resolved.eval_max_new_tokens) == (0.001, 0.2, 0.2, 77)
     # precedence: Config defaults < toy defaults (no --model) < --preset < explicit flags
     assert settings.parse_config(nsr.Config, [], nsr.TOY_DEFAULTS).lr == nsr.TOY_DEFAULTS["lr"]
     name, preset = next(iter(presets.PRESETS.items()))
@@ -1884,7 +1927,7 @@ def test_the_random_reward_is_bernoulli_p_independent_of_correctness_and_resumes
     monkeypatch.setattr(nsr, "training_subset", lambda rewards, objective: seen.append(list(rewards)) or
                         real(rewards, objective))
     nsr.train(_tiny_config(world, tmp_path / "run", steps=8, batch_prompts=4, group_size=8, reward="random",
-                           random_reward_p=0.3, mini_batch_size=0, clip_eps=0.0, max_new_tokens=2))
+                           random_reward_p=0.3, mini_batch_size=None, clip_eps=0.0, max_new_tokens=2))
     r = np.array(seen).reshape(-1, 2)                               # (samples / 2, [true 1, true 0])
     sd = math.sqrt(0.3 * 0.7 / len(r))                              # 128 samples on each side
     assert abs(r[:, 0].mean() - 0.3) < 4 * sd and abs(r[:, 1].mean() - 0.3) < 4 * sd   # the same rate either way
@@ -1949,7 +1992,7 @@ def test_the_step_subtracts_the_entropy_bonus_and_adds_the_kl_term_as_token_mean
     # gradient: a flipped sign, or Z (the weighted samples' tokens) in place of all tokens, fails here
     prompts, responses, _ = _fixed_batch(seed=3)
     weights = torch.tensor([1.0, 0.0, -1.0, 0.0, 0.5])             # Z counts 3 of the 5 samples' tokens
-    Z = nsr.loss_normalizer(weights, [len(r) for r in responses])
+    Z = nsr.loss_normalizer(weights, [len(r) for r in responses], "weighted")
     assert Z < sum(len(r) for r in responses)
     c, beta = 0.3, 0.7
     ref = tiny_model("qwen2", seed=5)
@@ -2271,6 +2314,226 @@ def test_optimizer_offload_gives_bit_identical_weights_to_on_device_fp32_masters
         moved = moved or not torch.equal(m, list(start.parameters())[i].float())
     assert moved                                                    # the 3 steps did change the weights
 
+
+
+# =================================================================================================
+# PARITY WITH THE OFFICIAL UPDATE (an independent transcription of its formulas)
+# =================================================================================================
+#
+# The official code (TianHongZXY/RLVR-Decomposed at a5d4e7c, built on verl) transcribed formula by formula,
+# NOT imported and not copied: each helper cites the function it follows. Fed the same tensors as nsr's loss.
+# Select with:  python -m pytest -q test_nsr.py -k official
+
+def _official_psr_nsr_advantage(scores: torch.Tensor, mode: str, lam: float) -> torch.Tensor:
+    """core_algos.compute_psr_nsr_outcome_advantage, gamma = 1 (every token carries the 0/1 score):
+    'positive' A = score; 'negative' A = score - 1; 'weighted' A = lam * score on correct, score - 1 on wrong."""
+    if mode == "positive":
+        return scores.clone()
+    if mode == "negative":
+        return scores - 1
+    return torch.where(scores == 1, lam * scores, scores - 1)
+
+
+def _official_grpo_advantage(scores: torch.Tensor, index: list) -> torch.Tensor:
+    """core_algos.compute_grpo_outcome_advantage: (score - mean) / (std + 1e-6) over the responses of one
+    prompt index, torch.std (unbiased); a prompt with one response gets mean 0, std 1."""
+    out = scores.clone()
+    for idx in set(index):
+        rows = [i for i, j in enumerate(index) if j == idx]
+        group = scores[rows]
+        mean, std = (group.mean(), group.std()) if len(rows) > 1 else (torch.tensor(0.0), torch.tensor(1.0))
+        out[rows] = (group - mean) / (std + 1e-6)
+    return out
+
+
+def _official_gae_whitened(token_rewards, values, mask, gamma=1.0, lam=1.0):
+    """core_algos.compute_gae_advantage_return, then verl_F.masked_whiten (unbiased masked variance,
+    (x - mean) * rsqrt(var + 1e-8)). Returns (whitened advantages, returns)."""
+    last, rev, T = 0, [], token_rewards.shape[1]
+    for t in reversed(range(T)):
+        next_values = values[:, t + 1] if t < T - 1 else 0.0
+        delta = token_rewards[:, t] + gamma * next_values - values[:, t]
+        last = delta + gamma * lam * last
+        rev.append(last)
+    adv = torch.stack(rev[::-1], dim=1)
+    returns = adv + values
+    mean = (adv * mask).sum() / mask.sum()
+    var = (((adv - mean) ** 2) * mask).sum() / mask.sum() * (mask.sum() / (mask.sum() - 1))
+    return (adv - mean) * torch.rsqrt(var + 1e-8), returns
+
+
+def _official_update_loss(model, ref, prompts, responses, old, adv, micro, temperature, clip, entropy_coeff,
+                          kl_loss_coef):
+    """dp_actor.update_policy's loss over ONE mini-batch (its rows split into micro-batches of `micro`):
+    per micro-batch, pg_loss = masked_mean(max(-A r, -A clamp(r, 1 - eps, 1 + eps))) (compute_policy_loss),
+    - entropy_coeff * masked_mean(entropy) (entropy_from_logits: logsumexp(z) - sum softmax(z) z),
+    + kl_loss_coef * masked_mean(low_var_kl) (kl_penalty: exp(ref - logp) - (ref - logp) - 1, clamped to
+    [-10, 10]), times len(micro) / ppo_mini_batch_size; backward per micro-batch. Returns the summed loss."""
+    M, total = len(prompts), 0.0
+    for start in range(0, M, micro):
+        rows = slice(start, start + micro)
+        input_ids, attn, pos, mask = sample.pack(prompts[rows], responses[rows], "cpu")
+        R = mask.shape[1]
+        logits = model(input_ids=input_ids, attention_mask=attn, position_ids=pos).logits[:, -R - 1:-1] / temperature
+        logp = torch.gather(logits.log_softmax(-1), 2, input_ids[:, -R:, None])[..., 0]
+        entropy = torch.logsumexp(logits, -1) - (torch.softmax(logits, -1) * logits).sum(-1)
+        ratio = torch.exp(logp - old[rows, :R])
+        A = adv[rows, :R]
+
+        def masked_mean(x):
+            return (x * mask).sum() / mask.sum()
+
+        pg_loss = masked_mean(torch.max(-A * ratio, -A * torch.clamp(ratio, 1 - clip, 1 + clip)))
+        policy_loss = pg_loss - entropy_coeff * masked_mean(entropy)
+        if kl_loss_coef:
+            with torch.no_grad():
+                ref_logits = ref(input_ids=input_ids, attention_mask=attn, position_ids=pos).logits[:, -R - 1:-1]
+                ref_logp = torch.gather((ref_logits / temperature).log_softmax(-1), 2, input_ids[:, -R:, None])[..., 0]
+            kl = ref_logp - logp
+            policy_loss = policy_loss + kl_loss_coef * masked_mean(torch.clamp(torch.exp(kl) - kl - 1, -10, 10))
+        loss = policy_loss * (len(prompts[rows]) / M)
+        loss.backward()
+        total += loss.item()
+    return total
+
+
+def _parity_batch(objective: str):
+    """A rollout batch of 3 prompts x 4 responses with mixed rewards (one all-correct group), old log-probs
+    off the current policy by noise (so the clip acts), for the tiny qwen2 model."""
+    g = torch.Generator().manual_seed(11)
+    prompts = [torch.randint(3, 97, (int(n),), generator=g).tolist() for n in (3, 5, 2) for _ in range(4)]
+    responses = [torch.randint(3, 97, (int(torch.randint(1, 8, (1,), generator=g)),), generator=g).tolist()
+                 for _ in range(12)]
+    rewards = [1, 1, 1, 1, 0, 1, 0, 0, 1, 0, 0, 0]
+    T = max(map(len, responses))
+    old = torch.randn(12, T, generator=g) * 0.3 - 4.0               # log pi_old (N, T); ratios ~ 0.5..2
+    return prompts, responses, rewards, old
+
+
+@pytest.mark.parity
+@pytest.mark.parametrize("objective", ["psr", "nsr", "w-reinforce", "reinforce", "grpo", "ppo"])
+@pytest.mark.parametrize("micro", [12, 5])
+def test_our_update_equals_the_official_update_formula_by_formula(objective, micro):
+    # One mini-batch holding the objective's subset, cut into micro-batches of `micro` rows. Our default Z is
+    # the whole mini-batch's token mean (independent of the micro-batch size); with one micro-batch it IS
+    # verl's; with several, --normalizer micro is verl's exact form (each micro-batch's own token mean x
+    # len(micro) / M). Loss and every gradient equal to 1e-6 in fp32.
+    model, ref = tiny_model("qwen2"), tiny_model("qwen2", seed=1)
+    prompts, responses, rewards, old = _parity_batch(objective)
+    scores = torch.tensor(rewards, dtype=torch.float32)
+    lengths = [len(r) for r in responses]
+    T = old.shape[1]
+    mask = (torch.arange(T)[None, :] < torch.tensor(lengths)[:, None]).float()
+    kl_coef = 0.001 if objective == "grpo" else 0.0                   # the official GRPO: a k3 KL loss, 0.001
+    if objective == "ppo":                                            # per-token A: GAE on the critic's values
+        values = torch.randn(12, T, generator=torch.Generator().manual_seed(3)) * mask
+        token_rewards = torch.zeros(12, T)
+        token_rewards[torch.arange(12), torch.tensor(lengths) - 1] = scores
+        official_adv, official_returns = _official_gae_whitened(token_rewards, values, mask)
+        adv, returns = ppo.gae_advantages(token_rewards, values, mask)
+        torch.testing.assert_close(returns, official_returns * mask, atol=1e-6, rtol=1e-6)
+        weights = ppo.masked_whiten(adv, mask)
+        torch.testing.assert_close(weights, official_adv * mask, atol=1e-6, rtol=1e-6)
+    else:
+        mode = {"psr": "positive", "nsr": "negative", "w-reinforce": "weighted", "reinforce": "weighted"}
+        lam = {"w-reinforce": 0.1, "reinforce": 1.0}.get(objective, 0.0)  # the yaml's default 1.0 IS reinforce
+        official_adv = (_official_grpo_advantage(scores, [i // 4 for i in range(12)]) if objective == "grpo"
+                        else _official_psr_nsr_advantage(scores, mode[objective], lam))[:, None] * mask
+        weights = nsr.sample_weights(rewards, objective, lam=0.1, group_size=4)
+        torch.testing.assert_close(weights[:, None] * mask, official_adv, atol=1e-6, rtol=1e-6)
+    subset = nsr.training_subset(rewards, objective)                  # verl: batch.subset(correct / incorrect)
+    pick = lambda xs: [xs[i] for i in subset]                          # noqa: E731
+    official = _official_update_loss(model, ref, pick(prompts), pick(responses), old[subset],
+                                     official_adv[subset], micro, 0.8, 0.2, 0.001, kl_coef)
+    expected = [p.grad.clone() for p in model.parameters()]
+    for normalizer in (["tokens", "micro"] if micro >= len(subset) else ["micro"]):
+        model.zero_grad(set_to_none=True)
+        cfg = nsr.Config(objective=objective, micro_batch_size=micro, clip_eps=0.2, clip_low=0.2, clip_high=0.2,
+                         mini_batch_size=None, entropy_coef=0.001, kl_coef=kl_coef, normalizer=normalizer,
+                         temperature=0.8)
+        (mini, rows), = nsr.minibatch_plan(subset, weights, cfg)
+        Z = nsr.loss_normalizer(weights[mini], pick(lengths), normalizer)
+        params = list(model.parameters())
+        run = types.SimpleNamespace(policy=precision.Trainable(model, params, params, None), ref_model=ref,
+                                    head_chunk=0, pad_id=0)
+        batch = nsr.MiniBatch(pick(prompts), pick(responses), [old[i, :lengths[i]].tolist() for i in subset],
+                              weights[subset], Z)
+        ours = nsr.minibatch_backward(run, batch, cfg, runs.StepStats())
+        assert ours == pytest.approx(official, abs=1e-6), normalizer
+        for a, b in zip(_grads(model), expected):
+            torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parity
+def test_with_several_micro_batches_our_default_token_mean_differs_from_verls_and_micro_matches_it():
+    # the departure is real (micro-batches of different token counts weigh tokens differently), so the
+    # flag that closes it matters: tokens != verl's form, micro == verl's form (above)
+    model = tiny_model("qwen2")
+    prompts, responses, rewards, old = _parity_batch("nsr")
+    weights = nsr.sample_weights(rewards, "reinforce")
+    losses = {}
+    for normalizer in ("tokens", "micro"):
+        cfg = nsr.Config(objective="reinforce", micro_batch_size=5, clip_eps=0.2, clip_low=0.2, clip_high=0.2,
+                         mini_batch_size=None, entropy_coef=0.0, kl_coef=0.0, normalizer=normalizer)
+        params = list(model.parameters())
+        run = types.SimpleNamespace(policy=precision.Trainable(model, params, params, None), ref_model=None,
+                                    head_chunk=0, pad_id=0)
+        Z = nsr.loss_normalizer(weights, [len(r) for r in responses], normalizer)
+        batch = nsr.MiniBatch(prompts, responses, [old[i, :len(r)].tolist() for i, r in enumerate(responses)],
+                              weights, Z)
+        losses[normalizer] = nsr.minibatch_backward(run, batch, cfg, runs.StepStats())
+    assert abs(losses["tokens"] - losses["micro"]) > 1e-3
+
+
+@pytest.mark.smoke
+def test_in_bf16_the_first_mini_batch_is_exactly_on_policy_with_the_training_forwards_old_logprobs(tmp_path,
+                                                                                                  monkeypatch):
+    # One step of reinforce in bf16, one mini-batch holding the whole batch, the clip at 0.001 on both
+    # sides, random rewards (both signs). Old log-probs by the training forward: the ratio is exactly 1,
+    # nothing clips, and the loss is the surrogate at rho = 1, -(1/Z) sum_i w_i |y_i| (its gradient is
+    # -w grad log pi's). (The sampler's own log-probs, --old-logprobs sampler, clip tokens on the toy in
+    # bf16: docs/training.md has the measurement; this tiny model is too small to show it.)
+    world = _tiny_world(tmp_path)
+    seen = []
+    original = nsr.minibatch_backward
+
+    def spy(run, batch, cfg, stats):
+        seen.append((batch.weights.clone(), [len(r) for r in batch.responses], batch.normalizer))
+        return original(run, batch, cfg, stats)
+
+    monkeypatch.setattr(nsr, "minibatch_backward", spy)
+    cfg = _tiny_config(world, tmp_path / "run", objective="reinforce", dtype="bfloat16", steps=1, batch_prompts=4,
+                       group_size=4, mini_batch_size=16, micro_batch_size=16, clip_eps=0.001, clip_low=0.001,
+                       clip_high=0.001, entropy_coef=0.0, reward="random")
+    metrics = nsr.train(cfg)["metrics"]
+    assert metrics["clip_frac_pos"] == 0.0 and metrics["clip_frac_neg"] == 0.0
+    (weights, lengths, Z), = seen
+    assert metrics["loss"] == pytest.approx(-float((weights * torch.tensor(lengths)).sum()) / Z, rel=1e-6)
+
+
+def test_grpo_resolves_to_the_official_kl_loss_and_ppo_keeps_its_kl_in_the_reward(tmp_path):
+    world = _tiny_world(tmp_path)
+    for objective, kl in (("grpo", 0.001), ("ppo", 0.001), ("nsr", 0.0), ("psr", 0.0), ("w-reinforce", 0.0)):
+        assert runs.resolve(_tiny_config(world, tmp_path / "r", objective=objective)).kl_coef == kl
+    assert runs.resolve(_tiny_config(world, tmp_path / "r", objective="grpo", kl_coef=0.0)).kl_coef == 0.0
+
+
+@pytest.mark.smoke
+def test_bench_gpu_refuses_in_one_line_without_cuda_and_its_check_runs_on_a_tiny_model(tmp_path, capsys, monkeypatch):
+    # `python bench.py gpu` on a machine without CUDA: one line, exit status 0. The check itself (one RL step
+    # of the preset's settings, the bf16 on-policy check, the sampler's speed) runs on CPU with a tiny
+    # architecture: with --old-logprobs training nothing clips at 0.001 in bf16.
+    import bench
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit) as stop:
+        bench.main(["gpu"])
+    assert stop.value.code == 0 and capsys.readouterr().out.strip().count("\n") == 0
+    arch = dict(hidden=64, layers=2, heads=4, kv_heads=2, head_dim=16, intermediate=128, vocab=120, tied=True,
+                qkv_bias=True, qk_norm=False, max_positions=512)
+    out = bench.gpu_check("cpu", arch, 2, 4, 16, tmp_path)
+    assert out["training"]["clip_frac_pos"] in (0.0, None) and out["training"]["clip_frac_neg"] in (0.0, None)
+    assert (out["training"]["clip_frac_pos"], out["training"]["clip_frac_neg"]) != (None, None)
+    assert out["plan_peak_gib"] > 0 and out["generate"]["ours_tok_s"] > 0 and "sampler" in out
 
 
 # =================================================================================================
