@@ -734,9 +734,10 @@ def parse_args(argv=None):
         if len(set(getattr(args, name))) != len(getattr(args, name)):
             parser.error(f"--{name.replace('_', '-')} must be distinct, got {getattr(args, name)}")
     for change in [{}] + [{field: value} for field, values in sweeps for _, value in values]:
-        problems = settings.config_problems(nsr.Config(**{**nsr.TOY_DEFAULTS, **overrides, **change}), nsr.OBJECTIVES)
+        problems = {problem for method in args.methods for problem in settings.config_problems(
+            nsr.Config(**{**nsr.TOY_DEFAULTS, **overrides, **change, "objective": method}), nsr.OBJECTIVES)}
         if problems:
-            parser.error("invalid training settings:\n  " + "\n  ".join(problems))
+            parser.error("invalid training settings:\n  " + "\n  ".join(sorted(problems)))
     return args, overrides, sweeps
 
 
