@@ -10,6 +10,10 @@ bench.py -- speed benchmarks for nsr, one function per benchmark, one subcommand
                               (b) a ~100M-parameter random Qwen2, 16 rollouts = 4 prompts x 4.
                             Targets: ratio >= 2.0 on (a) with --toy, >= 1.3 on (b).
                             Full run: nice -n 10 python bench.py sampler   (40 s - 1.5 min on a busy 2-core CPU)
+  python bench.py eval      tokens/s of passk.evaluate on runs/toy-base-s0's first 32 test_hard problems x
+                            n = 256: the current code (with and without common random numbers) against the
+                            code at EVAL_BASELINE (git), alternately in one process. Target: ratio >= 2.0.
+                            Full run: nice -n 10 python bench.py eval
   python bench.py train     see the TRAIN banner below
   python bench.py offload   see the OFFLOAD banner below
   python bench.py gpu       see the GPU banner below (needs CUDA; says so and exits 0 without it)
@@ -43,6 +47,7 @@ import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 import nsr
+import passk
 import precision
 import runs
 import sample
@@ -430,6 +435,70 @@ def bench_gpu(args) -> dict | None:
 
 
 # =================================================================================================
+# EVAL: passk.evaluate now vs passk.evaluate as it was before its speed-up (one process, alternating)
+# =================================================================================================
+
+# The last commit before passk.evaluate's speed-up and common random numbers: its passk.py and sample.py
+# are loaded from git as the "old" path, so the tree keeps one sampler and the baseline is the real code.
+EVAL_BASELINE = "edee8c7"
+
+
+def module_at(rev: str, name: str, **replace) -> types.ModuleType:
+    """The module `name`.py as it was at git revision rev (read with `git show`), with its globals named in
+    `replace` (e.g. its `sample`) pointed at other modules."""
+    try:
+        source = subprocess.run(["git", "show", f"{rev}:{name}.py"], cwd=HERE, capture_output=True, text=True,
+                                check=True).stdout
+    except (OSError, subprocess.CalledProcessError) as e:
+        raise SystemExit(f"bench.py eval: cannot read {name}.py at revision {rev} with git ({e}); "
+                         f"--baseline needs a git checkout that has that commit") from None
+    module = types.ModuleType(f"{name}_at_{rev}")
+    module.__file__ = str(HERE / f"{name}.py")
+    sys.modules[module.__name__] = module              # dataclasses look their module up there
+    exec(compile(source, f"{rev}:{name}.py", "exec"), module.__dict__)
+    module.__dict__.update(replace)
+    return module
+
+
+def bench_eval(args) -> dict:
+    """tokens/s of passk.evaluate (old, new without and with common random numbers) on one model's problems."""
+    torch.set_num_threads(args.threads)
+    model_dir = pathlib.Path(args.model or HERE / toy.base_dir(0))
+    if not (model_dir / "config.json").is_file():
+        raise SystemExit(f"bench.py eval: --model {model_dir} has no config.json (build it: python toy.py)")
+    data = pathlib.Path(args.data or model_dir / "test_hard.jsonl")
+    problems = sample.load_problems(data)[:args.problems]
+    model, tokenizer = sample.load_model(str(model_dir), dtype="float32", device="cpu")
+    old_sample = module_at(args.baseline, "sample")
+    old_passk = module_at(args.baseline, "passk", sample=old_sample)
+    runs_ = {"old": lambda **kw: old_passk.evaluate(**kw),
+             "new, one generator": lambda **kw: passk.evaluate(common_random_numbers=False, **kw),
+             "new": lambda **kw: passk.evaluate(**kw)}
+    print(f"[eval] {model_dir} on {len(problems)} problems of {data.name} x n={args.n}, max_new_tokens "
+          f"{args.max_new_tokens}, chunk {args.chunk_size}, threads {args.threads}; old = {args.baseline}", flush=True)
+    rates = {label: [] for label in runs_}
+    for r in range(args.repeats + 1):                  # repeat 0 is an untimed warm-up
+        for label, fn in (list(runs_.items()) if r % 2 else list(runs_.items())[::-1]):
+            start = time.perf_counter()
+            result = fn(model=model, tokenizer=tokenizer, problems=problems, n=args.n, seed=r,
+                        max_new_tokens=args.max_new_tokens, chunk_size=args.chunk_size, desc=label)
+            seconds = time.perf_counter() - start
+            n_tokens = round(result["mean_length"] * result["n"] * result["num_problems"])
+            if r > 0:
+                rates[label].append(n_tokens / seconds)
+                print(f"  repeat {r} {label:>18}: {n_tokens:7d} tokens in {seconds:6.2f} s = "
+                      f"{n_tokens / seconds:8.0f} tok/s (Pass@1 {result['curve'][1]:.3f})", flush=True)
+    medians = {label: statistics.median(v) for label, v in rates.items()}
+    ratio = medians["new"] / medians["old"]
+    print(f"[eval] median tok/s: " + ", ".join(f"{k} {v:.0f}" for k, v in medians.items())
+          + f"; ratio new / old {ratio:.2f}", flush=True)
+    return {"benchmark": "eval", "threads": args.threads, "repeats": args.repeats, "n": args.n,
+            "problems": len(problems), "baseline": args.baseline,
+            "tok_s": {k: round(v) for k, v in medians.items()}, "ratio": round(ratio, 3), "target": 2.0,
+            "all": {k: [round(x) for x in v] for k, v in rates.items()}}
+
+
+# =================================================================================================
 # MAIN
 # =================================================================================================
 
@@ -454,6 +523,18 @@ def main(argv=None):
     sp.add_argument("--toy", action="store_true", help="(a) = toy.py's model on its prompts (trained runs/toy-base-s0 if built, "
                                                         "else freshly initialised)")
     sp.set_defaults(fn=bench_sampler)
+
+    sp = sub.add_parser("eval", help="passk.evaluate tokens/s, now vs before its speed-up (git --baseline)")
+    sp.add_argument("--model", help="model directory (default runs/toy-base-s0, built by python toy.py)")
+    sp.add_argument("--data", help="JSONL problems (default the model's test_hard.jsonl)")
+    sp.add_argument("--problems", type=int, default=32, help="first PROBLEMS problems of --data")
+    sp.add_argument("--n", type=int, default=256, help="samples per problem")
+    sp.add_argument("--max-new-tokens", type=int, default=64, help="response budget (toy.py's is 64)")
+    sp.add_argument("--chunk-size", type=int, default=256, help="rows per sampling batch (passk's default)")
+    sp.add_argument("--repeats", type=int, default=3, help="timed repeats per path (median is reported)")
+    sp.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    sp.add_argument("--baseline", default=EVAL_BASELINE, help="git revision whose passk.py/sample.py are 'old'")
+    sp.set_defaults(fn=bench_eval)
 
     sp = sub.add_parser("train", help="training tokens/s and peak memory, gradient checkpointing on vs off")
     sp.add_argument("--steps", type=int, default=2, help="timed steps per mode (after one warm-up step)")

@@ -23,8 +23,12 @@ Deviations / choices (the paper is silent on these):
   3. mean_length counts generated tokens including the EOS token when one was produced; mean_entropy is
      the token-weighted mean over every generated token of every sample (long answers weigh more).
   4. Each problem's n samples are its prompt repeated n times; several problems' repeats go to the
-     sampler in one call (about chunk_size rows), and one torch.Generator seeded with `seed` drives all
-     calls. The same (model, problems, settings incl. chunk_size, seed) gives the same counts.
+     sampler in one call (about chunk_size rows). Common random numbers: sample j of problem p draws its
+     token at step t by inverse CDF at the uniform problem_uniforms(seed, p, n, max_new_tokens)[j, t], so
+     the same (model, problems, seed, n, max_new_tokens) gives the same samples whatever the chunk size,
+     and two models evaluated with one seed see the same uniforms (their difference in Pass@k is then
+     less noisy: docs/passk.md has the measurement). --no-crn: the older scheme, one torch.Generator
+     seeded with `seed` drawing for whatever rows are in the batch.
 
 Run:
     python passk.py --model runs/toy-base-s0 --data runs/toy-base-s0/test_easy.jsonl --n 256 --out runs/base.json
@@ -34,6 +38,7 @@ Run:
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import operator
@@ -120,29 +125,24 @@ def passk_curve(correct_counts, n: int, ks=None) -> dict[int, float]:
 # EVALUATE: problems -> n samples each (sample.generate) -> verify (verifier.is_correct) -> counts
 # =================================================================================================
 
-def evaluate(model, tokenizer, problems, n: int, *, temperature: float = 1.0, top_p: float = 1.0,
-             max_new_tokens: int = 512, seed: int = 0, template: str = "auto", chunk_size: int = 256,
-             desc: str = "eval", out=None, ks=None, model_name: str | None = None,
-             data_name: str | None = None) -> dict:
-    """Sample n answers per problem, verify each, and return the JSON-serialisable result.
+def problem_uniforms(seed: int, problem: int, n: int, max_new_tokens: int) -> torch.Tensor:
+    """The common random numbers of one problem: a (n, max_new_tokens) float64 table of Uniform[0, 1) draws;
+    entry [j, t] draws sample j's token at step t (sample.sample_from's u, by inverse CDF).
 
-    problems: [{"problem": str, "answer": str}, ...] (sample.load_problems). ks: curve points (default powers
-    of 2 <= n). out: a path to save the result as JSON. model_name / data_name are stored as given.
-
-    The result (every field is explained in the README):
-      model, data      model name/dir and data file as given (None if not given)
-      n                samples per problem
-      num_problems     problems evaluated; num_skipped: problems encode_prompts skipped (prompt too long)
-      counts           correct samples per problem, in data order -> passk_curve(counts, n) recomputes a curve
-      curve            {k: Pass@k} for ks, fractions in [0, 1]
-      avg_at_n         mean accuracy over all n * num_problems samples (= Pass@1)
-      mean_length      mean generated tokens per sample, counting the EOS token when produced
-      truncation_rate  fraction of samples that hit max_new_tokens without an EOS
-      mean_entropy     policy entropy (nats; temperature 1, no top-p) averaged over all generated tokens
-      seconds          wall-clock time of the sampling loop
-      settings         n, temperature, top_p, max_new_tokens, seed, template, chunk_size
+    Its generator is seeded by (seed, problem) alone, so a model's draws do not depend on how the rows were
+    batched, when they were evicted, or what the other problems or models sampled: two models evaluated
+    with the same seed read the same uniforms and differ only where their distributions do. The table is
+    drawn row by row, so the first n rows are the same for any larger n (same max_new_tokens).
+    Drawn on the CPU, so a CUDA model sees the same numbers as a CPU one.
     """
-    # ---- bad input fails here, before any sampling ----
+    # the seed of (seed, problem): the first 8 bytes of a SHA-256, so no two pairs share a stream
+    digest = hashlib.sha256(f"passk-uniforms:{seed}:{problem}".encode()).digest()
+    generator = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
+    return torch.rand((n, max_new_tokens), dtype=torch.float64, generator=generator)
+
+
+def _check_evaluate_input(problems, n, ks, chunk_size):
+    """evaluate()'s argument checks, all before any sampling -> (problems as a list, n, sorted ks)."""
     n = _check_int("n (samples per problem)", n, 1)
     ks = default_ks(n) if ks is None else sorted({_check_int("k", k, 1) for k in ks})
     for k in ks:
@@ -156,41 +156,61 @@ def evaluate(model, tokenizer, problems, n: int, *, temperature: float = 1.0, to
             raise ValueError(f"problems[{i}] needs keys 'problem' and 'answer', has {sorted(p)}")
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    return problems, n, ks
 
+
+def count_correct(tokenizer, responses: list[list[int]], answer: str) -> int:
+    """How many of one problem's responses (token ids) are correct: decode + verifier.is_correct.
+
+    NOTE: each DISTINCT response is decoded and verified once (a dict): a trained model repeats a few
+    answers hundreds of times out of n, and the verifier's canonicalisation was ~20% of evaluate()'s time
+    when it ran per sample. The same booleans, so the same counts.
+    """
+    verdicts: dict[tuple, bool] = {}
+    correct = 0
+    for tokens in responses:
+        key = tuple(tokens)
+        if key not in verdicts:
+            response = tokenizer.decode(tokens, skip_special_tokens=True)
+            verdicts[key] = bool(verifier.is_correct(response, answer))
+        correct += verdicts[key]
+    return correct
+
+
+def evaluate(model, tokenizer, problems, n: int, *, temperature: float = 1.0, top_p: float = 1.0,
+             max_new_tokens: int = 512, seed: int = 0, template: str = "auto", chunk_size: int = 256,
+             desc: str = "eval", out=None, ks=None, model_name: str | None = None,
+             data_name: str | None = None, common_random_numbers: bool = True) -> dict:
+    """Sample n answers per problem, verify each, and return the JSON-serialisable result.
+
+    problems: [{"problem": str, "answer": str}, ...] (sample.load_problems). ks: curve points (default powers
+    of 2 <= n). out: a path to save the result as JSON. model_name / data_name are stored as given.
+    common_random_numbers: True (default) = sample j of problem p draws its tokens with problem_uniforms(
+    seed, p, ...)[j]; False = one torch.Generator seeded with `seed` drives every draw in batch order (the
+    older scheme: two models' streams part at the first step where their batches differ).
+
+    The result (every field is explained in the README):
+      model, data      model name/dir and data file as given (None if not given)
+      n                samples per problem
+      num_problems     problems evaluated; num_skipped: problems encode_prompts skipped (prompt too long)
+      counts           correct samples per problem, in data order -> passk_curve(counts, n) recomputes a curve
+      curve            {k: Pass@k} for ks, fractions in [0, 1]
+      avg_at_n         mean accuracy over all n * num_problems samples (= Pass@1)
+      mean_length      mean generated tokens per sample, counting the EOS token when produced
+      truncation_rate  fraction of samples that hit max_new_tokens without an EOS
+      mean_entropy     policy entropy (nats; temperature 1, no top-p) averaged over all generated tokens
+      seconds          wall-clock time of the sampling loop
+      settings         n, temperature, top_p, max_new_tokens, seed, template, chunk_size, common_random_numbers
+    """
+    problems, n, ks = _check_evaluate_input(problems, n, ks, chunk_size)   # bad input fails before sampling
     prompt_ids, kept, n_skipped = sample.encode_prompts(tokenizer, problems, template=template)
     if not kept:
         raise ValueError(f"all {len(problems)} problems were skipped while encoding prompts")
-
-    # One generator, seeded once, on the model's device (a CUDA model samples with a CUDA generator).
-    device = next(model.parameters()).device
-    generator = torch.Generator(device=device)
-    generator.manual_seed(seed)
-
-    # Each problem's n samples are its prompt repeated n times. Feed ~chunk_size rows per generate()
-    # call: several problems at once when n is small, one problem (chunked inside generate) when n is big.
-    per_call = max(1, chunk_size // n)             # problems per generate() call
-    counts: list[int] = []                         # counts[p] = number of correct samples of problem p
-    n_tokens, n_truncated, entropy_sum = 0, 0, 0.0
+    settings = {"n": n, "temperature": temperature, "top_p": top_p, "max_new_tokens": max_new_tokens,
+                "seed": seed, "template": template, "chunk_size": chunk_size,
+                "common_random_numbers": common_random_numbers}
     start = time.time()
-    bar = tqdm(total=len(kept), desc=desc, unit="problem", dynamic_ncols=True)
-    for first in range(0, len(kept), per_call):
-        group = kept[first:first + per_call]
-        rows = [ids for ids in prompt_ids[first:first + per_call] for _ in range(n)]  # len(group)*n prompts
-        rollouts = sample.generate(model, rows, max_new_tokens, temperature=temperature, top_p=top_p,
-                                generator=generator, chunk_size=chunk_size)
-        for j, problem in enumerate(group):
-            correct = 0
-            for r in range(j * n, (j + 1) * n):        # rows of problem j, in input order
-                response = tokenizer.decode(rollouts.tokens[r], skip_special_tokens=True)
-                correct += bool(verifier.is_correct(response, problem["answer"]))
-                n_tokens += len(rollouts.tokens[r])
-                n_truncated += bool(rollouts.truncated[r])
-                entropy_sum += math.fsum(rollouts.entropies[r])
-            counts.append(correct)
-        bar.update(len(group))
-        bar.set_postfix(avg_at_n=f"{sum(counts) / (len(counts) * n):.3f}")
-    bar.close()
-
+    counts, n_tokens, n_truncated, entropy_sum = _sample_and_count(model, tokenizer, prompt_ids, kept, settings, desc)
     num_samples = len(kept) * n
     result = {
         "model": model_name,
@@ -206,12 +226,47 @@ def evaluate(model, tokenizer, problems, n: int, *, temperature: float = 1.0, to
         "truncation_rate": n_truncated / num_samples,
         "mean_entropy": entropy_sum / max(n_tokens, 1),
         "seconds": round(time.time() - start, 3),
-        "settings": {"n": n, "temperature": temperature, "top_p": top_p, "max_new_tokens": max_new_tokens,
-                     "seed": seed, "template": template, "chunk_size": chunk_size},
+        "settings": settings,
     }
     if out is not None:
         save_result(result, out)
     return result
+
+
+def _sample_and_count(model, tokenizer, prompt_ids, problems, settings: dict, desc: str):
+    """The sampling loop of evaluate() -> (counts per problem, generated tokens, truncated samples, entropy sum).
+
+    Each problem's n samples are its prompt repeated n times. Feed ~chunk_size rows per generate() call:
+    several problems at once when n is small, one problem (chunked inside generate) when n is big.
+    """
+    n, chunk_size, seed = settings["n"], settings["chunk_size"], settings["seed"]
+    generator = None
+    if not settings["common_random_numbers"]:
+        # one generator, seeded once, on the model's device (a CUDA model samples with a CUDA generator)
+        generator = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
+    per_call = max(1, chunk_size // n)             # problems per generate() call
+    counts: list[int] = []                         # counts[p] = number of correct samples of problem p
+    n_tokens, n_truncated, entropy_sum = 0, 0, 0.0
+    bar = tqdm(total=len(problems), desc=desc, unit="problem", dynamic_ncols=True)
+    for first in range(0, len(problems), per_call):
+        group = problems[first:first + per_call]
+        rows = [ids for ids in prompt_ids[first:first + per_call] for _ in range(n)]  # len(group)*n prompts
+        uniforms = None if generator is not None else torch.cat(
+            [problem_uniforms(seed, p, n, settings["max_new_tokens"]) for p in range(first, first + len(group))])
+        rollouts = sample.generate(model, rows, settings["max_new_tokens"], temperature=settings["temperature"],
+                                   top_p=settings["top_p"], generator=generator, chunk_size=chunk_size,
+                                   uniforms=uniforms)
+        for j, problem in enumerate(group):
+            samples = slice(j * n, (j + 1) * n)    # rows of problem j, in input order
+            counts.append(count_correct(tokenizer, rollouts.tokens[samples], problem["answer"]))
+            n_tokens += sum(map(len, rollouts.tokens[samples]))
+            n_truncated += sum(rollouts.truncated[samples])
+            for row in rollouts.entropies[samples]:
+                entropy_sum += math.fsum(row)
+        bar.update(len(group))
+        bar.set_postfix(avg_at_n=f"{sum(counts) / (len(counts) * n):.3f}")
+    bar.close()
+    return counts, n_tokens, n_truncated, entropy_sum
 
 
 # =================================================================================================
@@ -341,6 +396,8 @@ def main(argv=None) -> int:
     parser.add_argument("--template", default="auto", help="prompt template (sample.render_prompt)")
     parser.add_argument("--limit", type=int, help="evaluate only the first LIMIT problems")
     parser.add_argument("--chunk-size", type=int, default=256, help="rows per sampling batch")
+    parser.add_argument("--no-crn", action="store_true",
+                        help="one generator in batch order instead of common random numbers per problem")
     parser.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
     parser.add_argument("--device", help="default: cuda if available, else cpu")
     parser.add_argument("--ks", help="comma-separated ks (default: powers of two up to n)")
@@ -353,29 +410,36 @@ def main(argv=None) -> int:
     except ValueError:
         parser.error(f"--ks must be comma-separated integers, got {args.ks!r}")
 
-    # ---- compare: table (+ plot when matplotlib is installed) ----
     if args.compare:
-        if args.model or args.data:
-            parser.error("--compare reads saved results; do not combine it with --model/--data")
-        try:
-            results = dict(zip(_run_names(args.compare), (load_result(p) for p in args.compare)))
-        except (FileNotFoundError, ValueError) as e:
-            parser.error(str(e))
-        print(format_table(results, ks))
-        for name, r in results.items():
-            s = r.get("settings", {})
-            print(f"  {name}: model={r.get('model')} data={r.get('data')} n={r['n']} "
-                  f"problems={len(r['counts'])} T={s.get('temperature')} top_p={s.get('top_p')} "
-                  f"max_new_tokens={s.get('max_new_tokens')} seed={s.get('seed')}")
-        first = pathlib.Path(args.compare[0])
-        plot_path = args.plot or first.with_name(first.stem + ".passk.png")
-        try:
-            print(f"plot: {plot_curves(results, plot_path, ks)}")
-        except ImportError:
-            print("(no plot: matplotlib is not installed; `pip install matplotlib` for a PNG of the curves)")
-        return 0
+        return _compare_main(parser, args, ks)
+    return _evaluate_main(parser, args, ks)
 
-    # ---- evaluate: every check on the input runs before the model is loaded ----
+
+def _compare_main(parser, args, ks) -> int:
+    """--compare: the table of saved results (+ a plot when matplotlib is installed)."""
+    if args.model or args.data:
+        parser.error("--compare reads saved results; do not combine it with --model/--data")
+    try:
+        results = dict(zip(_run_names(args.compare), (load_result(p) for p in args.compare)))
+    except (FileNotFoundError, ValueError) as e:
+        parser.error(str(e))
+    print(format_table(results, ks))
+    for name, r in results.items():
+        s = r.get("settings", {})
+        print(f"  {name}: model={r.get('model')} data={r.get('data')} n={r['n']} "
+              f"problems={len(r['counts'])} T={s.get('temperature')} top_p={s.get('top_p')} "
+              f"max_new_tokens={s.get('max_new_tokens')} seed={s.get('seed')}")
+    first = pathlib.Path(args.compare[0])
+    plot_path = args.plot or first.with_name(first.stem + ".passk.png")
+    try:
+        print(f"plot: {plot_curves(results, plot_path, ks)}")
+    except ImportError:
+        print("(no plot: matplotlib is not installed; `pip install matplotlib` for a PNG of the curves)")
+    return 0
+
+
+def _evaluate_main(parser, args, ks) -> int:
+    """--model --data --out: evaluate one model; every check on the input runs before the model is loaded."""
     for flag in ("model", "data", "out"):
         if getattr(args, flag) is None:
             parser.error(f"--{flag} is required (or use --compare A.json B.json ...)")
@@ -400,7 +464,8 @@ def main(argv=None) -> int:
     result = evaluate(model, tokenizer, problems, args.n, temperature=args.temperature, top_p=args.top_p,
                       max_new_tokens=args.max_new_tokens, seed=args.seed, template=args.template,
                       chunk_size=args.chunk_size, desc=pathlib.Path(args.data).stem, out=args.out, ks=ks,
-                      model_name=str(args.model), data_name=str(args.data))
+                      model_name=str(args.model), data_name=str(args.data),
+                      common_random_numbers=not args.no_crn)
     print(format_table({pathlib.Path(args.out).stem: result}))
     print(f"avg@{result['n']}={result['avg_at_n']:.4f} mean_length={result['mean_length']:.1f} "
           f"truncation_rate={result['truncation_rate']:.3f} mean_entropy={result['mean_entropy']:.3f} "

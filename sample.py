@@ -66,8 +66,10 @@ import verifier
 #    H_t = -sum_y pi_1(y) log pi_1(y) at temperature 1 without top-p (the paper's entropy metric).
 #
 # Speed tricks, each visible and switched off by generate(..., fast=False) (tested to change nothing
-# but speed): one prefill per DISTINCT prompt, eviction of finished rows, and on a GPU the fused attention
-# kernel (scaled_dot_product_attention instead of the written-out softmax(q k^T / sqrt(d)) v).
+# but speed): one cache row, and one forward row per step, per DISTINCT prefix (the prompt once for all its
+# rollouts, then the sampled tokens so far: rows that drew the same tokens share a row until they differ),
+# eviction of finished rows, and on a GPU the fused attention kernel (scaled_dot_product_attention instead
+# of the written-out softmax(q k^T / sqrt(d)) v).
 
 
 @dataclass
@@ -104,11 +106,14 @@ def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
     return logits.masked_fill(drop, float("-inf"))
 
 
-def sample_from(q: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+def sample_from(q: torch.Tensor, generator: torch.Generator | None = None,
+                u: torch.Tensor | None = None) -> torch.Tensor:
     """One token per row from probabilities q (b, V) (rows sum to 1; zeros are never drawn) -> ids (b,).
 
     Inverse-CDF sampling: with Q_v = q_0 + ... + q_v, draw u ~ Uniform[0, 1) and take the first token with
     Q_v > u, i.e. token v iff Q_{v-1} <= u < Q_v -- an interval of width q_v, so P(v) = q_v.
+    u: (b,) uniforms in [0, 1) to use instead of drawing them from the generator (common random numbers:
+    two models handed the same u take the same token wherever their CDFs agree; see passk.evaluate).
     NOTE float64: in float32 the running sum over a 150k vocabulary drifts by up to ~V * 6e-8, more than a
     rare token's own probability; in float64 by ~1e-11. One random number per row and no device->host sync
     (torch.multinomial's input check calls .item() on a GPU); on CPU it is also 4x faster than an
@@ -116,7 +121,10 @@ def sample_from(q: torch.Tensor, generator: torch.Generator | None = None) -> to
     Non-finite q (a diverged model) is not checked here; train() checks the returned log-probs.
     """
     cdf = q.double().cumsum(dim=-1)                                                     # (b, V) Q_v
-    u = torch.rand((q.shape[0], 1), dtype=torch.float64, generator=generator, device=q.device)
+    if u is None:
+        u = torch.rand((q.shape[0], 1), dtype=torch.float64, generator=generator, device=q.device)
+    else:
+        u = u.to(device=q.device, dtype=torch.float64)[:, None]                         # (b, 1)
     u = u * cdf[:, -1:]                                  # (b, 1), scaled by the row's mass (1 up to rounding)
     # clamp: u < Q_{V-1} always, unless the float64 product rounds up (probability ~1e-16)
     return torch.searchsorted(cdf, u, right=True).squeeze(1).clamp(max=q.shape[-1] - 1)   # (b,)
@@ -133,13 +141,16 @@ def default_eos_token_ids(model) -> list[int]:
 
 def generate(model, prompt_ids: list[list[int]], max_new_tokens: int, temperature: float = 1.0,
              top_p: float = 1.0, eos_token_ids=None, generator: torch.Generator | None = None,
-             chunk_size: int = 256, fast: bool = True) -> Rollouts:
+             chunk_size: int = 256, fast: bool = True, uniforms: torch.Tensor | None = None) -> Rollouts:
     """Sample one continuation per prompt with a KV cache (see the comment block above).
 
     prompt_ids: token-id lists of any lengths (left-padded here). Rows are processed in chunks of at most
     chunk_size rows, which bounds memory (the cache is chunk_size x (prompt + max_new_tokens) tokens).
     temperature 0 = greedy. generator: a torch.Generator on the model's device (None = torch's global RNG).
     Each row stops at its FIRST GENERATED EOS (an EOS inside the prompt does not count).
+    uniforms: None, or a (len(prompt_ids), max_new_tokens) tensor of numbers in [0, 1): row r's token at
+    step t is then drawn with uniforms[r, t] (sample_from's u) instead of the generator, so the draws do
+    not depend on chunking, eviction or which other rows share the batch (common random numbers).
     fast=False switches the speed tricks off (every row prefilled, finished rows kept in the batch,
     written-out attention on a GPU too): the plain path, for reading and for checking the tricks.
     """
@@ -151,6 +162,9 @@ def generate(model, prompt_ids: list[list[int]], max_new_tokens: int, temperatur
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    if uniforms is not None and tuple(uniforms.shape) != (len(prompt_ids), max_new_tokens):
+        raise ValueError(f"uniforms must have shape (len(prompt_ids), max_new_tokens) = "
+                         f"({len(prompt_ids)}, {max_new_tokens}), got {tuple(uniforms.shape)}")
     for i, row in enumerate(prompt_ids):
         if len(row) == 0:
             raise ValueError(f"prompt_ids[{i}] is empty; every prompt needs at least one token (e.g. BOS)")
@@ -172,8 +186,10 @@ def generate(model, prompt_ids: list[list[int]], max_new_tokens: int, temperatur
     try:
         with torch.inference_mode():
             for start in range(0, len(prompt_ids), chunk_size):
-                chunk = _generate_chunk(model, prompt_ids[start:start + chunk_size], max_new_tokens,
-                                        temperature, top_p, eos_token_ids, generator, fast, ours=fallback is None)
+                rows = slice(start, start + chunk_size)
+                draws = generator if uniforms is None else uniforms[rows]     # a Generator or (b, N) uniforms
+                chunk = _generate_chunk(model, prompt_ids[rows], max_new_tokens, temperature, top_p,
+                                        eos_token_ids, draws, fast, ours=fallback is None)
                 for name in ("tokens", "logprobs", "truncated", "entropies"):
                     getattr(out, name).extend(getattr(chunk, name))
     finally:
@@ -233,14 +249,15 @@ def pad_rows(rows: list[list[float]], width: int, device) -> torch.Tensor:
 
 # PROBLEM decode_step (15 points): one step of sampling: temperature, top-p, the draw, log q, entropy, EOS
 def decode_step(logits: torch.Tensor, temperature: float, top_p: float, eos: torch.Tensor,
-                generator: torch.Generator | None = None):
+                generator: torch.Generator | None = None, u: torch.Tensor | None = None):
     """One decoding step for b rows: the logits z (b, V) of the next token y_t -> (y_t (b,) ids, log q(y_t)
     (b,), H_t (b,), ends (b,) bool: y_t is one of the eos ids).
 
     q = softmax(top_p_filter(z / T)) is the sampling distribution (section comment above); y_t is drawn from
-    it with sample_from(q, generator), one random number per row; T = 0 is greedy: y_t = argmax z, a point
-    mass, so log q(y_t) = 0. H_t = -sum_y pi_1(y) log pi_1(y) is the policy's own entropy at temperature 1
-    without top-p (the paper's entropy metric), whatever T and top_p are.
+    it with sample_from(q, generator, u), one random number per row (u (b,): given ones instead of the
+    generator's); T = 0 is greedy: y_t = argmax z, a point mass, so log q(y_t) = 0.
+    H_t = -sum_y pi_1(y) log pi_1(y) is the policy's own entropy at temperature 1 without top-p (the paper's
+    entropy metric), whatever T and top_p are.
     """
     # H_t = -sum_y pi_1(y) log pi_1(y): the policy's entropy at temperature 1, no top-p
     logp_policy = logits.log_softmax(dim=-1)                              # (b, V)
@@ -257,83 +274,109 @@ def decode_step(logits: torch.Tensor, temperature: float, top_p: float, eos: tor
         else:
             logq = top_p_filter(logits / temperature, top_p).log_softmax(dim=-1)   # (b, V)
             q = logq.exp()                                                          # (b, V)
-        next_ids = sample_from(q, generator)                                        # (b,) y_t ~ q
+        next_ids = sample_from(q, generator, u)                                     # (b,) y_t ~ q
         logq_next = logq.gather(1, next_ids[:, None]).squeeze(1)                   # (b,) log q(y_t)
     return next_ids, logq_next, entropy, torch.isin(next_ids, eos)
 
 
-def _generate_chunk(model, prompt_ids, max_new_tokens, temperature, top_p, eos_token_ids, generator, fast, ours):
-    """One batch of rows through prefill + cached decoding. Called under inference_mode by generate()."""
+def _prefill(model, prompt_ids, max_new_tokens: int, fast: bool, ours: bool, fused: bool):
+    """The prompts through the model, filling the cache's first P slots -> (cache, logits_of, logits (U, V),
+    mask (U, P + N), step_pos (U, 1): each cache row's last prompt position, node (B,): row -> cache row).
+
+    Plain: every row is prefilled (U = B, node = identity). Fast: each DISTINCT prompt once (U of them);
+    rows that share a prompt share its cache row (node), until their samples differ (_branch).
+    """
     device = next(model.parameters()).device
     B, P, N = len(prompt_ids), max(len(row) for row in prompt_ids), max_new_tokens
+    if fast:
+        distinct = list(dict.fromkeys(tuple(row) for row in prompt_ids))  # U distinct prompts, in order
+        index = {row: u for u, row in enumerate(distinct)}
+        node = torch.tensor([index[tuple(row)] for row in prompt_ids], device=device)   # (B,) row -> u
+    else:
+        distinct, node = prompt_ids, torch.arange(B, device=device)       # U = B: every row prefilled
+    input_ids, mask, position_ids = left_pad(distinct, N, device)         # (U, P), (U, P + N), (U, P)
+    if ours:
+        # our decoder: our preallocated cache (room for B rows, U of them in use), our forward
+        cache, logits_of = KVCache(model, batch=len(distinct), max_len=P + N, capacity=B), forward
+    else:
+        # the fallback (generate() warned): transformers' forward and its growing DynamicCache
+        cache, logits_of = DynamicCache(config=model.config), next_token_logits
+    logits = logits_of(model, input_ids, mask[:, :P], position_ids, cache, fused=fused)     # (U, V)
+    return cache, logits_of, logits, mask, position_ids[:, -1:], node
 
+
+def _branch(node: torch.Tensor, next_ids: torch.Tensor, live: torch.Tensor, vocab: int):
+    """Shared prefixes after a step: rows whose prefixes were equal (one cache row, node) and that sampled
+    the same token still share one. node, next_ids, live: (b,) -> (node (b,): each live row's new cache row,
+    0 for finished rows; parent (d,): the old cache row each new one continues; token (d,): its new token).
+    torch.unique sorts the (parent, token) pairs, so when no prefix splits and none ends, parent = 0..d-1."""
+    pairs, child = torch.unique((node * vocab + next_ids)[live], return_inverse=True)   # (d,), (live rows,)
+    node = torch.zeros_like(node).masked_scatter(live, child)
+    return node, pairs // vocab, pairs % vocab
+
+
+def _generate_chunk(model, prompt_ids, max_new_tokens, temperature, top_p, eos_token_ids, draws, fast, ours):
+    """One batch of rows through prefill + cached decoding. Called under inference_mode by generate().
+    draws: the torch.Generator (or None) that decode_step draws from, or a (B, N) tensor of uniforms."""
+    device = next(model.parameters()).device
+    B, P, N = len(prompt_ids), max(len(row) for row in prompt_ids), max_new_tokens
     eos = torch.tensor(eos_token_ids, dtype=torch.long, device=device)
-
+    uniforms = draws.to(device) if isinstance(draws, torch.Tensor) else None    # (B, N) or None
+    generator = None if uniforms is not None else draws
     tokens = torch.zeros((B, N), dtype=torch.long, device=device)         # (B, N) sampled ids
     logprobs = torch.zeros((B, N), dtype=torch.float32, device=device)     # (B, N) log q(y_t)
     entropies = torch.zeros((B, N), dtype=torch.float32, device=device)    # (B, N) H_t at temperature 1
     alive = torch.ones(B, dtype=torch.bool, device=device)                 # (B,) no EOS generated yet
     lengths = torch.zeros(B, dtype=torch.long, device=device)              # (B,) tokens recorded per row
-    # Finished rows are evicted from the batch (and the cache), so later steps only pay for live rows.
-    # rows[i] = which output row the i-th row of the shrinking batch belongs to.
-    rows = torch.arange(B, device=device)                                  # (b,), b <= B live rows
-
-    # Stopping (and evicting) needs to know which rows are done: a device->host sync. On CPU that sync is
-    # free (ops are synchronous); on a GPU it stops the CPU from queueing the next step's kernels ahead,
-    # so there we only look every few steps (a finished row then rides along for <= 3 unrecorded steps).
-    check_every = 1 if device.type == "cpu" else 4
+    # rows[i] = which output row the i-th row of the batch is; node[i] = which cache row holds its prefix.
+    # Fast: rows with equal prefixes (the same prompt and the same tokens so far) share ONE cache row, run
+    # through the model once per step (a Pass@k problem's n samples repeat a few answers: measured 8x fewer
+    # forward rows than samples on the toy's hard split); finished rows leave the batch.
+    rows = torch.arange(B, device=device)                                  # (b,), b <= B rows in the batch
     # Fused attention on a GPU only. NOTE: on CPU, torch's fused kernel is SLOWER than the written-out
     # softmax for the short sequences we decode (measured ~500 vs ~380 us a layer at 256 rows x 60 tokens,
     # one thread), while on a GPU the fused kernel is the one that does not materialise the scores.
     fused = fast and device.type != "cpu"
-
-    # ---- prefill: the prompts through the model, filling the cache's first P slots ------------------
-    # Plain: every row is prefilled. Fast: each DISTINCT prompt once, then its cache rows are copied to all
-    # its rollouts. An RL step samples G rollouts per problem and Pass@k samples n per problem, so most rows
-    # share a prompt; the prompt's keys/values do not depend on what is sampled later, so computing them
-    # once per distinct prompt gives the same cache at a fraction of the cost.
-    if fast:
-        distinct = list(dict.fromkeys(tuple(row) for row in prompt_ids))  # U distinct prompts, in order
-        index = {row: u for u, row in enumerate(distinct)}
-        inverse = torch.tensor([index[tuple(row)] for row in prompt_ids], device=device)   # (B,) row -> u
-    else:
-        distinct, inverse = prompt_ids, torch.arange(B, device=device)    # U = B: every row prefilled
-    input_ids, mask, position_ids = left_pad(distinct, N, device)         # (U, P), (U, P + N), (U, P)
-    if ours:
-        # our decoder: our preallocated cache, our forward (both in the DECODER section below)
-        cache, logits_of = KVCache(model, batch=len(distinct), max_len=P + N), forward
-    else:
-        # the fallback (generate() warned): transformers' forward and its growing DynamicCache
-        cache, logits_of = DynamicCache(config=model.config), next_token_logits
-    logits = logits_of(model, input_ids, mask[:, :P], position_ids, cache, fused=fused)[inverse]  # (B, V)
-    if len(distinct) < B:
-        cache.batch_select_indices(inverse)                  # (U, kv_heads, P, hd) -> (B, kv_heads, P, hd)
-    mask, step_pos = mask[inverse], position_ids[inverse, -1:]          # (B, P + N), (B, 1) last position
+    cache, logits_of, logits, mask, step_pos, node = _prefill(model, prompt_ids, N, fast, ours, fused)
 
     for t in range(N):
         if t > 0:
-            # feed y_{t-1} at the next position of each row: its k, v go to cache slot P + t - 1, and the
-            # mask column P + t - 1 (the new token) is already 1. One token per row, not the whole sequence.
-            logits = logits_of(model, next_ids[:, None], mask[:, :P + t], step_pos, cache, fused=fused)  # (b, V)
-        next_ids, logq_next, entropy, ends = decode_step(logits, temperature, top_p, eos, generator)   # (b,) each
+            # feed each cache row's newest token at its next position: its k, v go to cache slot P + t - 1,
+            # and the mask column P + t - 1 is already 1. One token per cache row, not the whole sequence.
+            logits = logits_of(model, step_ids[:, None], mask[:, :P + t], step_pos, cache, fused=fused)  # (d, V)
+        u = None if uniforms is None else uniforms[rows, t]                    # (b,) this step's uniforms
+        next_ids, logq_next, entropy, ends = decode_step(logits[node], temperature, top_p, eos, generator, u)
 
         # record step t; a row that already finished is not extended (its length stops counting)
         live = alive[rows]                                                     # (b,)
         tokens[rows, t], logprobs[rows, t], entropies[rows, t] = next_ids, logq_next, entropy
         lengths[rows] += live.long()
         alive[rows] = live & ~ends                           # the row's first generated EOS ends it
-        if (t + 1) % check_every == 0:
-            keep = alive[rows].nonzero().squeeze(1)          # host sync: which batch rows are still live
-            if keep.numel() == 0:
-                break                                        # every row has produced its EOS
-            # fast: evict finished rows from batch and cache once they are >= 1/8 of the batch (an eviction
-            # copies the cache's filled slots, so evicting rows one by one would cost about as much as it saves)
-            if fast and rows.numel() - keep.numel() >= max(1, rows.numel() // 8):
-                cache.batch_select_indices(keep)
-                rows, mask, step_pos, next_ids = rows[keep], mask[keep], step_pos[keep], next_ids[keep]
-        step_pos = step_pos + 1                                                # (b, 1) position of y_t
+        keep = alive[rows].nonzero().squeeze(1)              # host sync: which batch rows are still live
+        if keep.numel() == 0:
+            break                                            # every row has produced its EOS
+        if not fast:
+            step_ids = next_ids                              # plain: every row keeps its own cache row
+        else:
+            # drop finished rows once they are >= 1/8 of the batch (NOTE: the schedule of the older cache
+            # eviction, kept because a generator hands out one number per batch row: the same rows in the
+            # same order draw the same numbers as before), then branch the shared prefixes
+            if rows.numel() - keep.numel() >= max(1, rows.numel() // 8):
+                rows, node, next_ids = rows[keep], node[keep], next_ids[keep]
+            node, parent, step_ids = _branch(node, next_ids, alive[rows], logits.shape[-1])
+            unchanged = parent.numel() == logits.shape[0] and torch.equal(parent, torch.arange(len(parent),
+                                                                                              device=device))
+            if not unchanged:                                # a prefix split or ended: one cache row per prefix
+                cache.batch_select_indices(parent)
+                mask, step_pos = mask[parent], step_pos[parent]
+        step_pos = step_pos + 1                                                # (d, 1) position of y_t
+    return _as_rollouts(tokens, logprobs, entropies, lengths, alive)
 
-    lengths, truncated = lengths.tolist(), alive.tolist()    # the only other host syncs: once per chunk
+
+def _as_rollouts(tokens, logprobs, entropies, lengths, alive) -> Rollouts:
+    """(B, N) tensors and (B,) lengths -> Rollouts of python lists, each row cut at its length. The only
+    host syncs besides the stopping checks: once per chunk."""
+    lengths, truncated = lengths.tolist(), alive.tolist()
     tokens, logprobs, entropies = tokens.tolist(), logprobs.tolist(), entropies.tolist()
     return Rollouts(tokens=[row[:n] for row, n in zip(tokens, lengths)],
                     logprobs=[row[:n] for row, n in zip(logprobs, lengths)],
@@ -463,11 +506,16 @@ class KVCache:
     q, k, v and reads the rest from here. Same numbers, O(T) work per step instead of O(T^2).
     """
 
-    def __init__(self, model, batch: int, max_len: int):
+    def __init__(self, model, batch: int, max_len: int, capacity: int | None = None):
         attn, weight = model.model.layers[0].self_attn, model.model.embed_tokens.weight
-        shape = (batch, model.config.num_key_value_heads, max_len, attn.head_dim)
-        self.k = [torch.zeros(shape, dtype=weight.dtype, device=weight.device) for _ in model.model.layers]
-        self.v = [torch.zeros(shape, dtype=weight.dtype, device=weight.device) for _ in model.model.layers]
+        capacity = batch if capacity is None else capacity          # rows batch_select_indices may grow to
+        shape = (capacity, model.config.num_key_value_heads, max_len, attn.head_dim)
+        # the storage, allocated once; k[layer] / v[layer] are views of its first `batch` rows
+        # NOTE torch.empty, not zeros: a slot is always written (prefill, a step, or a row copy) before it is read
+        self.k_store = [torch.empty(shape, dtype=weight.dtype, device=weight.device) for _ in model.model.layers]
+        self.v_store = [torch.empty(shape, dtype=weight.dtype, device=weight.device) for _ in model.model.layers]
+        self.k = [store[:batch] for store in self.k_store]
+        self.v = [store[:batch] for store in self.v_store]
         self.filled = 0                                  # slots [0, filled) hold tokens
 
     # PROBLEM kv_cache (10 points): write a step's keys and values into the cache, read back every token's
@@ -482,13 +530,16 @@ class KVCache:
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
     def batch_select_indices(self, rows: torch.Tensor):
-        """Keep (or repeat) batch rows, rows: (b,) indices. Named as DynamicCache's method, so the decode
-        loop above drives both caches the same way. Copies only the filled slots, one layer at a time, so
-        an old and a new cache never both exist whole (presets.memory_plan counts one)."""
-        for kv in (self.k, self.v):
-            for layer, old in enumerate(kv):
-                kv[layer] = old.new_zeros((rows.shape[0], *old.shape[1:]))
-                kv[layer][:, :, :self.filled] = old[rows, :, :self.filled]
+        """Keep (or repeat, up to the capacity) batch rows, rows: (b,) indices. Named as DynamicCache's
+        method, so the decode loop drives both caches the same way. In place: row i of the storage gets old
+        row rows[i], filled slots only (the gather makes a temporary of those slots, one layer at a time), and
+        k[layer] / v[layer] become views of the first b rows. NOTE: it used to allocate a new zeroed cache per
+        call; the profile of passk.evaluate put ~5% of its time in that new_zeros."""
+        b = rows.shape[0]
+        for views, stores in ((self.k, self.k_store), (self.v, self.v_store)):
+            for layer, store in enumerate(stores):
+                store[:b, :, :self.filled] = views[layer][rows, :, :self.filled]
+                views[layer] = store[:b]
 
 
 def linear(x: torch.Tensor, layer) -> torch.Tensor:

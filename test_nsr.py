@@ -10,6 +10,7 @@ Run:  python -m pytest -q test_nsr.py
 from __future__ import annotations
 
 import ast
+import collections
 import dataclasses
 import inspect
 import itertools
@@ -513,18 +514,20 @@ class _PasskFakeTokenizer:
 def _passk_fake_world(monkeypatch, accuracy, model):
     """Patch sample.encode_prompts / sample.generate with the fake; returns a log of what the fake saw and did."""
 
-    log = {"calls": [], "made_correct": [0] * len(accuracy), "generators": []}
+    log = {"calls": [], "made_correct": [0] * len(accuracy), "generators": [], "uniforms": []}
 
     def encode_prompts(tokenizer, problems, template="auto", max_prompt_len=None):
         return [[1, 100 + int(p["problem"][1:])] for p in problems], list(problems), 0   # "q7" -> [1, 107]
 
     def generate(model_, prompt_ids, max_new_tokens, temperature=1.0, top_p=1.0, eos_token_ids=None,
-                 generator=None, chunk_size=256):
+                 generator=None, chunk_size=256, uniforms=None):
         assert model_ is model
         log["calls"].append({"rows": len(prompt_ids), "chunk_size": chunk_size, "temperature": temperature,
                              "top_p": top_p, "max_new_tokens": max_new_tokens})
         log["generators"].append(generator)
-        u = torch.rand(len(prompt_ids), generator=generator)           # (rows,)
+        log["uniforms"].append(uniforms)
+        # one draw per row: the row's first common random number, else the generator's next number
+        u = uniforms[:, 0] if uniforms is not None else torch.rand(len(prompt_ids), generator=generator)
         tokens, truncated, entropies = [], [], []
         for row, draw in zip(prompt_ids, u.tolist()):
             i = row[1] - 100
@@ -558,7 +561,9 @@ def test_passk_evaluate_on_a_fake_sampler_with_known_accuracy_recovers_the_expec
                             temperature=0.6, top_p=0.95, max_new_tokens=9, chunk_size=256, model_name="fake")
     # Exact: the counts are what the fake actually produced, verified through the real verifier.
     assert result["counts"] == log["made_correct"]
-    assert all(flag is True for flag in tokenizer.skip_flags) and len(tokenizer.skip_flags) == n * 60
+    # every decode skips special tokens; each distinct response is decoded once per problem (here 2 of them)
+    assert all(flag is True for flag in tokenizer.skip_flags)
+    assert len(tokenizer.skip_flags) == sum((c > 0) + (c < n) for c in result["counts"])
     # Within tolerance: the curve recovers E[Pass@k] = mean_i 1 - (1 - p_i)^k. Its sampling noise here
     # is 0.5-1 percentage point (one std); over 300 seeds the worst error we saw was 2.4 points.
     assert list(result["curve"]) == [1, 2, 4, 8, 16, 32, 64]
@@ -577,23 +582,49 @@ def test_passk_evaluate_on_a_fake_sampler_with_known_accuracy_recovers_the_expec
     assert result["mean_entropy"] == pytest.approx(entropy / tokens)
     assert (result["n"], result["num_problems"], result["num_skipped"], result["model"]) == (n, 60, 0, "fake")
     assert result["settings"] == {"n": 64, "temperature": 0.6, "top_p": 0.95, "max_new_tokens": 9, "seed": 5,
-                                  "template": "auto", "chunk_size": 256}
+                                  "template": "auto", "chunk_size": 256, "common_random_numbers": True}
     # Sampling settings reach the sampler; 256 rows per call = 4 problems of 64 repeats each.
     assert {(c["temperature"], c["top_p"], c["max_new_tokens"], c["chunk_size"]) for c in log["calls"]} \
         == {(0.6, 0.95, 9, 256)}
     assert [c["rows"] for c in log["calls"]] == [256] * 15
 
 
-def test_passk_evaluate_seeds_one_generator_so_the_same_seed_gives_the_same_counts(monkeypatch):
+def test_passk_evaluate_hands_each_problem_its_own_uniform_table_so_the_same_seed_gives_the_same_counts(
+        monkeypatch):
     model, problems = torch.nn.Linear(1, 1), _passk_fake_problems(12)
-    accuracy = [0.5] * 12
-    log = _passk_fake_world(monkeypatch, accuracy, model)
+    log = _passk_fake_world(monkeypatch, [0.5] * 12, model)
     first = passk.evaluate(model, _PasskFakeTokenizer(), problems, 16, seed=3, chunk_size=40)
-    again = passk.evaluate(model, _PasskFakeTokenizer(), problems, 16, seed=3, chunk_size=40)
+    again = passk.evaluate(model, _PasskFakeTokenizer(), problems, 16, seed=3, chunk_size=200)
     other = passk.evaluate(model, _PasskFakeTokenizer(), problems, 16, seed=4, chunk_size=40)
+    assert first["counts"] == again["counts"] and first["counts"] != other["counts"]   # chunking changes nothing
+    assert all(g is None for g in log["generators"])
+    # chunk 40 // n 16 = 2 problems per call, each call gets its problems' tables stacked in order
+    assert [c["rows"] for c in log["calls"][:6]] == [32] * 6
+    for call, uniforms in enumerate(log["uniforms"][:6]):
+        expected = torch.cat([passk.problem_uniforms(3, p, 16, 512) for p in (2 * call, 2 * call + 1)])
+        assert uniforms.dtype == torch.float64 and torch.equal(uniforms, expected)
+
+
+def test_problem_uniforms_depend_on_the_seed_and_problem_alone_and_extend_with_n():
+    table = passk.problem_uniforms(0, 5, 8, 6)
+    assert table.shape == (8, 6) and table.dtype == torch.float64 and 0 <= table.min() and table.max() < 1
+    assert torch.equal(table, passk.problem_uniforms(0, 5, 8, 6))
+    assert torch.equal(passk.problem_uniforms(0, 5, 20, 6)[:8], table)      # more samples: the first 8 rows kept
+    for seed, problem in [(1, 5), (0, 4), (5, 0)]:                          # no two (seed, problem) share a table
+        assert not torch.equal(passk.problem_uniforms(seed, problem, 8, 6), table)
+
+
+def test_passk_evaluate_without_common_random_numbers_seeds_one_generator_for_every_call(monkeypatch):
+    model, problems = torch.nn.Linear(1, 1), _passk_fake_problems(12)
+    log = _passk_fake_world(monkeypatch, [0.5] * 12, model)
+    run = dict(chunk_size=40, common_random_numbers=False)
+    first = passk.evaluate(model, _PasskFakeTokenizer(), problems, 16, seed=3, **run)
+    again = passk.evaluate(model, _PasskFakeTokenizer(), problems, 16, seed=3, **run)
+    other = passk.evaluate(model, _PasskFakeTokenizer(), problems, 16, seed=4, **run)
     assert first["counts"] == again["counts"] and first["counts"] != other["counts"]
     generators = log["generators"]
     assert all(isinstance(g, torch.Generator) and g.device == torch.device("cpu") for g in generators)
+    assert all(u is None for u in log["uniforms"])
     calls_per_run = len(generators) // 3
     assert len(set(map(id, generators[:calls_per_run]))) == 1     # one generator per evaluate() call
     assert [c["rows"] for c in log["calls"][:calls_per_run]] == [32] * 6   # chunk 40 // n 16 = 2 problems
@@ -1161,6 +1192,133 @@ def test_generate_without_its_speed_tricks_gives_the_same_rollouts_as_with_them(
     assert fast.tokens == plain.tokens and fast.truncated == plain.truncated
     for a, b in zip(fast.entropies, plain.entropies):
         assert torch.allclose(torch.tensor(a), torch.tensor(b), atol=1e-5)
+
+
+def test_sample_from_given_uniforms_on_a_grid_takes_each_token_for_exactly_its_probability():
+    # Inverse CDF: u in [Q_{v-1}, Q_v) -> token v. Dyadic probabilities make every Q_v exact in float64, so
+    # of the M grid points u = i / M exactly q_v * M land on token v (zeros never), not just about as many.
+    q = torch.tensor([[1 / 8, 0.0, 3 / 8, 1 / 4, 0.0, 1 / 4]])
+    M = 1024
+    u = torch.arange(M, dtype=torch.float64) / M                                  # (M,) the grid
+    draws = sample.sample_from(q.expand(M, -1), u=u)
+    assert torch.bincount(draws, minlength=6).tolist() == [int(x * M) for x in q[0].tolist()]
+    assert draws.tolist() == sorted(draws.tolist())                              # monotone in u
+    # any q: the fraction of the grid on token v is q_v up to the grid's spacing
+    q = torch.tensor([[0.3, 0.0, 0.1, 0.45, 0.15]])
+    counts = torch.bincount(sample.sample_from(q.expand(M, -1), u=u), minlength=5).double() / M
+    assert (counts - q[0].double()).abs().max() <= 1 / M and counts[1] == 0
+
+
+def _crn_uniforms(rows: int, max_new_tokens: int, seed: int = 0) -> torch.Tensor:
+    return torch.rand((rows, max_new_tokens), dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+
+
+def test_generate_with_given_uniforms_samples_the_same_whatever_the_chunking_eviction_and_batch_order():
+    model = tiny_model("qwen3")
+    prompts = SAMPLING_PROMPTS * 3                                   # shared prefill; 12 rows
+    uniforms = _crn_uniforms(len(prompts), 10)
+    kw = dict(max_new_tokens=10, temperature=0.9, top_p=0.95, uniforms=uniforms)
+    free = sample.generate(model, prompts, eos_token_ids=[], **kw)   # no EOS: every row runs 10 steps
+    eos = collections.Counter(t for row in free.tokens for t in row[1:4]).most_common(1)[0][0]
+    one = sample.generate(model, prompts, eos_token_ids=[eos], **kw)
+    assert not all(one.truncated) and any(one.truncated)            # rows stop at different steps: evictions
+    variants = [sample.generate(model, prompts, eos_token_ids=[eos], chunk_size=c, **kw) for c in (1, 5)]
+    variants.append(sample.generate(model, prompts, eos_token_ids=[eos], fast=False, **kw))   # no eviction
+    variants.append(sample.generate(model, prompts, eos_token_ids=[eos], generator=torch.Generator().manual_seed(9),
+                                    **kw))                         # a generator is ignored when uniforms are given
+    for other in variants:
+        assert other.tokens == one.tokens and other.truncated == one.truncated
+    order = [7, 2, 11, 0, 5, 9, 1, 3, 10, 4, 8, 6]                 # the same rows in another batch order
+    shuffled = sample.generate(model, [prompts[i] for i in order], eos_token_ids=[eos],
+                               **{**kw, "uniforms": uniforms[order]})
+    assert shuffled.tokens == [one.tokens[i] for i in order]
+    # a row's draws are its own: changing another row's uniforms leaves it alone
+    changed = uniforms.clone()
+    changed[1:] = _crn_uniforms(len(prompts) - 1, 10, seed=1)
+    again = sample.generate(model, prompts, eos_token_ids=[eos], **{**kw, "uniforms": changed})
+    assert again.tokens[0] == one.tokens[0] and again.tokens[1:] != one.tokens[1:]
+
+
+def test_generate_rejects_uniforms_of_the_wrong_shape():
+    model = tiny_model("qwen2")
+    with pytest.raises(ValueError, match="uniforms must have shape"):
+        sample.generate(model, SAMPLING_PROMPTS, max_new_tokens=4, uniforms=_crn_uniforms(4, 5))
+
+
+def test_kv_cache_eviction_in_place_keeps_the_selected_rows_and_can_grow_to_its_capacity():
+    model = tiny_model("qwen2")
+    cache = sample.KVCache(model, batch=2, max_len=6, capacity=5)
+    shape = cache.k[0].shape                                             # (2, kv_heads, 6, hd)
+    k, v = torch.randn(2, shape[1], 3, shape[3]), torch.randn(2, shape[1], 3, shape[3])
+    for layer in range(len(cache.k)):
+        cache.update(layer, 0, k + layer, v - layer)
+    cache.batch_select_indices(torch.tensor([1, 0, 1, 1, 0]))           # prefill expansion: 2 -> 5 rows
+    for layer in range(len(cache.k)):
+        assert cache.k[layer].shape == (5, *shape[1:])
+        assert torch.equal(cache.k[layer][:, :, :3], (k + layer)[[1, 0, 1, 1, 0]])
+        assert torch.equal(cache.v[layer][:, :, :3], (v - layer)[[1, 0, 1, 1, 0]])
+        assert cache.k[layer].data_ptr() == cache.k_store[layer].data_ptr()   # no new allocation
+    cache.batch_select_indices(torch.tensor([4, 2]))                    # eviction: rows 4 and 2 are kept
+    assert torch.equal(cache.k[0][:, :, :3], k[[0, 1]]) and cache.v[1].shape == (2, *shape[1:])
+
+
+class _LengthAnswerTokenizer:
+    """toy.py's tokenizer for the prompts; a response decodes to "\\boxed{len % 3}", so the real verifier marks
+    about a third of a random model's samples correct (gold "1")."""
+
+    def __init__(self):
+        self.inner = toy.build_tokenizer()
+
+    def __call__(self, *args, **kwargs):
+        return self.inner(*args, **kwargs)
+
+    def decode(self, tokens, skip_special_tokens=False):
+        return f"so the answer is \\boxed{{{len(tokens) % 3}}}"
+
+
+def _random_model_that_stops_often(tokenizer):
+    """A random tiny Qwen2 whose first 12 ids all end a response, so responses have many lengths."""
+    model = tiny_model("qwen2", vocab_size=len(tokenizer.inner))
+    model.generation_config.eos_token_id = list(range(12))
+    return model
+
+
+@pytest.mark.smoke
+def test_passk_evaluate_of_one_model_under_two_chunkings_gives_identical_results():
+    # Common random numbers: sample j of problem p draws with problem_uniforms(seed, p)[j], so how the rows
+    # are batched (several problems per call, one problem split over calls) cannot change a single sample.
+    tokenizer = _LengthAnswerTokenizer()
+    model = _random_model_that_stops_often(tokenizer)
+    problems = [{"problem": f"{a}+{b}?", "answer": "1"} for a, b in [(1, 1), (2, 3), (4, 4)]]
+    run = dict(max_new_tokens=8, seed=1, template="plain")
+    results = [passk.evaluate(model, tokenizer, problems, 8, chunk_size=c, **run) for c in (3, 8, 24)]
+    for r in results[1:]:                  # entropies: equal up to float rounding (another padding per batch)
+        assert r["mean_entropy"] == pytest.approx(results[0]["mean_entropy"], rel=1e-6)
+        assert {**r, "seconds": 0, "settings": 0, "mean_entropy": 0} == \
+            {**results[0], "seconds": 0, "settings": 0, "mean_entropy": 0}
+    assert 0 < sum(results[0]["counts"]) < 24 and 0 < results[0]["truncation_rate"] < 1   # evictions happen
+
+
+@pytest.mark.parity
+def test_passk_evaluate_with_one_generator_gives_the_same_counts_as_sampling_and_verifying_each_row():
+    # Parity with the path before the speed-up: one generator seeded once, one generate() call per group of
+    # problems, every sample decoded and verified on its own. The same seed gives the SAME counts (the
+    # in-place eviction and the per-problem verdict cache change no number).
+    tokenizer = _LengthAnswerTokenizer()
+    model = _random_model_that_stops_often(tokenizer)
+    problems = [{"problem": f"{a}*{b}?", "answer": str(a % 3)} for a, b in [(1, 2), (2, 3), (3, 4), (4, 5)]]
+    n, new_tokens, chunk = 16, 8, 40
+    got = passk.evaluate(model, tokenizer, problems, n, max_new_tokens=new_tokens, seed=7, chunk_size=chunk,
+                         template="plain", common_random_numbers=False)
+    prompt_ids, _, _ = sample.encode_prompts(tokenizer, problems, template="plain")
+    generator, counts, per_call = torch.Generator().manual_seed(7), [], chunk // n
+    for first in range(0, len(problems), per_call):
+        rows = [ids for ids in prompt_ids[first:first + per_call] for _ in range(n)]
+        rollouts = sample.generate(model, rows, new_tokens, generator=generator, chunk_size=chunk)
+        for j, problem in enumerate(problems[first:first + per_call]):
+            counts.append(sum(verifier.is_correct(tokenizer.decode(t, skip_special_tokens=True), problem["answer"])
+                              for t in rollouts.tokens[j * n:(j + 1) * n]))
+    assert got["counts"] == counts and 0 < sum(counts) < len(problems) * n
 
 
 # =================================================================================================
