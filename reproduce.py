@@ -1,26 +1,33 @@
 """
 reproduce.py -- the paper's comparison on the toy world, with verdicts that carry their uncertainty.
 
-    python reproduce.py                                    # recipe seed 0, training seeds 0 1, every method
-    python reproduce.py --recipe-seeds 0 1 2 --seeds 0 1   # one base per recipe seed (cached per seed)
+    python reproduce.py                                    # recipe seed 0: PSR, NSR, W-REINFORCE x 4 training seeds
+    python reproduce.py --recipe-seeds 50 51 52 --out runs/decisive   # THE decisive design: 3 unseen bases
+    python reproduce.py --methods psr nsr w-reinforce reinforce grpo ppo --seeds 0 1   # all six methods
     python reproduce.py --methods psr nsr --set lr=1e-4    # any nsr.Config field: --set FIELD=VALUE
     python reproduce.py --methods w-reinforce --sweep lam=0.1,0.25,1   # one more run per value, labelled
 
+It says at start how long it expects to take (expected_seconds: the job count and measured per-job costs).
+
 THE LOOP (all of it):
     for each recipe seed:  base = toy.ensure_base(seed)                     (built once, cached)
-        evaluate the base                                                   (passk.evaluate, n = 256)
+        evaluate the base                                                   (passk.evaluate, n = 1,024)
         for each training seed, each method:  nsr.train(from the base)  ->  evaluate its last checkpoint
     -> summary.json: every run's per-problem correct counts and mean entropy on both test splits;
+       "variance" (per method and split: where the variance of method - base at k = 256 comes from --
+       the estimator, the training seed, the problem sample, the base -- variance_components);
        "coverage" (per method and split, the problems kept, lost, gained and solved by neither at k = n,
        against its base); "dynamics" (reward, rollout entropy, all-correct share against the step, from
        metrics.jsonl; also dynamics.png with matplotlib)
-    -> the Pass@k tables (mean over seeds), the coverage table and the verdicts of the paper's four findings
+    -> the Pass@k tables (mean over seeds), the coverage table, the variance table and the verdicts of
+       the paper's four findings
 
 FAIR BY CONSTRUCTION: every method trains from the same base with the same nsr.Config except `objective`
 (nsr.TOY_DEFAULTS: the main job's budget, the paper's update); every model, the base included, is
 evaluated with the SAME settings and ONE evaluation seed (common random numbers): temperature 1, top-p 1,
-64 new tokens, n = 256 samples per problem. The evaluation settings are fixed: tune the toy or the method,
-never the evaluation.
+64 new tokens, n = 1,024 samples per problem (--n; 4 x the largest k, so that the estimate of Pass@256 is
+not "any of 256 right", 0 or 1 per problem). The evaluation settings are fixed: tune the toy or the
+method, never the evaluation.
 
 VERDICTS (the paper's findings, `verdicts`): each difference to the base is bootstrapped, paired, over
 problems (the same resampled problems for every method), training seeds and recipe seeds (2,000
@@ -74,6 +81,10 @@ SPLITS = ("test_easy", "test_hard")       # the roles of MATH and of AIME 2025
 N, EVAL_SEED, KS = 1024, 0, [2 ** j for j in range(9)]              # n = 4 x the largest k; k = 1, 2, ..., 256
 KMAX = KS[-1]
 MARGIN = 1.0                              # non-inferiority margin, in points of Pass@k
+# THE DECISIVE DESIGN (the defaults; chosen by measurement on design seeds: docs/toy-regime-log.md, issue 30):
+# the three methods the four findings need ((c): W-REINFORCE against the best of those run), four training
+# seeds per base, n = 1,024. The other three methods: --methods psr nsr w-reinforce reinforce grpo ppo.
+DESIGN_METHODS, DESIGN_SEEDS = ("psr", "nsr", "w-reinforce"), [0, 1, 2, 3]
 
 
 # =================================================================================================
@@ -209,23 +220,29 @@ def make_jobs(args, overrides: dict, sweeps: list | None = None) -> list[dict]:
     return jobs
 
 
-# What a reproduction costs, from the per-job costs measured on one thread of the 2-core machine
-# (docs/toy-regime-log.md, "the decisive design"): a base build, a training run (100 steps) of each method, and
-# one model's evaluation on both test splits per 256 samples per problem (it grows linearly with n).
-SECONDS = {"build": 100.0, "eval_per_256": 30.0,
-           "train": {"psr": 25.0, "nsr": 20.0, "w-reinforce": 25.0, "reinforce": 25.0, "grpo": 25.0, "ppo": 45.0}}
+# What a reproduction costs on a quiet 2-core machine, one thread per job: a base build (97 s, README: the
+# main job on a fresh clone), a training run of 100 steps (~20 s: the default reproduction's 312 s on the
+# fresh clone, 13 evaluations at n = 256 taken out; PPO's critic adds about half), and one model's
+# evaluation on both test splits per 256 samples per problem: 256 problems x 256 x 21.7 tokens at ~95k
+# tokens/s (the issue's 47k tokens/s before the evaluation's speed-up, times its measured 2.02: bench.py eval).
+SECONDS = {"build": 97.0, "eval_per_256": 15.0,
+           "train": {"psr": 20.0, "nsr": 20.0, "w-reinforce": 20.0, "reinforce": 20.0, "grpo": 20.0, "ppo": 30.0}}
+
+
+def job_cost(method: str, n: int, built: bool) -> float:
+    """SECONDS of one job: a base's build (unless built) or a method's training, and one evaluation at n."""
+    if method == "base":
+        return (0.0 if built else SECONDS["build"]) + SECONDS["eval_per_256"] * n / 256
+    return SECONDS["train"][method.split("[")[0]] + SECONDS["eval_per_256"] * n / 256
 
 
 def job_seconds(job: dict) -> float:
-    """The expected cost of one job (SECONDS): 0 when its result is on disk, the build only for an uncached base."""
-    run_dir = pathlib.Path(job["run_dir"])
-    done = run_dir / "result.json"
+    """The expected cost of one job: 0 when its result is on disk, no build for a cached base."""
+    done = pathlib.Path(job["run_dir"]) / "result.json"
     if done.is_file() and json.loads(done.read_text()).get("key") == job["key"]:
         return 0.0
-    cost = SECONDS["eval_per_256"] * job["n"] / 256
-    if job["method"] == "base":
-        return cost + (0.0 if toy.is_built(pathlib.Path(job["base"]), recipe_for(job)) else SECONDS["build"])
-    return cost + SECONDS["train"][job["method"].split("[")[0]]
+    built = job["method"] == "base" and toy.is_built(pathlib.Path(job["base"]), recipe_for(job))
+    return job_cost(job["method"], job["n"], built)
 
 
 def schedule_seconds(costs: list[float], processes: int) -> float:
@@ -560,6 +577,42 @@ def format_variance(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def bootstrap_halfwidth(per_unit: dict, R: int, T: int, P: int, n: int | None = None, base: float | None = None) -> float:
+    """The 95% half-width that bootstrap() would give a design, from the per-unit variances: bootstrap()
+    resamples the R bases, whose observed means already hold each base's own noise W (= the design's terms
+    at R = 1, without the base), and then resamples within each again, so its variance is about
+        (R - 1) / R^2 * (base + W) + W / R.
+    base: the between-base variance per base (None: the measured one, 0 if it was not measured)."""
+    base = per_unit["base"] or 0.0 if base is None else base
+    within = sum(value for key, value in design_terms(per_unit, 1, T, P, n).items() if key != "base")
+    return 1.96 * ((R - 1) / R ** 2 * (base + within) + within / R) ** 0.5
+
+
+def projection(summary: dict, R: int = 3, seeds=(2, 3, 4, 6, 8), ns=(256, 512, 1024), bases=(0, 5, 10, 20)) -> str:
+    """python reproduce.py --project SUMMARY: for PSR and NSR - base at hard k = 256, the bootstrap half-width
+    of designs with R bases, T training seeds and n samples, for several between-base variances (the
+    measured one when SUMMARY has several bases), and each design's expected time with DESIGN_METHODS."""
+    lines = [f"projected 95% half-width of (method - base) at test_hard k = {KMAX}, R = {R} bases, "
+             f"P = the summary's problems; columns: between-base variance per base (points^2)"]
+    for method in ("psr", "nsr"):
+        row = variance_components(summary, method, "test_hard", ns=ns)
+        u = row["per_unit"]
+        measured = [] if u["base"] is None else [u["base"]]
+        head = "".join(f"{'base ' + format(b, '.1f'):>12}" for b in [*bases, *measured])
+        lines += ["", f"{display(method)} (measured on {row['R']} base(s), {row['T']} training seeds, n = {row['n']}; "
+                      f"per unit: seed {u['seed']:.2f}, seed x problem {u['interaction']:.1f}, problem "
+                      f"{u['problem']:.1f}, estimator {u['v_method']:.1f} / base {u['v_base']:.1f})",
+                  f"{'T':>3}{'n':>6}{'minutes':>9}" + head]
+        for T in seeds:
+            for m in ns:
+                jobs = ([{"method": "base", "n": m}] * R
+                        + [{"method": x, "n": m} for x in DESIGN_METHODS for _ in range(T * R)])
+                minutes = expected_seconds(jobs, 2, cost=lambda j: job_cost(j["method"], j["n"], built=False)) / 60
+                lines.append(f"{T:>3}{m:>6}{minutes:>9.0f}" + "".join(
+                    f"{bootstrap_halfwidth(u, R, T, row['P'], m, b):>12.1f}" for b in [*bases, *measured]))
+    return "\n".join(lines)
+
+
 # =================================================================================================
 # COVERAGE AND DYNAMICS: which problems a method kept, lost, gained; its training curves
 # =================================================================================================
@@ -695,8 +748,10 @@ def tables(summary: dict) -> str:
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description="Train every method on the toy world and judge the paper's findings.")
     parser.add_argument("--recipe-seeds", nargs="+", type=int, default=[0], help="one toy base per seed (default 0)")
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1], help="training seeds (default 0 1)")
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS, help="default: all six")
+    parser.add_argument("--seeds", nargs="+", type=int, default=DESIGN_SEEDS,
+                        help="training seeds (default " + " ".join(map(str, DESIGN_SEEDS)) + ")")
+    parser.add_argument("--methods", nargs="+", default=list(DESIGN_METHODS), choices=METHODS,
+                        help="default: " + " ".join(DESIGN_METHODS) + " (the four findings need these three)")
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                         help="override an nsr.Config field for every method, e.g. --set lr=1e-4 (repeatable)")
     parser.add_argument("--sweep", action="append", default=[], metavar="FIELD=V1,V2,...",
@@ -709,6 +764,8 @@ def parse_args(argv=None):
     parser.add_argument("--out", default="runs/reproduce", help="output directory (default runs/reproduce)")
     parser.add_argument("--bases", default="runs", help="where the toy bases are cached (default runs/)")
     parser.add_argument("--quick", action="store_true", help="the seconds-long quick toy (for tests: Pass@k ~0)")
+    parser.add_argument("--project", metavar="SUMMARY", help="run nothing: from SUMMARY (a summary.json), print the "
+                        "half-width and expected time of other designs (seeds, n) at hard k = 256")
     args = parser.parse_args(argv)
     fields = {f.name: f for f in dataclasses.fields(nsr.Config)}
     per_job = {"objective", "seed", "out_dir", "model", "train", "eval", "eval_n", "toy_seed", "resume", "save_every"}
@@ -743,6 +800,9 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args, overrides, sweeps = parse_args(argv)
+    if args.project:
+        print(projection(json.loads(pathlib.Path(args.project).read_text())))
+        return 0
     start = time.time()
     jobs = make_jobs(args, overrides, sweeps)
     print(f"reproduce: {len(jobs)} jobs ({len(args.recipe_seeds)} bases, {len(jobs) - len(args.recipe_seeds)} "

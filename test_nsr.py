@@ -3020,7 +3020,8 @@ def test_reproduce_bootstrap_is_paired_so_identical_models_differ_by_exactly_zer
 @pytest.mark.smoke
 def test_reproduce_runs_every_method_on_the_quick_toy_writes_summary_json_and_resumes(tmp_path, capsys):
     argv = ["--quick", "--bases", str(tmp_path / "bases"), "--out", str(tmp_path / "out"), "--jobs", "1",
-            "--seeds", "0", "--set", "steps=2", "--set", "batch_prompts=2", "--set", "group_size=4"]
+            "--seeds", "0", "--set", "steps=2", "--set", "batch_prompts=2", "--set", "group_size=4",
+            "--methods", *reproduce.METHODS]
     assert reproduce.main(argv) == 0
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["n"] == 1024 and summary["ks"] == [1, 2, 4, 8, 16, 32, 64, 128, 256]
@@ -3029,8 +3030,11 @@ def test_reproduce_runs_every_method_on_the_quick_toy_writes_summary_json_and_re
     base_runs = [r for r in summary["runs"] if r["method"] == "base"]
     assert all(r["train_seed"] is None and len(r["counts"]) == 4 for r in base_runs)
     assert {f["finding"] for f in summary["verdicts"]} == {"a", "b", "c", "d"}
+    assert {(v["method"], v["split"]) for v in summary["variance"]} == \
+           {(m, s) for m in reproduce.METHODS for s in reproduce.SPLITS}
+    assert all(set(v["terms"]) == {"estimator", "training seed", "problem sample", "base"} for v in summary["variance"])
     out = capsys.readouterr().out
-    assert "(a) NSR >= base" in out and "PPO" in out
+    assert "(a) NSR >= base" in out and "PPO" in out and "where the interval comes from" in out
     # a second call finds every result on disk and runs nothing again
     stamp = {p: p.stat().st_mtime for p in (tmp_path / "out").glob("*/result.json")}
     assert reproduce.main(argv) == 0
@@ -3071,7 +3075,7 @@ def test_reproduce_entropy_bootstrap_resamples_runs_not_splits_and_recipe_seeds_
 @pytest.mark.smoke
 def test_reproduce_sweep_labels_each_value_and_judges_only_the_unswept_runs(tmp_path, capsys):
     argv = ["--quick", "--bases", str(tmp_path / "bases"), "--out", str(tmp_path / "out"), "--jobs", "1",
-            "--seeds", "0", "--methods", "psr", "nsr", "w-reinforce", "--sweep", "lam=0,1", "--set", "steps=2",
+            "--seeds", "0", "--methods", "psr", "nsr", "w-reinforce", "--sweep", "lam=0,1", "--set", "steps=2", "--n", "256",
             "--set", "batch_prompts=2", "--set", "group_size=4"]
     assert reproduce.main(argv) == 0
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
@@ -3093,7 +3097,7 @@ def test_reproduce_sweep_labels_each_value_and_judges_only_the_unswept_runs(tmp_
     assert summary["dynamics"]["nsr"]["step"] == [1, 2] and len(summary["dynamics"]["nsr"]["reward"]) == 2
     assert summary["settings"]["sweeps"] == [{"field": "lam", "values": [0.0, 1.0]}]
     out = capsys.readouterr().out
-    assert "W-REINFORCE[lam=1]" in out and "coverage at k = n = 1024" in out
+    assert "W-REINFORCE[lam=1]" in out and "coverage at k = n = 256" in out
 
 
 def test_reproduce_estimator_variance_is_unbiased_for_the_variance_of_the_pass_at_k_estimate():
@@ -3138,6 +3142,14 @@ def test_reproduce_design_terms_divide_each_source_by_the_units_it_is_averaged_o
     assert terms == {"estimator": 96 / 96 + 32 / 48, "training seed": (6 + 64 / 16) / 6,
                      "problem sample": 128 / 48, "base": 3.0}
     assert reproduce.design_terms(unit, R=3, T=2, P=16, n=512)["estimator"] == 192 / 96 + 64 / 48
+
+
+def test_reproduce_bootstrap_halfwidth_counts_each_base_s_own_noise_twice_as_the_two_level_bootstrap_does():
+    unit = {"v_method": 96.0, "v_base": 32.0, "seed": 6.0, "interaction": 64.0, "problem": 128.0, "base": 9.0}
+    within = 96 / 64 + 32 / 16 + (6 + 64 / 16) / 4 + 128 / 16       # one base's mean: T = 4, P = 16
+    assert reproduce.bootstrap_halfwidth(unit, 1, 4, 16) == pytest.approx(1.96 * within ** 0.5)   # no base term
+    assert reproduce.bootstrap_halfwidth(unit, 3, 4, 16) == pytest.approx(1.96 * (2 / 9 * (9 + within) + within / 3) ** 0.5)
+    assert reproduce.bootstrap_halfwidth(unit, 3, 4, 16, base=0.0) == pytest.approx(1.96 * (5 / 9 * within) ** 0.5)
 
 
 def test_reproduce_expected_time_runs_the_bases_then_the_training_jobs_on_the_first_free_process():
