@@ -45,7 +45,9 @@ COMMANDS
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import pathlib
 import sys
 import time
 from dataclasses import dataclass, field
@@ -417,21 +419,44 @@ class Config:
     demo_gradient: bool = False   # print the one-step PSR / NSR / W-REINFORCE example on 5 tokens and exit
 
 
-# The main job (`python nsr.py`, no --model) on 2 CPU cores: one thread (a second only adds synchronisation
-# on a tiny model), mini_batch_size = 1/4 of the batch as the paper's; critic_lr 1e-3 (the paper's is 10 x lr;
-# it stayed at 1e-3 when the toy's lr went from 1e-4 to 5e-5 with toy-v8).
-TOY_DEFAULTS = dict(out_dir="runs/nsr-toy", steps=100, batch_prompts=16, group_size=8, max_new_tokens=64,
-                    lr=5e-5, critic_lr=1e-3, mini_batch_size=32, micro_batch_size=64, eval_n=64,
+# The main job (`python nsr.py`, no --model) on 2 CPU cores: PSR and NSR from the same base (a comma list of
+# objectives: one run each, side by side), one thread (a second only adds synchronisation on a tiny model),
+# mini_batch_size = 1/4 of the batch as the paper's; critic_lr 1e-3 (the paper's is 10 x lr; it stayed at
+# 1e-3 when the toy's lr went from 1e-4 to 5e-5 with toy-v8). eval_n = 256 = 4 x the table's largest k (64):
+# with n = k the estimate of Pass@k is "any of n right", 0 or 1 per problem (issue 30, docs/passk.md).
+TOY_DEFAULTS = dict(objective="psr,nsr", out_dir="runs/nsr-toy", steps=100, batch_prompts=16, group_size=8,
+                    max_new_tokens=64, lr=5e-5, critic_lr=1e-3, mini_batch_size=32, micro_batch_size=64, eval_n=256,
                     eval_temperature=1.0, eval_top_p=1.0, threads=1)
+
+
+def train_side_by_side(cfg: Config, objectives: list[str]) -> dict:
+    """The main job: one run per objective from the same base with the same seed and settings, each in its
+    own run directory <out_dir>/<objective> (each resumable on its own) -> {objective: train()'s result}.
+    Every run's config is checked before the first one starts. --resume continues the runs that have a
+    checkpoint and starts the others (a run stopped before its first checkpoint starts again)."""
+    cfgs = {}
+    for objective in objectives:
+        out_dir = str(pathlib.Path(cfg.out_dir) / objective)
+        resume = cfg.resume and runs.latest_checkpoint(pathlib.Path(out_dir)) is not None
+        cfgs[objective] = dataclasses.replace(cfg, objective=objective, out_dir=out_dir, resume=resume)
+        settings.check_config(cfgs[objective], OBJECTIVES)
+    return {objective: train(c) for objective, c in cfgs.items()}
 
 
 def main(argv=None) -> None:
     cfg = settings.parse_config(Config, argv, TOY_DEFAULTS)
+    objectives = cfg.objective.split(",")
     try:
         if cfg.demo_gradient:
             print(why.gradient_demo())
         elif cfg.dry_run:
             print(presets.format_memory_plan(presets.memory_plan(runs.resolve_for_plan(cfg, OBJECTIVES))))
+        elif len(objectives) > 1 or (not cfg.model and cfg.out_dir == TOY_DEFAULTS["out_dir"]):
+            # the main job (and any comma list): runs/nsr-toy/<objective>, one table of the base and each
+            results = train_side_by_side(cfg, objectives)
+            print("\n" + runs.side_by_side_table(results, cfg.eval_n))
+            print("run directories: " + ", ".join(r["run_dir"] for r in results.values())
+                  + " (config.json, metrics.jsonl, eval.jsonl, eval/, checkpoint)")
         else:
             result = train(cfg)
             if result["table"]:

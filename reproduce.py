@@ -1,26 +1,33 @@
 """
 reproduce.py -- the paper's comparison on the toy world, with verdicts that carry their uncertainty.
 
-    python reproduce.py                                    # recipe seed 0, training seeds 0 1, every method
-    python reproduce.py --recipe-seeds 0 1 2 --seeds 0 1   # one base per recipe seed (cached per seed)
+    python reproduce.py                                    # recipe seed 0: PSR, NSR, W-REINFORCE x 4 training seeds
+    python reproduce.py --recipe-seeds 50 51 52 --out runs/decisive   # THE decisive design: 3 unseen bases
+    python reproduce.py --methods psr nsr w-reinforce reinforce grpo ppo --seeds 0 1   # all six methods
     python reproduce.py --methods psr nsr --set lr=1e-4    # any nsr.Config field: --set FIELD=VALUE
     python reproduce.py --methods w-reinforce --sweep lam=0.1,0.25,1   # one more run per value, labelled
 
+It says at start how long it expects to take (expected_seconds: the job count and measured per-job costs).
+
 THE LOOP (all of it):
     for each recipe seed:  base = toy.ensure_base(seed)                     (built once, cached)
-        evaluate the base                                                   (passk.evaluate, n = 256)
+        evaluate the base                                                   (passk.evaluate, n = 1,024)
         for each training seed, each method:  nsr.train(from the base)  ->  evaluate its last checkpoint
     -> summary.json: every run's per-problem correct counts and mean entropy on both test splits;
+       "variance" (per method and split: where the variance of method - base at k = 256 comes from --
+       the estimator, the training seed, the problem sample, the base -- variance_components);
        "coverage" (per method and split, the problems kept, lost, gained and solved by neither at k = n,
        against its base); "dynamics" (reward, rollout entropy, all-correct share against the step, from
        metrics.jsonl; also dynamics.png with matplotlib)
-    -> the Pass@k tables (mean over seeds), the coverage table and the verdicts of the paper's four findings
+    -> the Pass@k tables (mean over seeds), the coverage table, the variance table and the verdicts of
+       the paper's four findings
 
 FAIR BY CONSTRUCTION: every method trains from the same base with the same nsr.Config except `objective`
 (nsr.TOY_DEFAULTS: the main job's budget, the paper's update); every model, the base included, is
 evaluated with the SAME settings and ONE evaluation seed (common random numbers): temperature 1, top-p 1,
-64 new tokens, n = 256 samples per problem. The evaluation settings are fixed: tune the toy or the method,
-never the evaluation.
+64 new tokens, n = 1,024 samples per problem (--n; 4 x the largest k, so that the estimate of Pass@256 is
+not "any of 256 right", 0 or 1 per problem). The evaluation settings are fixed: tune the toy or the
+method, never the evaluation.
 
 VERDICTS (the paper's findings, `verdicts`): each difference to the base is bootstrapped, paired, over
 problems (the same resampled problems for every method), training seeds and recipe seeds (2,000
@@ -46,8 +53,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import hashlib
 import json
+import math
 import multiprocessing
 import os
 import pathlib
@@ -69,8 +78,13 @@ METHODS = ("psr", "nsr", "w-reinforce", "reinforce", "grpo", "ppo")   # the pape
 NAMES = {"base": "Base", "psr": "PSR", "nsr": "NSR", "w-reinforce": "W-REINFORCE", "reinforce": "REINFORCE",
          "grpo": "GRPO", "ppo": "PPO"}
 SPLITS = ("test_easy", "test_hard")       # the roles of MATH and of AIME 2025
-N, EVAL_SEED, KS = 256, 0, [2 ** j for j in range(9)]               # k = 1, 2, 4, ..., 256
+N, EVAL_SEED, KS = 1024, 0, [2 ** j for j in range(9)]              # n = 4 x the largest k; k = 1, 2, ..., 256
+KMAX = KS[-1]
 MARGIN = 1.0                              # non-inferiority margin, in points of Pass@k
+# THE DECISIVE DESIGN (the defaults; chosen by measurement on design seeds: docs/toy-regime-log.md, issue 30):
+# the three methods the four findings need ((c): W-REINFORCE against the best of those run), four training
+# seeds per base, n = 1,024. The other three methods: --methods psr nsr w-reinforce reinforce grpo ppo.
+DESIGN_METHODS, DESIGN_SEEDS = ("psr", "nsr", "w-reinforce"), [0, 1, 2, 3]
 
 
 # =================================================================================================
@@ -86,21 +100,21 @@ def training_config(base: pathlib.Path, method: str, train_seed: int, run_dir: p
     return nsr.Config(**values)
 
 
-def eval_settings() -> dict:
+def eval_settings(n: int = N) -> dict:
     """THE evaluation settings of every model: n, one seed, and the main job's temperature, top-p and
     response budget (nsr.TOY_DEFAULTS, read as runs.evaluate reads a Config)."""
     cfg = nsr.Config(**nsr.TOY_DEFAULTS)
-    return dict(n=N, seed=EVAL_SEED, temperature=cfg.eval_temperature, top_p=cfg.eval_top_p,
+    return dict(n=n, seed=EVAL_SEED, temperature=cfg.eval_temperature, top_p=cfg.eval_top_p,
                 max_new_tokens=cfg.eval_max_new_tokens or cfg.max_new_tokens)
 
 
-def evaluate(model_dir: pathlib.Path, base: pathlib.Path) -> dict:
+def evaluate(model_dir: pathlib.Path, base: pathlib.Path, n: int = N) -> dict:
     """Both test splits with THE evaluation settings -> {split: {"counts", "mean_entropy"}}."""
     model, tokenizer = loading.load_model(model_dir, dtype="float32", device="cpu")
     out = {}
     for split in SPLITS:
         problems = loading.load_problems(base / f"{split}.jsonl")
-        result = passk.evaluate(model, tokenizer, problems, desc=f"eval {split}", **eval_settings())
+        result = passk.evaluate(model, tokenizer, problems, desc=f"eval {split}", **eval_settings(n))
         out[split] = {"counts": result["counts"], "mean_entropy": result["mean_entropy"]}
     return out
 
@@ -136,7 +150,7 @@ def run_job(job: dict) -> dict:
                 record["splits"] = {s: {"counts": [0] * len(loading.load_problems(base / f"{s}.jsonl")),
                                         "mean_entropy": float("nan")} for s in SPLITS}
             else:
-                record["splits"] = evaluate(model_dir, base)
+                record["splits"] = evaluate(model_dir, base, job["n"])
         finally:
             sys.stdout.flush()
             sys.stderr.flush()
@@ -187,7 +201,7 @@ def make_jobs(args, overrides: dict, sweeps: list | None = None) -> list[dict]:
     for r in args.recipe_seeds:
         base = pathlib.Path(args.bases) / (f"toy-quick-s{r}" if args.quick else toy.base_dir(r).name)
         jobs.append({"name": f"base r{r}", "method": "base", "recipe_seed": r, "train_seed": None,
-                     "base": str(base), "run_dir": str(out / f"r{r}-base"), "config": None, "quick": args.quick})
+                     "base": str(base), "run_dir": str(out / f"r{r}-base"), "config": None, "quick": args.quick, "n": args.n})
         for t in args.seeds:
             for method in args.methods:
                 for label, change, field in variants:
@@ -196,21 +210,68 @@ def make_jobs(args, overrides: dict, sweeps: list | None = None) -> list[dict]:
                     cfg = training_config(base, method, t, run_dir, {**overrides, **change})
                     jobs.append({"name": f"{method}{label} r{r} t{t}", "method": method + label, "recipe_seed": r,
                                  "train_seed": t, "base": str(base), "run_dir": str(run_dir),
-                                 "config": dataclasses.asdict(cfg), "quick": args.quick})
+                                 "config": dataclasses.asdict(cfg), "quick": args.quick, "n": args.n})
     for job in jobs:   # a result on disk is re-used only for exactly the same job (recipe, config, settings)
-        blob = json.dumps({**job, "recipe": toy.recipe_hash(recipe_for(job)), "eval": eval_settings()},
+        blob = json.dumps({**job, "recipe": toy.recipe_hash(recipe_for(job)), "eval": eval_settings(job["n"])},
                           sort_keys=True)
         job["key"] = hashlib.sha256(blob.encode()).hexdigest()[:16]
     return jobs
+
+
+# What a reproduction costs on a quiet 2-core machine, one thread per job: a base build (97 s, README: the
+# main job on a fresh clone), a training run of 100 steps (~20 s: the default reproduction's 312 s on the
+# fresh clone, 13 evaluations at n = 256 taken out; PPO's critic adds about half), and one model's
+# evaluation on both test splits per 256 samples per problem: 256 problems x 256 x 21.7 tokens at ~95k
+# tokens/s (the issue's 47k tokens/s before the evaluation's speed-up, times its measured 2.02: bench.py eval).
+SECONDS = {"build": 97.0, "eval_per_256": 15.0,
+           "train": {"psr": 20.0, "nsr": 20.0, "w-reinforce": 20.0, "reinforce": 20.0, "grpo": 20.0, "ppo": 30.0}}
+
+
+def job_cost(method: str, n: int, built: bool) -> float:
+    """SECONDS of one job: a base's build (unless built) or a method's training, and one evaluation at n."""
+    if method == "base":
+        return (0.0 if built else SECONDS["build"]) + SECONDS["eval_per_256"] * n / 256
+    return SECONDS["train"][method.split("[")[0]] + SECONDS["eval_per_256"] * n / 256
+
+
+def job_seconds(job: dict) -> float:
+    """The expected cost of one job: 0 when its result is on disk, no build for a cached base."""
+    done = pathlib.Path(job["run_dir"]) / "result.json"
+    if done.is_file() and json.loads(done.read_text()).get("key") == job["key"]:
+        return 0.0
+    built = job["method"] == "base" and toy.is_built(pathlib.Path(job["base"]), recipe_for(job))
+    return job_cost(job["method"], job["n"], built)
+
+
+def schedule_seconds(costs: list[float], processes: int) -> float:
+    """The wall time of running jobs of these costs in order on `processes` workers, each job going to the
+    first free worker (what Pool.map with chunksize 1 does)."""
+    free = [0.0] * processes
+    for cost in costs:
+        free[free.index(min(free))] += cost
+    return max(free)
+
+
+def expected_seconds(jobs: list[dict], processes: int, cost=job_seconds) -> float:
+    """main's two phases, one after the other: every base, then every training run."""
+    bases = [cost(j) for j in jobs if j["method"] == "base"]
+    trained = [cost(j) for j in jobs if j["method"] != "base"]
+    return schedule_seconds(bases, processes) + schedule_seconds(trained, processes)
+
+
+def format_expected(jobs: list[dict], processes: int) -> str:
+    seconds = expected_seconds(jobs, processes)
+    return (f"expected: about {seconds / 60:.0f} min on {processes} free cores (per-job costs measured on one "
+            f"thread: reproduce.SECONDS; results and bases already on disk cost nothing)")
 
 
 # =================================================================================================
 # VERDICTS: paired bootstrap of Pass@k differences over problems and seeds
 # =================================================================================================
 
-def passk_matrix(counts: list[int]) -> np.ndarray:
-    """(problems, len(KS)) unbiased Pass@k of each problem, in percent."""
-    return np.array([[100 * passk.pass_at_k(N, c, k) for k in KS] for c in counts])
+def passk_matrix(counts: list[int], n: int) -> np.ndarray:
+    """(problems, len(KS)) unbiased Pass@k of each problem from its count of n, in percent."""
+    return np.array([[100 * passk.pass_at_k(n, c, k) for k in KS] for c in counts])
 
 
 def bootstrap(summary: dict, resamples: int = 2000, seed: int = 0) -> dict:
@@ -222,7 +283,8 @@ def bootstrap(summary: dict, resamples: int = 2000, seed: int = 0) -> dict:
     recipes = sorted({r["recipe_seed"] for r in runs})
     train_seeds = sorted({r["train_seed"] for r in runs if r["train_seed"] is not None})
     methods = sorted({r["method"] for r in runs})
-    table = {(r["method"], r["recipe_seed"], r["train_seed"], r["split"]): passk_matrix(r["counts"]) for r in runs}
+    table = {(r["method"], r["recipe_seed"], r["train_seed"], r["split"]): passk_matrix(r["counts"], summary["n"])
+             for r in runs}
     draws = {(m, s): np.zeros((resamples, len(KS))) for m in methods for s in SPLITS}
     for b in range(resamples):
         chosen = rng.choice(recipes, size=len(recipes))
@@ -238,7 +300,7 @@ def bootstrap(summary: dict, resamples: int = 2000, seed: int = 0) -> dict:
 
 def point(summary: dict, method: str, split: str) -> np.ndarray:
     """Mean Pass@k (percent) over every run of a method on a split: (len(KS),)."""
-    mats = [passk_matrix(r["counts"]) for r in summary["runs"] if r["method"] == method and r["split"] == split]
+    mats = [passk_matrix(r["counts"], summary["n"]) for r in summary["runs"] if r["method"] == method and r["split"] == split]
     return np.concatenate(mats).mean(axis=0)
 
 
@@ -353,24 +415,199 @@ def cells(summary: dict, draws: dict) -> dict:
                     ent.setdefault(r["recipe_seed"], []).append(r["mean_entropy"])
             e = unit_draws(ent)
             out[label][s] = {"pass@1": [float(d[:, 0].mean()), *interval(d[:, 0])],
-                             f"pass@{N}": [float(d[:, -1].mean()), *interval(d[:, -1])],
-                             f"minus_base@{N}": [float((d[:, -1] - draws[("base", s)][:, -1]).mean()),
+                             f"pass@{KMAX}": [float(d[:, -1].mean()), *interval(d[:, -1])],
+                             f"minus_base@{KMAX}": [float((d[:, -1] - draws[("base", s)][:, -1]).mean()),
                                                  *interval(d[:, -1] - draws[("base", s)][:, -1])],
                              "entropy": [float(e.mean()), *interval(e)]}
     return out
 
 
 def format_cells(found: dict) -> str:
-    head = f"{'cell':<30}{'split':<11}{'Pass@1':>22}{'Pass@' + str(N):>22}{'- base @' + str(N):>24}{'entropy':>26}"
+    head = f"{'cell':<30}{'split':<11}{'Pass@1':>22}{'Pass@' + str(KMAX):>22}{'- base @' + str(KMAX):>24}{'entropy':>26}"
     lines = ["each method and variant, mean [95% bootstrap interval over recipe seeds, problems, training seeds]", head]
     for label, by_split in found.items():
         for s, row in by_split.items():
-            cells_ = [f"{row[k][0]:6.1f} [{row[k][1]:6.1f},{row[k][2]:6.1f}]" for k in ("pass@1", f"pass@{N}")]
-            diff = row[f"minus_base@{N}"]
+            cells_ = [f"{row[k][0]:6.1f} [{row[k][1]:6.1f},{row[k][2]:6.1f}]" for k in ("pass@1", f"pass@{KMAX}")]
+            diff = row[f"minus_base@{KMAX}"]
             ent = row["entropy"]
             lines.append(f"{display(label):<30}{s:<11}{cells_[0]:>22}{cells_[1]:>22}"
                          f"{diff[0]:+7.1f} [{diff[1]:+6.1f},{diff[2]:+6.1f}]"
                          f"{ent[0]:8.4f} [{ent[1]:.4f},{ent[2]:.4f}]")
+    return "\n".join(lines)
+
+
+# =================================================================================================
+# VARIANCE: where the width of an interval comes from, and what another design would give
+# =================================================================================================
+# The estimate of "method - base" at one (split, k) is the mean over recipe seeds r, training seeds t and
+# problems i of D_rti = X_rti - B_ri (X the method's per-problem Pass@k estimate, B the base's). Its
+# variance is a sum of one term per source (a random-effects model: each source's variance per unit,
+# divided by the number of its units the design averages over):
+#
+#   Var = base / R  +  (seed + seed x problem / P) / (R T)  +  problem / (R P)
+#         + estimator: v_method / (R T P) + v_base / (R P)
+#
+# base: real differences between bases (recipe seeds); seed, seed x problem: between training runs of one
+# base; problem: between the problems of one base; v_method, v_base: the mean per-problem variance of the
+# Pass@k ESTIMATE itself (finite n). NOTE: the base is evaluated once per recipe seed, so its estimator
+# noise does not average over training seeds. Estimated by the method of moments: a two-way table of D
+# (training seeds x problems) within each base, then the spread of the bases' means. Each component is
+# clipped at 0, and with 3 bases the base component is itself uncertain: the bootstrap interval, not this
+# split, is what the verdicts use. The estimator terms treat the method's and the base's samples as
+# independent; common random numbers in the evaluation only make the real estimator term smaller.
+
+@functools.lru_cache(maxsize=None)
+def all_wrong(n: int, k: int) -> np.ndarray:
+    """G[c] = C(n-c, k) / C(n, k) for c = 0..n (the chance that k of the n samples, c of them right, are all
+    wrong; pass_at_k = 1 - G), by the product form of passk.pass_at_k: G[c] = G[c-1] * (1 - k / (n-c+1))."""
+    i = np.arange(n, 0, -1, dtype=float)                        # n, n-1, ..., 1: the factor of the c-th step
+    return np.concatenate([[1.0], np.cumprod(np.clip(1 - k / i, 0, None))])
+
+
+def estimator_variance(counts, n: int, k: int) -> np.ndarray:
+    """Per problem, the variance of its Pass@k estimate (percent^2), from its count c of n samples.
+
+    pass_at_k = 1 - G, and G = C(n-c, k) / C(n, k) is unbiased for (1 - p)^k. So E[G^2] = Var(G) + (1-p)^(2k),
+    and C(n-c, 2k) / C(n, 2k) is unbiased for (1 - p)^(2k):
+
+        v = G^2 - C(n-c, 2k) / C(n, 2k)        is an UNBIASED estimate of the variance      (needs n >= 2k)
+
+    (one problem's v can be negative; its mean over problems is what is used). For n < 2k no unbiased
+    estimate exists: the plug-in, plugin_variance(c / n, n, k)."""
+    counts = np.asarray(counts, dtype=int)
+    if 2 * k <= n:
+        return 1e4 * (all_wrong(n, k)[counts] ** 2 - all_wrong(n, 2 * k)[counts])
+    return 1e4 * np.array([plugin_variance(c / n, n, k) for c in counts])
+
+
+def plugin_variance(p: float, n: int, k: int) -> float:
+    """Var of the Pass@k estimate from n samples of a problem solved with probability p: the exact sum over
+    c ~ Binomial(n, p); a fraction^2. Projects the estimator's term to another n."""
+    if p <= 0 or p >= 1:
+        return 0.0
+    c = np.arange(n + 1)
+    pmf = np.exp(log_choose(n) + c * math.log(p) + (n - c) * math.log1p(-p))
+    g = all_wrong(n, k)
+    return float(pmf @ g ** 2 - (pmf @ g) ** 2)
+
+
+@functools.lru_cache(maxsize=None)
+def log_choose(n: int) -> np.ndarray:
+    """log C(n, c) for c = 0..n."""
+    return np.array([math.lgamma(n + 1) - math.lgamma(c + 1) - math.lgamma(n - c + 1) for c in range(n + 1)])
+
+
+def variance_components(summary: dict, method: str, split: str, k: int = KMAX, ns=(256, 512, 1024, 2048)) -> dict:
+    """The sources of the variance of mean(method - base) at (split, k): "per_unit" (percent^2 of one base,
+    one training seed, one problem; v_method / v_base the estimator's per problem at the design's n, and
+    projected to each n in ns by the plug-in's ratio), "terms" as this design (R, T, P) averages them, their
+    "total" and the normal 95% half-width 1.96 sqrt(total)."""
+    n, j = summary["n"], KS.index(k)
+    runs_ = summary["runs"]
+    recipes = sorted({r["recipe_seed"] for r in runs_ if r["method"] == method})
+    parts = {key: [] for key in ("seed", "interaction", "problem", "v_method", "v_base")}
+    plug = {"v_method": {m: [] for m in ns}, "v_base": {m: [] for m in ns}}
+    means, mean_vars = [], []
+    for r in recipes:
+        base = next(x for x in runs_ if x["method"] == "base" and x["recipe_seed"] == r and x["split"] == split)
+        mine = sorted((x for x in runs_ if x["method"] == method and x["recipe_seed"] == r and x["split"] == split),
+                      key=lambda x: x["train_seed"])
+        B = passk_matrix(base["counts"], n)[:, j]                                  # (P,)
+        D = np.array([passk_matrix(x["counts"], n)[:, j] for x in mine]) - B       # (T, P)
+        T, P = D.shape
+        v_base = float(estimator_variance(base["counts"], n, k).mean())
+        v_method = float(np.mean([estimator_variance(x["counts"], n, k) for x in mine]))
+        row, col, grand = D.mean(axis=1), D.mean(axis=0), D.mean()
+        ms_p = T * col.var(ddof=1)                              # E[ms_p] = s_e^2 + T s_p^2 (s_p: problem + v_base)
+        if T > 1:
+            ms_t = P * row.var(ddof=1)                          # E[ms_t] = s_e^2 + P s_t^2
+            ms_e = float(((D - row[:, None] - col[None, :] + grand) ** 2).sum() / ((T - 1) * (P - 1)))
+            parts["seed"].append(max((ms_t - ms_e) / P, 0.0))
+            parts["interaction"].append(max(ms_e - v_method, 0.0))     # s_e^2 = seed x problem + v_method
+            mean_vars.append((ms_t + ms_p - ms_e) / (T * P))           # Var(grand) = s_t^2/T + s_p^2/P + s_e^2/(TP)
+        else:                      # one training seed: seed and seed x problem are inside "problem"
+            ms_e = v_method
+            mean_vars.append(ms_p / P)
+        parts["problem"].append(max((ms_p - ms_e) / T - v_base, 0.0))
+        parts["v_method"].append(v_method)
+        parts["v_base"].append(v_base)
+        for key, counts, v in (("v_method", [c for x in mine for c in x["counts"]], v_method),
+                               ("v_base", base["counts"], v_base)):
+            # the estimator at another n m: this n's unbiased value x the plug-in's ratio (m : n)
+            at = {size: np.mean([plugin_variance(c / n, size, k) for c in counts]) for size in {n, *ns}}
+            for m in ns:
+                plug[key][m].append(v * at[m] / at[n] if at[n] > 0 else v * n / m)
+        means.append(grand)
+    R, T, P = len(recipes), len(mine), len(B)
+    per_unit = {key: float(np.mean(values)) if values else None for key, values in parts.items()}
+    per_unit["base"] = max(float(np.var(means, ddof=1)) - float(np.mean(mean_vars)), 0.0) if R > 1 else None
+    per_unit["v_method_at"] = {str(m): float(np.mean(v)) for m, v in plug["v_method"].items()}
+    per_unit["v_base_at"] = {str(m): float(np.mean(v)) for m, v in plug["v_base"].items()}
+    terms = design_terms(per_unit, R, T, P)
+    total = float(sum(terms.values()))
+    return {"method": method, "split": split, "k": k, "n": n, "R": R, "T": T, "P": P,
+            "estimate": float(np.mean(means)), "per_unit": per_unit, "terms": terms, "total": total,
+            "shares": {key: value / total if total > 0 else 0.0 for key, value in terms.items()},
+            "halfwidth": 1.96 * total ** 0.5}
+
+
+def design_terms(per_unit: dict, R: int, T: int, P: int, n: int | None = None) -> dict:
+    """The variance terms (percent^2) of a design with R bases, T training seeds, P problems per base and
+    n samples per problem (None: the measured n); a source not measured (one base, one seed) counts as 0."""
+    u = {key: value or 0.0 for key, value in per_unit.items() if not key.endswith("_at")}
+    v_method = per_unit["v_method_at"][str(n)] if n else u["v_method"]
+    v_base = per_unit["v_base_at"][str(n)] if n else u["v_base"]
+    return {"estimator": v_method / (R * T * P) + v_base / (R * P),
+            "training seed": (u["seed"] + u["interaction"] / P) / (R * T),
+            "problem sample": u["problem"] / (R * P),
+            "base": u["base"] / R}
+
+
+def format_variance(rows: list[dict]) -> str:
+    lines = ["where the interval comes from: variance of (method - base) at k = 256 (points^2) and its share; "
+             "summary.json \"variance\"",
+             f"{'method':<14}{'split':<11}{'estimate':>9}{'1.96 sd':>9}" +
+             "".join(f"{key:>22}" for key in ("estimator", "training seed", "problem sample", "base"))]
+    for row in rows:
+        lines.append(f"{display(row['method']):<14}{row['split']:<11}{row['estimate']:>+9.1f}{row['halfwidth']:>9.1f}"
+                     + "".join(f"{row['terms'][key]:>13.2f} ({100 * row['shares'][key]:>3.0f}%)  "
+                               for key in ("estimator", "training seed", "problem sample", "base")))
+    return "\n".join(lines)
+
+
+def bootstrap_halfwidth(per_unit: dict, R: int, T: int, P: int, n: int | None = None, base: float | None = None) -> float:
+    """The 95% half-width that bootstrap() would give a design, from the per-unit variances: bootstrap()
+    resamples the R bases, whose observed means already hold each base's own noise W (= the design's terms
+    at R = 1, without the base), and then resamples within each again, so its variance is about
+        (R - 1) / R^2 * (base + W) + W / R.
+    base: the between-base variance per base (None: the measured one, 0 if it was not measured)."""
+    base = per_unit["base"] or 0.0 if base is None else base
+    within = sum(value for key, value in design_terms(per_unit, 1, T, P, n).items() if key != "base")
+    return 1.96 * ((R - 1) / R ** 2 * (base + within) + within / R) ** 0.5
+
+
+def projection(summary: dict, R: int = 3, seeds=(2, 3, 4, 6, 8), ns=(256, 512, 1024), bases=(0, 5, 10, 20)) -> str:
+    """python reproduce.py --project SUMMARY: for PSR and NSR - base at hard k = 256, the bootstrap half-width
+    of designs with R bases, T training seeds and n samples, for several between-base variances (the
+    measured one when SUMMARY has several bases), and each design's expected time with DESIGN_METHODS."""
+    lines = [f"projected 95% half-width of (method - base) at test_hard k = {KMAX}, R = {R} bases, "
+             f"P = the summary's problems; columns: between-base variance per base (points^2)"]
+    for method in ("psr", "nsr"):
+        row = variance_components(summary, method, "test_hard", ns=ns)
+        u = row["per_unit"]
+        measured = [] if u["base"] is None else [u["base"]]
+        head = "".join(f"{'base ' + format(b, '.1f'):>12}" for b in [*bases, *measured])
+        lines += ["", f"{display(method)} (measured on {row['R']} base(s), {row['T']} training seeds, n = {row['n']}; "
+                      f"per unit: seed {u['seed']:.2f}, seed x problem {u['interaction']:.1f}, problem "
+                      f"{u['problem']:.1f}, estimator {u['v_method']:.1f} / base {u['v_base']:.1f})",
+                  f"{'T':>3}{'n':>6}{'minutes':>9}" + head]
+        for T in seeds:
+            for m in ns:
+                jobs = ([{"method": "base", "n": m}] * R
+                        + [{"method": x, "n": m} for x in DESIGN_METHODS for _ in range(T * R)])
+                minutes = expected_seconds(jobs, 2, cost=lambda j: job_cost(j["method"], j["n"], built=False)) / 60
+                lines.append(f"{T:>3}{m:>6}{minutes:>9.0f}" + "".join(
+                    f"{bootstrap_halfwidth(u, R, T, row['P'], m, b):>12.1f}" for b in [*bases, *measured]))
     return "\n".join(lines)
 
 
@@ -401,8 +638,8 @@ def coverage(summary: dict) -> list[dict]:
     return rows
 
 
-def format_coverage(rows: list[dict]) -> str:
-    lines = [f"coverage at k = {N} against the base (problems; mean over runs [min-max])",
+def format_coverage(rows: list[dict], n: int) -> str:
+    lines = [f"coverage at k = n = {n} against the base (problems; mean over runs [min-max])",
              f"{'method':<28}{'split':<11}" + "".join(f"{key:>16}" for key in ("kept", "lost", "gained", "neither"))]
     for row in rows:
         cells = "".join(f"{row[key]:>7.1f} [{row[key + '_range'][0]:>2}-{row[key + '_range'][1]:>2}]  "
@@ -496,7 +733,7 @@ def tables(summary: dict) -> str:
         for m in order:
             counts = [c for r in summary["runs"] if r["method"] == m and r["split"] == s for c in r["counts"]]
             ent = [r["mean_entropy"] for r in summary["runs"] if r["method"] == m and r["split"] == s]
-            rows[f"{display(m):<{width}} H={np.mean(ent):.3f}"] = {"counts": counts, "n": N}
+            rows[f"{display(m):<{width}} H={np.mean(ent):.3f}"] = {"counts": counts, "n": summary["n"]}
         out.append(f"{s} ({'MATH' if s == 'test_easy' else 'AIME'} role), mean over seeds; H = test entropy\n"
                    + passk.format_table(rows, KS))
     return "\n\n".join(out)
@@ -509,18 +746,24 @@ def tables(summary: dict) -> str:
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description="Train every method on the toy world and judge the paper's findings.")
     parser.add_argument("--recipe-seeds", nargs="+", type=int, default=[0], help="one toy base per seed (default 0)")
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1], help="training seeds (default 0 1)")
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS, help="default: all six")
+    parser.add_argument("--seeds", nargs="+", type=int, default=DESIGN_SEEDS,
+                        help="training seeds (default " + " ".join(map(str, DESIGN_SEEDS)) + ")")
+    parser.add_argument("--methods", nargs="+", default=list(DESIGN_METHODS), choices=METHODS,
+                        help="default: " + " ".join(DESIGN_METHODS) + " (the four findings need these three)")
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                         help="override an nsr.Config field for every method, e.g. --set lr=1e-4 (repeatable)")
     parser.add_argument("--sweep", action="append", default=[], metavar="FIELD=V1,V2,...",
                         help="also run every method at each value of one nsr.Config field, labelled "
                              "method[FIELD=V] in the tables; repeatable (each sweep's variants side by side, "
                              "an ablation); the verdicts use the unswept runs only")
+    parser.add_argument("--n", type=int, default=N, help=f"samples per problem of every evaluation (default {N} = "
+                        f"4 x the largest k, {KMAX}: the estimator's share of the interval stays small)")
     parser.add_argument("--jobs", type=int, default=2, help="parallel processes (default 2: one per core)")
     parser.add_argument("--out", default="runs/reproduce", help="output directory (default runs/reproduce)")
     parser.add_argument("--bases", default="runs", help="where the toy bases are cached (default runs/)")
     parser.add_argument("--quick", action="store_true", help="the seconds-long quick toy (for tests: Pass@k ~0)")
+    parser.add_argument("--project", metavar="SUMMARY", help="run nothing: from SUMMARY (a summary.json), print the "
+                        "half-width and expected time of other designs (seeds, n) at hard k = 256")
     args = parser.parse_args(argv)
     fields = {f.name: f for f in dataclasses.fields(nsr.Config)}
     per_job = {"objective", "seed", "out_dir", "model", "train", "eval", "eval_n", "toy_seed", "resume", "save_every"}
@@ -538,31 +781,38 @@ def parse_args(argv=None):
 
     overrides = {name: values[0][1] for name, values in (field_value("--set", item) for item in args.set)}
     sweeps = [field_value("--sweep", item) for item in args.sweep]
+    if args.n < KMAX:
+        parser.error(f"--n must be >= {KMAX} (the largest k of the tables and verdicts), got {args.n}")
     if args.jobs < 1:
         parser.error(f"--jobs must be >= 1, got {args.jobs}")
     for name in ("recipe_seeds", "seeds", "methods"):
         if len(set(getattr(args, name))) != len(getattr(args, name)):
             parser.error(f"--{name.replace('_', '-')} must be distinct, got {getattr(args, name)}")
     for change in [{}] + [{field: value} for field, values in sweeps for _, value in values]:
-        try:
-            settings.check_config(nsr.Config(**{**nsr.TOY_DEFAULTS, **overrides, **change}), nsr.OBJECTIVES)
-        except settings.UserError as e:
-            parser.error(f"training settings: {e}")
+        problems = {problem for method in args.methods for problem in settings.config_problems(
+            nsr.Config(**{**nsr.TOY_DEFAULTS, **overrides, **change, "objective": method}), nsr.OBJECTIVES)}
+        if problems:
+            parser.error("invalid training settings:\n  " + "\n  ".join(sorted(problems)))
     return args, overrides, sweeps
 
 
 def main(argv=None) -> int:
     args, overrides, sweeps = parse_args(argv)
+    if args.project:
+        print(projection(json.loads(pathlib.Path(args.project).read_text())))
+        return 0
     start = time.time()
     jobs = make_jobs(args, overrides, sweeps)
     print(f"reproduce: {len(jobs)} jobs ({len(args.recipe_seeds)} bases, {len(jobs) - len(args.recipe_seeds)} "
           f"training runs) in {args.jobs} processes -> {args.out}", flush=True)
+    if not args.quick:
+        print(format_expected(jobs, args.jobs), flush=True)
     # the bases first (each training job needs its base built), then every training run
     ctx = multiprocessing.get_context("spawn")
     with ctx.Pool(args.jobs) as pool:
         records = pool.map(run_job, [j for j in jobs if j["method"] == "base"], chunksize=1)
         records += pool.map(run_job, [j for j in jobs if j["method"] != "base"], chunksize=1)
-    summary = {"n": N, "ks": KS, "runs": [
+    summary = {"n": args.n, "ks": KS, "runs": [
         {"method": r["method"], "recipe_seed": r["recipe_seed"], "train_seed": r["train_seed"], "split": s,
          "counts": r["splits"][s]["counts"], "mean_entropy": r["splits"][s]["mean_entropy"]}
         for r in records for s in SPLITS]}
@@ -571,6 +821,8 @@ def main(argv=None) -> int:
     summary["verdicts"] = found
     by_seed = verdicts_by_recipe_seed(unswept) if len(args.recipe_seeds) > 1 else {}
     summary["verdicts_by_recipe_seed"] = {str(seed): v for seed, v in by_seed.items()}
+    summary["variance"] = [variance_components(unswept, m, s) for m in sorted({r["method"] for r in unswept["runs"]}
+                           - {"base"}, key=label_order) for s in SPLITS]
     summary["coverage"] = coverage(summary)
     summary["cells"] = cells(summary, bootstrap(summary))          # every variant, with its intervals
     summary["dynamics"] = dynamics(records)
@@ -588,8 +840,9 @@ def main(argv=None) -> int:
         print(f"{earlier} summarised other jobs: moved it to {loading.move_aside(earlier)}")
     earlier.write_text(json.dumps(summary, indent=1))
     plot = plot_dynamics(summary["dynamics"], out / "dynamics.png") if summary["dynamics"] else None
-    print("\n" + tables(summary) + "\n\n" + format_coverage(summary["coverage"]) + "\n\n"
-          + format_cells(summary["cells"]) + "\n\n" + format_verdicts(found))
+    print("\n" + tables(summary) + "\n\n" + format_coverage(summary["coverage"], summary["n"]) + "\n\n"
+          + format_cells(summary["cells"]) + "\n\n" + format_variance(summary["variance"]) + "\n\n"
+          + format_verdicts(found))
     if by_seed:
         print("\neach recipe seed alone (its evidence: summary.json \"verdicts_by_recipe_seed\"):")
         for seed, seed_found in by_seed.items():

@@ -491,7 +491,34 @@ def finish(run: Run, cfg) -> str:
         first, last = min(by_step), max(by_step)
         rows[f"{name} base" if first == 0 else f"{name} step {first}"] = by_step[first]
         rows[f"{name} {cfg.objective} step {last}"] = by_step[last]
-    return passk.format_table(rows) if rows else ""
+    return passk.format_table(rows, table_ks(cfg.eval_n)) if rows else ""
+
+
+def table_ks(n: int) -> list[int]:
+    """The k of a table from n samples per problem: powers of two up to n / 4. With n = k the estimate of
+    Pass@k is "any of the n right", 0 or 1 per problem; n >= 4k keeps its variance small (issue 30)."""
+    return passk.default_ks(max(n // 4, 1))
+
+
+def side_by_side_table(results: dict, n: int) -> str:
+    """The main job's table: per eval set, the base (the first objective's evaluation at step 0: every run
+    starts from the same base with the same evaluation seed) and each objective's last evaluation, Pass@k
+    (%) for k <= n / 4 and H, the mean token entropy of the test samples (nats). results: {objective:
+    nsr.train's result}."""
+    first = next(iter(results.values()))
+    if not first["evals"]:
+        return "no evaluation (--eval-n 0)"
+    out = []
+    for name, by_step in first["evals"].items():
+        rows = {"base": by_step[min(by_step)]}
+        for objective, result in results.items():
+            steps = result["evals"][name]
+            rows[f"{objective.upper()} step {max(steps)}"] = steps[max(steps)]
+        width = max(len(label) for label in rows)
+        rows = {f"{label:<{width}}  H={r['mean_entropy']:.3f}": r for label, r in rows.items()}
+        out.append(f"{name}: Pass@k (%) from n = {n} samples per problem; H = test entropy (nats/token)\n"
+                   + passk.format_table(rows, table_ks(n)))
+    return "\n\n".join(out)
 
 
 def nonfinite_stop(step: int, streak: int, cfg) -> None:

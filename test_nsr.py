@@ -2393,6 +2393,45 @@ def test_ppo_trains_a_critic_logs_its_metrics_and_resumes_exactly(tmp_path, monk
             assert torch.equal(p, q)
 
 
+# ---- the main job: PSR and NSR from the same base, side by side ----
+
+@pytest.mark.smoke
+def test_a_comma_list_of_objectives_trains_each_from_the_same_base_and_prints_them_side_by_side(tmp_path, capsys):
+    world = _tiny_world(tmp_path)
+    out = tmp_path / "main"
+    argv = _argv(world, out, "--objective", "psr,nsr", "--eval", str(world / "test.jsonl"), "--eval-n", "8")
+    nsr.main(argv)
+    printed = capsys.readouterr().out
+    for objective in ("psr", "nsr"):               # one complete run each, in its own directory
+        assert json.loads((out / objective / "config.json").read_text())["objective"] == objective
+        assert runs.latest_checkpoint(out / objective).name == "checkpoint-000002"
+    base_psr, base_nsr = (passk.load_result(out / o / "eval" / "step000000_test.json") for o in ("psr", "nsr"))
+    assert base_psr["counts"] == base_nsr["counts"]  # the same base, evaluated with the same seed
+    table = printed[printed.index("test: Pass@k"):]
+    rows = [line.split() for line in table.splitlines()[2:5]]
+    assert [r[0] for r in rows] == ["base", "PSR", "NSR"] and all(r[-3].startswith("H=") for r in rows)
+    assert "k=2" in table and "k=4" not in table       # n = 8: k up to n / 4
+    last = passk.load_result(out / "nsr" / "eval" / "step000002_test.json")
+    assert rows[2][-2:] == [f"{100 * v:.1f}" for v in passk.passk_curve(last["counts"], 8, [1, 2]).values()]
+    # --resume continues both: nothing is trained again, the same table is printed from the saved results
+    stamp = {name: data for name, data in _files(out).items() if not name.endswith("config.json")}
+    nsr.main(argv + ["--resume"])
+    assert {name: data for name, data in _files(out).items() if not name.endswith("config.json")} == stamp
+    assert capsys.readouterr().out.count("NSR step 2") == 1
+    # every objective is checked before the first run starts
+    with pytest.raises(SystemExit) as stop:
+        nsr.main(_argv(world, tmp_path / "never", "--objective", "psr,nope"))
+    assert stop.value.code == 2 and "--objective 'nope' is unknown" in capsys.readouterr().err
+    assert not (tmp_path / "never").exists()
+
+
+def test_the_main_job_defaults_train_psr_and_nsr_with_n_at_least_4_times_the_largest_k():
+    cfg = settings.parse_config(nsr.Config, [], nsr.TOY_DEFAULTS)
+    assert cfg.objective.split(",") == ["psr", "nsr"] and not cfg.model
+    assert cfg.eval_n >= 4 * max(runs.table_ks(cfg.eval_n)) and max(runs.table_ks(cfg.eval_n)) == 64
+    assert settings.parse_config(nsr.Config, ["--objective", "grpo"], nsr.TOY_DEFAULTS).objective == "grpo"
+
+
 # ---- nothing lost: bad input stops in one line before any work; a rerun never deletes a run ----
 
 def _argv(world, out, *extra):
@@ -3103,17 +3142,21 @@ def test_reproduce_bootstrap_is_paired_so_identical_models_differ_by_exactly_zer
 @pytest.mark.smoke
 def test_reproduce_runs_every_method_on_the_quick_toy_writes_summary_json_and_resumes(tmp_path, capsys):
     argv = ["--quick", "--bases", str(tmp_path / "bases"), "--out", str(tmp_path / "out"), "--jobs", "1",
-            "--seeds", "0", "--set", "steps=2", "--set", "batch_prompts=2", "--set", "group_size=4"]
+            "--seeds", "0", "--set", "steps=2", "--set", "batch_prompts=2", "--set", "group_size=4",
+            "--methods", *reproduce.METHODS]
     assert reproduce.main(argv) == 0
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
-    assert summary["n"] == 256 and summary["ks"] == [1, 2, 4, 8, 16, 32, 64, 128, 256]
+    assert summary["n"] == 1024 and summary["ks"] == [1, 2, 4, 8, 16, 32, 64, 128, 256]
     assert {(r["method"], r["split"]) for r in summary["runs"]} == \
            {(m, s) for m in ("base",) + reproduce.METHODS for s in reproduce.SPLITS}
     base_runs = [r for r in summary["runs"] if r["method"] == "base"]
     assert all(r["train_seed"] is None and len(r["counts"]) == 4 for r in base_runs)
     assert {f["finding"] for f in summary["verdicts"]} == {"a", "b", "c", "d"}
+    assert {(v["method"], v["split"]) for v in summary["variance"]} == \
+           {(m, s) for m in reproduce.METHODS for s in reproduce.SPLITS}
+    assert all(set(v["terms"]) == {"estimator", "training seed", "problem sample", "base"} for v in summary["variance"])
     out = capsys.readouterr().out
-    assert "(a) NSR >= base" in out and "PPO" in out
+    assert "(a) NSR >= base" in out and "PPO" in out and "where the interval comes from" in out
     # a second call finds every result on disk and runs nothing again
     stamp = {p: p.stat().st_mtime for p in (tmp_path / "out").glob("*/result.json")}
     assert reproduce.main(argv) == 0
@@ -3134,7 +3177,7 @@ def test_reproduce_coverage_counts_kept_lost_gained_and_neither_per_run_against_
     assert (row["kept"], row["lost"], row["gained"], row["neither"], row["runs"]) == (1.5, 1.5, 0.5, 1.5, 2)
     assert (row["kept_range"], row["lost_range"], row["gained_range"], row["neither_range"]) == \
            ([1, 2], [1, 2], [0, 1], [1, 2])
-    assert "NSR" in reproduce.format_coverage(rows)
+    assert "NSR" in reproduce.format_coverage(rows, 256)
 
 
 def test_reproduce_entropy_bootstrap_resamples_runs_not_splits_and_recipe_seeds_first():
@@ -3155,7 +3198,7 @@ def test_reproduce_entropy_bootstrap_resamples_runs_not_splits_and_recipe_seeds_
 @pytest.mark.smoke
 def test_reproduce_sweep_labels_each_value_and_judges_only_the_unswept_runs(tmp_path, capsys):
     argv = ["--quick", "--bases", str(tmp_path / "bases"), "--out", str(tmp_path / "out"), "--jobs", "1",
-            "--seeds", "0", "--methods", "psr", "nsr", "w-reinforce", "--sweep", "lam=0,1", "--set", "steps=2",
+            "--seeds", "0", "--methods", "psr", "nsr", "w-reinforce", "--sweep", "lam=0,1", "--set", "steps=2", "--n", "256",
             "--set", "batch_prompts=2", "--set", "group_size=4"]
     assert reproduce.main(argv) == 0
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
@@ -3177,7 +3220,78 @@ def test_reproduce_sweep_labels_each_value_and_judges_only_the_unswept_runs(tmp_
     assert summary["dynamics"]["nsr"]["step"] == [1, 2] and len(summary["dynamics"]["nsr"]["reward"]) == 2
     assert summary["settings"]["sweeps"] == [{"field": "lam", "values": [0.0, 1.0]}]
     out = capsys.readouterr().out
-    assert "W-REINFORCE[lam=1]" in out and "coverage at k = 256" in out
+    assert "W-REINFORCE[lam=1]" in out and "coverage at k = n = 256" in out
+
+
+def test_reproduce_estimator_variance_is_unbiased_for_the_variance_of_the_pass_at_k_estimate():
+    # E over c ~ Binomial(n, p) of v(c) equals the exact variance of the estimate (n >= 2k), for any p
+    for n, k, p in ((64, 16, 0.07), (64, 32, 0.01), (40, 8, 0.5)):
+        c = np.arange(n + 1)
+        pmf = np.array([math.comb(n, j) * p ** j * (1 - p) ** (n - j) for j in c])
+        estimate = np.array([passk.pass_at_k(n, int(j), k) for j in c])
+        exact = pmf @ estimate ** 2 - (pmf @ estimate) ** 2
+        assert math.isclose(pmf @ reproduce.estimator_variance(c, n, k) / 1e4, exact, rel_tol=1e-9)
+        assert math.isclose(reproduce.plugin_variance(p, n, k), exact, rel_tol=1e-9)
+    # n = k: the estimate is "any of n right", a Bernoulli; below 2k the plug-in at c / n is used
+    assert math.isclose(reproduce.estimator_variance([3], 8, 8)[0] / 1e4, reproduce.plugin_variance(3 / 8, 8, 8))
+    assert reproduce.estimator_variance([0, 8], 8, 2).tolist() == [0.0, 0.0]   # all wrong / all right: certain
+
+
+def test_reproduce_variance_components_split_identical_seeds_into_problems_and_the_estimator_only():
+    base = [1, 2, 3, 0, 5, 1, 0, 2] * 4                 # hard problems: Pass@256 from 0 to ~75%
+    nsr_counts = [3, 0, 1, 6, 0, 2, 4, 0] * 4
+    summary = _summary({"base": base, "nsr": nsr_counts}, {"base": 0.5, "nsr": 0.5}, seeds=(0, 1, 2))
+    summary["n"] = 1024
+    row = next(r for r in [reproduce.variance_components(summary, "nsr", "test_hard")])
+    assert (row["R"], row["T"], row["P"], row["n"]) == (1, 3, 32, 1024)
+    # three identical training runs: no seed term; the per-problem spread of D is the problem term plus v_base
+    assert row["per_unit"]["seed"] == 0.0 and row["per_unit"]["interaction"] == 0.0 and row["per_unit"]["base"] is None
+    d = reproduce.passk_matrix(nsr_counts, 1024)[:, -1] - reproduce.passk_matrix(base, 1024)[:, -1]
+    v_base = reproduce.estimator_variance(base, 1024, 256).mean()
+    assert math.isclose(row["per_unit"]["problem"], d.var(ddof=1) - v_base, rel_tol=1e-9)
+    assert math.isclose(row["estimate"], d.mean(), rel_tol=1e-12)
+    v_method = reproduce.estimator_variance(nsr_counts, 1024, 256).mean()
+    assert math.isclose(row["terms"]["estimator"], v_method / 96 + v_base / 32, rel_tol=1e-9)
+    assert math.isclose(row["halfwidth"], 1.96 * math.sqrt(sum(row["terms"].values())), rel_tol=1e-12)
+    # projected to 4x the samples, the estimator's term shrinks; measured n projects to itself
+    assert row["per_unit"]["v_base_at"]["1024"] == pytest.approx(row["per_unit"]["v_base"], rel=1e-9)
+    assert row["per_unit"]["v_base_at"]["2048"] < row["per_unit"]["v_base"]
+
+
+def test_reproduce_design_terms_divide_each_source_by_the_units_it_is_averaged_over():
+    unit = {"v_method": 96.0, "v_base": 32.0, "seed": 6.0, "interaction": 64.0, "problem": 128.0, "base": 9.0,
+            "v_method_at": {"512": 192.0}, "v_base_at": {"512": 64.0}}
+    terms = reproduce.design_terms(unit, R=3, T=2, P=16)
+    assert terms == {"estimator": 96 / 96 + 32 / 48, "training seed": (6 + 64 / 16) / 6,
+                     "problem sample": 128 / 48, "base": 3.0}
+    assert reproduce.design_terms(unit, R=3, T=2, P=16, n=512)["estimator"] == 192 / 96 + 64 / 48
+
+
+def test_reproduce_bootstrap_halfwidth_counts_each_base_s_own_noise_twice_as_the_two_level_bootstrap_does():
+    unit = {"v_method": 96.0, "v_base": 32.0, "seed": 6.0, "interaction": 64.0, "problem": 128.0, "base": 9.0}
+    within = 96 / 64 + 32 / 16 + (6 + 64 / 16) / 4 + 128 / 16       # one base's mean: T = 4, P = 16
+    assert reproduce.bootstrap_halfwidth(unit, 1, 4, 16) == pytest.approx(1.96 * within ** 0.5)   # no base term
+    assert reproduce.bootstrap_halfwidth(unit, 3, 4, 16) == pytest.approx(1.96 * (2 / 9 * (9 + within) + within / 3) ** 0.5)
+    assert reproduce.bootstrap_halfwidth(unit, 3, 4, 16, base=0.0) == pytest.approx(1.96 * (5 / 9 * within) ** 0.5)
+
+
+def test_reproduce_expected_time_runs_the_bases_then_the_training_jobs_on_the_first_free_process():
+    assert reproduce.schedule_seconds([100, 100, 100], 2) == 200
+    assert reproduce.schedule_seconds([30, 10, 10, 10], 2) == 30
+    assert reproduce.schedule_seconds([], 2) == 0
+    jobs = [{"method": "base"}] * 3 + [{"method": "nsr"}] * 5
+    cost = {"base": 100.0, "nsr": 10.0}
+    assert reproduce.expected_seconds(jobs, 2, cost=lambda j: cost[j["method"]]) == 200 + 30
+    assert reproduce.expected_seconds(jobs, 1, cost=lambda j: cost[j["method"]]) == 300 + 50
+
+
+def test_reproduce_a_job_costs_its_training_and_its_evaluation_at_its_n_and_nothing_when_done(tmp_path):
+    job = {"method": "w-reinforce[lam=1]", "n": 512, "run_dir": str(tmp_path / "run"), "key": "k1"}
+    seconds = reproduce.SECONDS
+    assert reproduce.job_seconds(job) == seconds["train"]["w-reinforce"] + 2 * seconds["eval_per_256"]
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "result.json").write_text(json.dumps({"key": "k1"}))
+    assert reproduce.job_seconds(job) == 0.0
 
 
 @pytest.mark.parametrize("extra, message", [(["--set", "lr"], "expected FIELD=VALUE"),
