@@ -72,7 +72,7 @@ import why
 OBJECTIVES = ("psr", "nsr", "w-reinforce", "reinforce", "grpo", "ppo")
 
 
-# PROBLEM weights (15 points): every objective's per-sample weight w_i (a new objective is one more row)
+# PROBLEM sample_weights (15 points): every objective's per-sample weight w_i (a new objective is one more row)
 def sample_weights(rewards, objective: str, lam: float = 0.1, group_size: int = 8) -> torch.Tensor:
     """Per-sample weights w (N,) float32 from rewards r (N,) in {0, 1}: the table of the top docstring.
 
@@ -167,7 +167,7 @@ def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor, n
     return ((d.exp() - d - 1).clamp(max=10) * mask).sum() / num_tokens
 
 
-# PROBLEM normalizer (5 points): Z, the token mean of the official code, or a constant
+# PROBLEM loss_normalizer (5 points): Z, the token mean of the official code, or a constant
 def loss_normalizer(weights: torch.Tensor, lengths, mode: str = "tokens", max_new_tokens: int = 1) -> float:
     """Z of policy_loss for a whole mini-batch (computed once, before micro-batching).
 

@@ -30,7 +30,7 @@ import loading
 import precision
 import sample
 
-# PROBLEM gae (10 bonus points): generalised advantage estimation, right to left over each response
+# PROBLEM gae_advantages (10 bonus points): generalised advantage estimation, right to left over each response
 def gae_advantages(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0,
                    gae_lam: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Generalised advantage estimation over right-padded rows -> (advantages, returns), all (N, T).

@@ -387,7 +387,7 @@ def _as_rollouts(tokens, logprobs, entropies, lengths, alive) -> Rollouts:
 # out with the sampler's positions), reading the logits of the response positions. At the first
 # mini-batch of a step both numbers are the same (tested), which is what makes the clipped ratio 1 there.
 
-# PROBLEM logprobs (10 points): log pi(y) and the entropy of every position, from the logits
+# PROBLEM token_logprobs (10 points): log pi(y) and the entropy of every position, from the logits
 def token_logprobs(logits, targets, temperature: float = 1.0, with_entropy: bool = False):
     """logits (n, R, V) any dtype, targets (n, R) -> log pi_T(target) (n, R) fp32, entropy (n, R) or None.
 
@@ -512,7 +512,7 @@ class KVCache:
         self.v = [store[:batch] for store in self.v_store]
         self.filled = 0                                  # slots [0, filled) hold tokens
 
-    # PROBLEM kv_cache (10 points): write a step's keys and values into the cache, read back every token's
+    # PROBLEM KVCache.update (10 points): write a step's keys and values into the cache, read back every token's
     def update(self, layer: int, slot: int, k: torch.Tensor, v: torch.Tensor):
         """Write the new tokens' k, v (B, kv_heads, S, hd) of one layer at slots [slot, slot + S), set
         self.filled = slot + S, and return the keys and values of every token so far of that layer,

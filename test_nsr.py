@@ -3314,8 +3314,16 @@ def test_reproduce_rejects_bad_flags_before_any_work(tmp_path, capsys, extra, me
 # =================================================================================================
 #
 # Select with:  python -m pytest -q test_nsr.py -k assignment
+#
+# The handout's test_nsr.py has no such section: these tests grade against the reference checkout (which a
+# handout is not) and list the routes to the reference that the grader closes.
 
-import assignment                                                   # noqa: E402 (the section's own import)
+# HANDOUT: cut (the kit's own tests)
+import os                                                           # noqa: E402 (the section's own imports)
+import subprocess                                                   # noqa: E402
+import tempfile                                                     # noqa: E402
+
+import assignment                                                   # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -3383,11 +3391,12 @@ def test_assignment_grade_prints_a_table_and_its_last_line_is_one_json_object(tm
     copy.mkdir()
     for name in assignment.SOURCES:
         shutil.copy(HERE / name, copy / name)
-    assert assignment.main(["grade", str(copy), "--json", "--only", "kv_cache", "boxed"]) == 0
+    # (not _box_at: two of its visible tests time themselves against 1 s, which a busy machine can miss)
+    assert assignment.main(["grade", str(copy), "--json", "--only", "KVCache.update", "pass_at_k"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     result = json.loads(lines[-1])
-    assert result == {"total": 20.0, "max": 20.0, "problems": {"kv_cache": {"points": 10.0, "max": 10.0},
-                                                               "boxed": {"points": 10.0, "max": 10.0}}}
+    assert result == {"total": 20.0, "max": 20.0, "problems": {"pass_at_k": {"points": 10.0, "max": 10.0},
+                                                               "KVCache.update": {"points": 10.0, "max": 10.0}}}
     assert lines[0].split() == ["problem", "points", "max", "what", "failed"]
 
 
@@ -3409,8 +3418,8 @@ def test_assignment_results_tier_is_judged_against_the_reference_spread_and_says
 
 def test_assignment_reports_a_failed_process_by_its_exception_not_by_the_progress_bar_drawn_after_it():
     traceback = ("Traceback (most recent call last):\n  File \"sample.py\", line 451, in update\n"
-                 "NotImplementedError: kv_cache: see HANDOUT.md\n\reval test_easy @ step 0:   0%|  | 0/128\n")
-    assert assignment.last_error(traceback) == "NotImplementedError: kv_cache: see HANDOUT.md"
+                 "NotImplementedError: KVCache.update: see HANDOUT.md\n\reval test_easy @ step 0:   0%|  | 0/128\n")
+    assert assignment.last_error(traceback) == "NotImplementedError: KVCache.update: see HANDOUT.md"
     assert assignment.last_error("x\nnsr.py: error: --lr must be > 0\n") == "nsr.py: error: --lr must be > 0"
     assert assignment.last_error("just a line\n\n") == "just a line" and assignment.last_error("") == "?"
 
@@ -3429,6 +3438,354 @@ def test_assignment_submit_zips_the_edited_files_the_writeup_and_the_logs_withou
     names = set(zipfile.ZipFile(assignment.submit(student)).namelist())
     assert names == {"passk.py", "WRITEUP.md", "runs/nsr-toy/config.json", "runs/nsr-toy/metrics.jsonl",
                      "runs/nsr-toy/eval.jsonl", "runs/nsr-toy/eval/step000000_test.json"}
+
+
+# ---- cheating: each route scores 0 and is flagged; honest code keeps its marks ----
+
+_CHEATS = {     # name -> a pass_at_k body that gets the reference's answer without computing it
+    "importlib on the checkout": f"""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("ref", "{HERE / 'passk.py'}")
+    ref = importlib.util.module_from_spec(spec); spec.loader.exec_module(ref)
+    return ref.pass_at_k(n, c, k)""",
+    "the grader's ../reference path": """
+    exec(open("../reference/passk.py").read(), scope := {})
+    return scope["pass_at_k"](n, c, k)""",
+    "reading the uncut tests": """
+    import test_nsr
+    return test_nsr.passk.pass_at_k(n, c, k)""",
+    "__import__ spelled out": """
+    m = __import__("im" + "portlib").import_module("passk")
+    return m.pass_at_k(n, c, k)""",
+    "getattr on builtins": """
+    import builtins
+    return getattr(builtins, "ev" + "al")("__import__('passk').pass_at_k")(n, c, k)""",
+    "a module another module imported": """
+    import toy
+    return toy.subprocess.check_output(["cat", "passk.py"])""",
+    "the subclasses walk": """
+    f = [c for c in ().__class__.__base__.__subclasses__() if c.__name__ == "FileIO"][0]
+    return f("/work/main/passk.py").readall()""",
+    "sys.modules through an alias": """
+    from sys import modules as m
+    return m["passk"].pass_at_k(n, c, k)""",
+    "a path object's read_text": """
+    import nsr
+    return nsr.pathlib.Path("../reference/passk.py").read_text()""",
+    "torch.load of a file": """
+    import torch as t
+    return t.load("../reference.pt")""",
+    "frames": """
+    import torch
+    return torch.autograd.function.__builtins__["open"]("x")""",
+}
+
+
+def _with_body(problem_id: str, body: str) -> str:
+    """The handout's file of a problem with the function's body replaced by body (its signature kept)."""
+    p = next(p for p in assignment.find_problems() if p.id == problem_id)
+    source = pathlib.Path(p.file).read_text()
+    node = assignment.locate(source, p.qualname)
+    head = "".join(source.splitlines(keepends=True)[node.lineno - 1:node.body[0].lineno - 1])
+    return assignment.replace_function(source, p.qualname, head + body.strip("\n") + "\n")
+
+
+@pytest.mark.parametrize("route", sorted(_CHEATS))
+def test_assignment_static_check_flags_every_route_to_the_reference_with_its_line(route):
+    p = next(p for p in assignment.find_problems() if p.id == "pass_at_k")
+    source = _with_body("pass_at_k", _CHEATS[route])
+    _, graded = assignment.splice(p, source, (HERE / "passk.py").read_text())
+    flagged = assignment.static_check(graded, "passk.py")
+    node = assignment.locate(source, "pass_at_k")
+    body_lines = range(node.body[0].lineno, node.end_lineno + 1)
+    assert flagged, route
+    assert all(re.match(r"passk\.py:(\d+): ", f) and int(f.split(":")[1]) in body_lines for f in flagged), flagged
+
+
+def test_assignment_static_check_passes_every_reference_function_and_honest_helpers():
+    for p in assignment.find_problems():
+        source = pathlib.Path(p.file).read_text()
+        _, graded = assignment.splice(p, source, source)
+        assert assignment.static_check(graded, p.file) == [], p.id
+    helper = ("import math\nfrom collections import defaultdict\nimport torch.nn.functional as F\n\n"
+              "def _my_helper(x):\n    return F.softmax(torch.as_tensor(x), -1).sum().item() + math.pi\n")
+    p = next(p for p in assignment.find_problems() if p.id == "pass_at_k")
+    _, graded = assignment.splice(p, (HERE / "passk.py").read_text() + "\n" + helper, (HERE / "passk.py").read_text())
+    assert len(graded) == 4 and assignment.static_check(graded, "passk.py") == []
+
+
+_GUARD_PROBE = '''
+import collections, dataclasses, importlib.util, io, json, os, pathlib, runpy, socket, subprocess, sys
+sys.path.insert(0, {kit!r})
+import assignment
+sys.path.remove({kit!r})                     # as in a student process: the kit's checkout is not on sys.path
+assignment.install_guard(pathlib.Path.cwd())
+checkout, outcome = {kit!r}, {{}}
+def attempt(name, fn):
+    try:
+        fn()
+        outcome[name] = "allowed"
+    except PermissionError:
+        outcome[name] = "blocked"
+    except Exception as e:
+        outcome[name] = "other " + type(e).__name__
+attempt("importlib on the checkout", lambda: importlib.util.spec_from_file_location("r", checkout + "/passk.py").loader.get_data(checkout + "/passk.py"))
+attempt("../reference", lambda: open("../reference/passk.py").read())
+attempt("the uncut tests", lambda: open(checkout + "/test_nsr.py").read())
+attempt("runpy", lambda: runpy.run_path(checkout + "/passk.py"))
+attempt("io.FileIO", lambda: io.FileIO(checkout + "/passk.py"))
+attempt("os.open", lambda: os.open(checkout + "/passk.py", os.O_RDONLY))
+attempt("a symlink", lambda: os.symlink(checkout + "/passk.py", "link.py"))
+attempt("a process", lambda: subprocess.run(["true"]))
+attempt("os.system", lambda: os.system("true"))
+attempt("a socket", lambda: socket.create_connection(("127.0.0.1", 9)))
+attempt("exec of text", lambda: exec("x = 1"))
+attempt("compile of text", lambda: compile("x = 1", "<s>", "exec"))
+attempt("import from the checkout", lambda: (sys.path.insert(0, checkout), __import__("bench")))
+attempt("listing the grader's directory", lambda: os.listdir(".."))
+attempt("listing the checkout", lambda: list(os.scandir(checkout)))
+attempt("writing the Python installation", lambda: open(os.path.join(sys.prefix, "x.txt"), "w"))
+attempt("a file here", lambda: (pathlib.Path("mine.txt").write_text("x"), open("mine.txt").read(), os.listdir()))
+attempt("reading the Python installation", lambda: open(json.__file__).read())
+attempt("a dataclass and a namedtuple",
+        lambda: (dataclasses.make_dataclass("D", ["a"]), collections.namedtuple("N", "a b")))
+attempt("a new stdlib import", lambda: __import__("wave"))
+print("OUTCOME", json.dumps(outcome))
+'''
+
+
+def test_assignment_runtime_guard_blocks_files_processes_and_code_outside_the_problem_and_flags_each(tmp_path):
+    problem = tmp_path / "problem"
+    problem.mkdir()
+    (tmp_path / "reference").mkdir()
+    shutil.copy(HERE / "passk.py", tmp_path / "reference" / "passk.py")
+    (problem / "probe.py").write_text(_GUARD_PROBE.format(kit=str(HERE)))       # it runs from the problem's directory
+    proc = subprocess.run([sys.executable, "probe.py"], cwd=problem, capture_output=True, text=True, timeout=120)
+    outcome = json.loads(proc.stdout.split("OUTCOME", 1)[1])
+    allowed = {"a file here", "reading the Python installation", "a dataclass and a namedtuple", "a new stdlib import"}
+    assert {k for k, v in outcome.items() if v == "allowed"} == allowed, outcome
+    assert all(v == "blocked" for k, v in outcome.items() if k not in allowed), outcome
+    flags = assignment.flags_in(proc.stderr)
+    assert any("passk.py" in f and "outside the problem's directory" in f for f in flags)
+    assert any("starting a process" in f for f in flags) and any("compile called from probe.py" in f for f in flags)
+
+
+def test_assignment_student_code_runs_as_an_unprivileged_user_who_cannot_read_the_graders_files():
+    user, isolation = assignment.unprivileged_user()
+    if os.geteuid() != 0:                         # not root: the documented fallback, said in the report
+        assert user is None and "not root" in isolation
+        return
+    # root: the real drop, shown with a command that needs no Python (this machine's Python may sit under
+    # a directory only root can enter, in which case grade() falls back and says so)
+    import pwd
+    nobody = pwd.getpwnam(assignment.GRADE_USER).pw_uid
+    tmp_path = pathlib.Path(tempfile.mkdtemp(prefix="grade-"))        # as grade() makes it: root's, mode 700
+    grader = tmp_path / "grader"
+    grader.mkdir(mode=0o700)
+    secret = grader / "reference.pt"                                  # a file of the grader's: mode 600
+    secret.write_text("the reference's outputs")
+    secret.chmod(0o600)
+    (grader / "reference").mkdir(mode=0o700)                          # a directory of the grader's: mode 700
+    shutil.copy(HERE / "passk.py", grader / "reference" / "passk.py")
+    grader.chmod(0o711)
+    problem = grader / "0123456789abcdef"
+    problem.mkdir()
+    (problem / "passk.py").write_text("mine")
+    ids = assignment.hand_over([problem], nobody)
+    tmp_path.chmod(0o711)
+    cat = lambda path: subprocess.run(["cat", str(path)], capture_output=True, text=True, **ids)
+    assert cat(problem / "passk.py").stdout == "mine"
+    assert cat(secret).returncode != 0 and "Permission denied" in cat(secret).stderr
+    assert "Permission denied" in cat(grader / "reference" / "passk.py").stderr
+    assert subprocess.run(["ls", str(grader)], capture_output=True, **ids).returncode != 0   # no listing
+    assert subprocess.run(["id", "-u"], capture_output=True, text=True, **ids).stdout.strip() == str(nobody)
+    assert (user is None) == ("cannot run" in isolation)
+    shutil.rmtree(tmp_path)
+
+
+@pytest.mark.smoke
+def test_assignment_a_cheat_the_static_check_misses_is_flagged_at_run_time_a_syntax_error_costs_one_problem(
+        handout_dir, tmp_path, monkeypatch):
+    # one grade of three problems: sample_weights honest (full marks); kl_penalty with a syntax error (0, the
+    # line named, sample_weights in the same file unharmed); pass_at_k importing the checkout's answer with
+    # the static check switched off (the runtime guard flags it)
+    student = tmp_path / "student"
+    shutil.copytree(handout_dir, student)
+    reference = (HERE / "nsr.py").read_text()
+    source = assignment.replace_function((student / "nsr.py").read_text(), "sample_weights",
+                                         assignment.function_text(reference, "sample_weights"))
+    broken = assignment.function_text(reference, "kl_penalty").replace("return", "return (", 1)
+    (student / "nsr.py").write_text(assignment.replace_function(source, "kl_penalty", broken))
+    (student / "passk.py").write_text(_with_body("pass_at_k", _CHEATS["importlib on the checkout"]))
+    monkeypatch.setattr(assignment, "static_check", lambda nodes, file: [])
+    seen = []
+    real_run = assignment.run_process
+
+    def spy(cwd, args, out, user=None):               # what a student process could find around it
+        if "--guard" in args:
+            seen.append({"a reference copy": any("reference" in str(p) for p in cwd.parent.rglob("*")),
+                         "other than random names": [p.name for p in cwd.parent.iterdir()
+                                                     if not re.fullmatch(r"[0-9a-f]{16}(\.pt)?", p.name)],
+                         "cut tests": "HANDOUT: cut" in (cwd / "test_nsr.py").read_text()})
+        return real_run(cwd, args, out, user)
+
+    monkeypatch.setattr(assignment, "run_process", spy)
+    graded = assignment.grade(student, only=["sample_weights", "kl_penalty", "pass_at_k"])["problems"]
+    assert graded["sample_weights"]["points"] == 15 and not graded["sample_weights"]["failed"]
+    assert graded["kl_penalty"]["points"] == 0
+    lines = (student / "nsr.py").read_text().splitlines()
+    start = next(i for i, text in enumerate(lines, 1) if text.startswith("def kl_penalty"))
+    line = next(i for i, text in enumerate(lines, 1) if i > start and "return (" in text)
+    assert graded["kl_penalty"]["failed"] == [f"nsr.py:{line}: SyntaxError: '(' was never closed (so kl_penalty "
+                                              "does not compile)"]
+    assert graded["pass_at_k"]["points"] == 0 and graded["pass_at_k"]["flagged"]
+    assert any(f.endswith("passk.py (outside the problem's directory)") for f in graded["pass_at_k"]["flagged"])
+    assert len(seen) == 2 and all(s == {"a reference copy": False, "other than random names": [],
+                                        "cut tests": False} for s in seen), seen
+
+
+# ---- feedback a student can act on ----
+
+def test_assignment_feedback_names_the_input_expected_vs_actual_and_the_tolerance_and_stays_bounded():
+    seed = 7
+    cases = assignment.CHECKS["gae_advantages"]["diff"].cases(random.Random(seed))
+    want = [assignment.call(assignment.plain, ppo.gae_advantages, case) for case in cases]
+    got = [("ok", (adv.clone(), ret)) for _, (adv, ret) in want]
+    got[3][1][0].view(-1)[-1] += 1e-6                              # one element of one case, past the tolerance
+    name, ok, detail = assignment.compare_outputs("gae_advantages", seed, got, want)
+    assert not ok and "case 3 of 20" in detail and "rewards: shape" in detail
+    index = list(torch.nonzero(torch.ones_like(want[3][1][0]))[-1].tolist())
+    assert f"the advantages: at index {index} expected" in detail and "max abs error 1e-06" in detail
+    assert "tolerance: |actual - expected| <= 1e-09 + 1e-07 x |expected|" in detail
+    assert assignment.compare_outputs("gae_advantages", seed, want, want)[1]
+    # many long failures: at most FEEDBACK_CHARS, whole lines of whole messages, and how many were left out
+    failed = [f"test test_{i}: " + "\n".join(f"E  line {j} " + "x" * 100 for j in range(12)) for i in range(9)]
+    text = assignment.feedback({"failed": failed, "flagged": []})
+    assert len(text) <= assignment.FEEDBACK_CHARS and text.startswith(failed[0])
+    assert all(line in "\n".join(failed) for line in text.splitlines()[:-1])
+    assert re.search(r"\(and \d+ more failing check\(s\), not shown\)$", text)
+
+
+def test_assignment_messages_give_the_students_own_line_numbers():
+    p = next(p for p in assignment.find_problems() if p.id == "pass_at_k")
+    student = "# my notes\n" * 30 + (HERE / "passk.py").read_text() + "\ndef _helper():\n    return 1\n"
+    spliced, _ = assignment.splice(p, student, (HERE / "passk.py").read_text())
+    lines = assignment.LineMap(p, student, spliced)
+    mine = assignment.locate(student, "pass_at_k").lineno
+    theirs = assignment.locate(spliced, "pass_at_k").lineno
+    assert lines.fix(f"passk.py:{theirs + 2}: in pass_at_k") == f"passk.py:{mine + 2}: in pass_at_k"
+    assert lines.fix("passk.py:1: x") == "passk.py (the reference's part, line 1): x"
+    assert lines.fix("xpasskk.py:3 and test_nsr.py:5") == "xpasskk.py:3 and test_nsr.py:5"
+
+
+
+def test_assignment_student_processes_run_the_handouts_test_file_so_its_line_numbers_are_the_students(handout_dir,
+                                                                                                      tmp_path):
+    graded_copy = assignment.copy_code(HERE, tmp_path / "copy", handout_tests=True)
+    assert (graded_copy / "test_nsr.py").read_text() == (handout_dir / "test_nsr.py").read_text()
+    assert len((graded_copy / "test_nsr.py").read_text()) < len((HERE / "test_nsr.py").read_text())   # cut regions cut
+
+
+def test_assignment_a_syntax_error_blanks_only_its_own_top_level_block():
+    source = (HERE / "nsr.py").read_text()
+    broken = assignment.replace_function(source, "kl_penalty", assignment.function_text(source, "kl_penalty")
+                                         .replace("return", "return (", 1))
+    parsed = assignment.parse_tolerant(broken)
+    assert len(parsed.broken) == 1 and parsed.broken[0].first == assignment.locate(source, "kl_penalty").lineno
+    assert assignment.locate_or_none(parsed.source, "kl_penalty") is None
+    for name in ("sample_weights", "policy_loss", "loss_normalizer"):
+        assert assignment.function_text(parsed.source, name) == assignment.function_text(source, name)
+    assert len(parsed.source.splitlines()) == len(broken.splitlines())          # line numbers kept
+
+
+# ---- Gradescope ----
+
+def _check_gradescope_results(results: dict, problems: list) -> None:
+    """Gradescope's required fields, their types, and that the points add up."""
+    assert isinstance(results["score"], (int, float)) and isinstance(results["tests"], list)
+    assert [t["name"].split(" ")[0] for t in results["tests"]] == [p.id for p in problems]   # grading order
+    for t in results["tests"]:
+        assert set(t) >= {"name", "score", "max_score", "output", "visibility"}
+        assert isinstance(t["score"], (int, float)) and isinstance(t["max_score"], (int, float))
+        assert isinstance(t["output"], str) and t["visibility"] in ("visible", "hidden", "after_due_date",
+                                                                    "after_published")
+    assert math.isclose(results["score"], sum(t["score"] for t in results["tests"]), abs_tol=0.01 * len(problems))
+    assert sum(t["max_score"] for t in results["tests"]) == 100      # bonus tests carry max_score 0
+
+
+@pytest.mark.smoke
+def test_assignment_gradescope_zip_runs_its_run_autograder_on_a_fake_root_and_writes_valid_results(tmp_path):
+    zip_path = tmp_path / "autograder.zip"
+    assert assignment.main(["gradescope", str(zip_path)]) == 0
+    root = tmp_path / "autograder"
+    with zipfile.ZipFile(zip_path) as z:
+        assert {"setup.sh", "run_autograder", "assignment.py", "requirements.txt"} <= set(z.namelist())
+        assert (z.getinfo("run_autograder").external_attr >> 16) & 0o111
+        z.extractall(root / "source")
+    (root / "source" / "run_autograder").chmod(0o755)
+    submission = root / "submission"                   # a student who did pass_at_k and handed in passk.py only
+    submission.mkdir()
+    shutil.copy(HERE / "passk.py", submission / "passk.py")
+    proc = subprocess.run(["bash", str(root / "source" / "run_autograder")], capture_output=True, text=True,
+                          env={**os.environ, "AUTOGRADER_ROOT": str(root), "AUTOGRADER_PYTHON": sys.executable},
+                          timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    results = json.loads((root / "results" / "results.json").read_text())
+    _check_gradescope_results(results, assignment.in_grading_order(assignment.find_problems()))
+    tests = {t["name"].split(" ")[0]: t for t in results["tests"]}
+    assert tests["pass_at_k"]["score"] == 10 and tests["pass_at_k"]["output"] == "all 6 checks passed"
+    assert tests["sample_weights"]["score"] == 0
+    assert "nsr.py: not in the submission" in tests["sample_weights"]["output"]
+    assert results["score"] == 10 and not (root / "source").stat().st_mode & 0o077
+
+
+def test_assignment_gradescope_results_of_a_grade_add_up_with_bonus_as_extra_credit():
+    problems = assignment.in_grading_order(assignment.find_problems())
+    result = {"total": 0.0, "max": 100.0, "isolation": "x", "problems": {}}
+    for i, p in enumerate(problems):
+        points = p.points if i % 2 else 0.0
+        result["problems"][p.id] = {"points": points, "max": p.points, "bonus": p.bonus, "checks": 3,
+                                    "failed": [] if points else ["differential: x\ncase 0"], "flagged": []}
+        result["total"] += points
+    results = assignment.gradescope_results(result, 12.3)
+    _check_gradescope_results(results, problems)
+    assert results["score"] == result["total"] and results["execution_time"] == 12
+
+
+# ---- the handout states the grading; submit warns ----
+
+def test_assignment_handout_states_the_grading_rule_checks_tolerances_and_times_in_grading_order(handout_dir):
+    text = (handout_dir / "HANDOUT.md").read_text()
+    assert "python assignment.py check ." in text
+    assert "Points = the problem's points x (checks passed) / (visible checks + 1)" in text
+    rows = [line for line in text.splitlines() if re.match(r"\| \d+ \| `", line)]
+    order = [re.match(r"\| \d+ \| `([^`]+)`", row).group(1) for row in rows]
+    assert order == list(assignment.CHECKS)
+    for row, pid in zip(rows, order):
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        diff = assignment.CHECKS[pid]["diff"]
+        assert cells[4] == str(len(assignment.CHECKS[pid]["tests"]))
+        assert cells[5] == f"1 ({len(diff.cases(random.Random(1)))} random cases)"
+        assert cells[6] and "{" not in cells[6] and cells[7].endswith(" s") and "?" not in cells[7]
+    assert "?" not in text.split("## How you are graded")[1].split("## The write-up")[0].replace("?)", "")
+
+
+def test_assignment_submit_warns_on_an_untouched_writeup_and_each_unfinished_problem(handout_dir, tmp_path, capsys):
+    student = tmp_path / "student"
+    shutil.copytree(handout_dir, student)
+    warnings_ = assignment.submit_warnings(student)
+    assert warnings_[0].startswith("WRITEUP.md is unchanged")
+    assert len(warnings_) == 1 + len(assignment.find_problems())
+    assert all("still raises NotImplementedError" in w for w in warnings_[1:])
+    (student / "WRITEUP.md").write_text("Q1. ...")
+    shutil.copy(HERE / "passk.py", student / "passk.py")
+    (student / "verifier.py").write_text((student / "verifier.py").read_text().replace(
+        'raise NotImplementedError("_box_at: see HANDOUT.md")', "return (", 1))
+    assert assignment.main(["submit", str(student)]) == 0
+    out = capsys.readouterr().out
+    assert "WRITEUP.md" not in out and "pass_at_k" not in out and "still raises" in out
+    assert re.search(r"WARNING: verifier\.py:\d+: SyntaxError: .* _box_at \(_box_at\) does not compile", out)
+# HANDOUT: end
 
 
 # =================================================================================================

@@ -93,7 +93,7 @@ _BOX_HEDGE_RE = re.compile(r"\bor\b|\\text\{\s*or\s*\}")
 _PHRASES = ("final answer is", "the answer is", "answer is:", "final answer", "answer:", "####")
 
 
-# PROBLEM boxed (10 points): the content of one \boxed{...}, braces matched, within a bounded window
+# PROBLEM _box_at (10 points): the content of one \boxed{...}, braces matched, within a bounded window
 def _box_at(text: str, start: int, end_of_name: int):
     """Parse the box whose name (\\boxed, \\fbox) spans text[start:end_of_name] -> (content, end) or None.
 
