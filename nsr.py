@@ -27,12 +27,12 @@ THE IDEA
   forward before the update, so the first mini-batch's gradient is exactly L's (tested, bf16 too);
   --clip-eps 0 --mini-batch-size none --entropy-coef 0 runs L itself.
 
-  The token-level gradient (policy_loss derives it, --demo-gradient shows it): dL/dz_v = -w (1[v = y] - pi_v).
+  The token-level gradient (policy_loss derives it, --demo-gradient shows it, why.py): dL/dz_v = -w (1[v = y] - pi_v).
 
 READ IN THIS ORDER: OBJECTIVES, ONE RL STEP (rl_step), THE LOOP (train), CONFIG, main. The rest is optional
-  reading in flat files: sample.py (sampler, log-probs), verifier.py, passk.py, ppo.py (critic), precision.py
-  (fp32 masters, offload, checkpointing), runs.py (run dir, checkpoints), settings.py (flags), presets.py
-  (24 GB presets), toy.py (the toy world). Departures from the paper and its code: docs/training.md.
+  reading in flat files: sample.py (sampler, log-probs), loading.py (models, prompts, data), verifier.py, passk.py,
+  ppo.py (critic), precision.py (fp32 masters, offload, checkpointing), runs.py (run dir, checkpoints),
+  settings.py (flags), presets.py (24 GB presets), toy.py (the toy world). Departures: docs/training.md.
 
 COMMANDS
   python nsr.py                          # main job: toy world, NSR, Pass@k table of base vs trained
