@@ -493,11 +493,13 @@ def bench_eval(args) -> dict:
                       f"{n_tokens / seconds:8.0f} tok/s (Pass@1 {result['curve'][1]:.3f})", flush=True)
     medians = {label: statistics.median(v) for label, v in rates.items()}
     ratio = medians["new"] / medians["old"]
+    paired = [new / old for new, old in zip(rates["new"], rates["old"])]    # the same repeat: the same load
     print(f"[eval] median tok/s: " + ", ".join(f"{k} {v:.0f}" for k, v in medians.items())
-          + f"; ratio new / old {ratio:.2f}", flush=True)
+          + f"; ratio new / old {ratio:.2f} (per repeat {', '.join(f'{r:.2f}' for r in paired)})", flush=True)
     return {"benchmark": "eval", "threads": args.threads, "repeats": args.repeats, "n": args.n,
             "problems": len(problems), "baseline": args.baseline,
             "tok_s": {k: round(v) for k, v in medians.items()}, "ratio": round(ratio, 3), "target": 2.0,
+            "ratio_per_repeat": [round(r, 3) for r in paired],
             "all": {k: [round(x) for x in v] for k, v in rates.items()}}
 
 

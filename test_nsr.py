@@ -1245,6 +1245,20 @@ def test_an_unsupported_model_falls_back_to_transformers_with_a_warning_and_matc
         assert rollouts.tokens[b] == _transformers_greedy(model, prompt, 8), f"row {b}"
 
 
+def test_the_fallback_shares_prefixes_through_dynamic_cache_and_samples_as_its_plain_path():
+    # sampling splits shared prefixes, so DynamicCache.batch_select_indices repeats and drops rows
+    model = _tiny_unsupported_model("gpt2")
+    prompts = SAMPLING_PROMPTS * 3
+    kw = dict(max_new_tokens=8, temperature=0.7, uniforms=_crn_uniforms(len(prompts), 8, seed=2), eos_token_ids=[])
+    with pytest.warns(UserWarning, match="DynamicCache"):
+        fast = sample.generate(model, prompts, **kw)
+        plain = sample.generate(model, prompts, fast=False, **kw)
+    assert fast.tokens == plain.tokens
+    assert len({tuple(row) for row in fast.tokens}) > len(SAMPLING_PROMPTS)     # prefixes did split
+    for a, b in zip(fast.logprobs, plain.logprobs):
+        assert torch.allclose(torch.tensor(a), torch.tensor(b), atol=1e-5)
+
+
 def test_generate_without_its_speed_tricks_gives_the_same_rollouts_as_with_them():
     model = tiny_model("qwen3")
     prompts = SAMPLING_PROMPTS * 3                            # repeated prompts: one prefill each when fast
