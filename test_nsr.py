@@ -3803,6 +3803,115 @@ def test_assignment_submit_warns_on_an_untouched_writeup_and_each_unfinished_pro
 
 
 # =================================================================================================
+# WHY PSR AND NSR DIFFER (docs/why.md): on a tabular softmax, by enumeration in float64, their expected
+# gradients agree up to a scale; one NSR step's probability change is the first-order formula of why.md
+# =================================================================================================
+
+WHY_LOGITS = torch.tensor([1.3, 0.2, -0.4, 0.9, -1.6, -0.1], dtype=torch.float64)   # 6 answers
+WHY_CORRECT = torch.tensor([0, 1, 0, 0, 1, 0], dtype=torch.float64)                  # answers 1 and 4 right
+
+
+def why_scores(z: torch.Tensor) -> torch.Tensor:
+    """(V, V) row y: d log pi(y) / dz, through nsr.policy_loss with w = -1 and Z = 1 (its loss is +log pi_y)."""
+    rows = []
+    for y in range(len(z)):
+        zz = z.clone().requires_grad_(True)
+        logp = torch.log_softmax(zz, dim=-1)[y].reshape(1, 1)
+        loss, _ = nsr.policy_loss(logp, torch.tensor([-1.0]), torch.ones(1, 1, dtype=torch.float64), 1.0, None, 0, 0)
+        loss.backward()
+        rows.append(zz.grad)
+    return torch.stack(rows)
+
+
+def why_expected_gradient(objective: str, lam: float = 0.25) -> torch.Tensor:
+    """E_y~pi[w(r_y) grad log pi(y)] by enumeration: the ascent direction of one sample's loss -w log pi(y)."""
+    pi = torch.softmax(WHY_LOGITS, dim=-1)
+    w = nsr.sample_weights(WHY_CORRECT, objective, lam).to(torch.float64)   # (V,) the weight of each answer
+    return (pi[:, None] * w[:, None] * why_scores(WHY_LOGITS)).sum(dim=0)
+
+
+def test_psr_nsr_reinforce_and_w_reinforce_share_one_expected_gradient_up_to_the_derived_scale():
+    pi = torch.softmax(WHY_LOGITS, dim=-1)
+    z = WHY_LOGITS.clone().requires_grad_(True)
+    (torch.softmax(z, dim=-1) * WHY_CORRECT).sum().backward()             # grad of E[r] = P(correct)
+    g = {o: why_expected_gradient(o) for o in ("psr", "nsr", "reinforce", "w-reinforce")}
+    assert g["psr"].norm() > 0.1                                         # a real direction, not 0 = 0
+    torch.testing.assert_close(g["psr"], z.grad, rtol=1e-12, atol=1e-15)  # E[r grad log pi] = grad E[r]
+    for o, scale in (("nsr", 1.0), ("reinforce", 2.0), ("w-reinforce", 1.25)):   # w = r - 1, 2r - 1, (1+lam) r - 1
+        assert torch.cosine_similarity(g[o], g["psr"], dim=0) > 1 - 1e-9
+        torch.testing.assert_close(g[o], scale * g["psr"], rtol=1e-12, atol=1e-15)
+    # the identity behind it: E_y[grad log pi(y)] = 0, so a constant added to w changes nothing in expectation
+    torch.testing.assert_close((pi[:, None] * why_scores(WHY_LOGITS)).sum(dim=0), torch.zeros(6, dtype=torch.float64),
+                               rtol=0, atol=1e-15)
+
+
+def test_the_subset_and_token_mean_scale_psr_by_one_over_accuracy_and_nsr_by_one_over_error():
+    # a group of N = 4 samples, every one of the 6^4 outcomes enumerated; each response is one token, so the
+    # token mean over the subset divides by its size: E = (1 - (1-a)^N)/a g for PSR, (1 - a^N)/(1-a) g for NSR
+    pi, scores, N = torch.softmax(WHY_LOGITS, dim=-1), why_scores(WHY_LOGITS), 4
+    a = float((pi * WHY_CORRECT).sum())
+    g = why_expected_gradient("psr")
+    for objective, scale in (("psr", (1 - (1 - a) ** N) / a), ("nsr", (1 - a ** N) / (1 - a))):
+        expected = torch.zeros(6, dtype=torch.float64)
+        for ys in itertools.product(range(6), repeat=N):
+            rewards = WHY_CORRECT[list(ys)]
+            w = nsr.sample_weights(rewards, objective).to(torch.float64)
+            subset = nsr.training_subset(rewards.tolist(), objective)
+            Z = nsr.loss_normalizer(w[subset], [1] * len(subset))
+            if Z:
+                step = sum(w[i] * scores[ys[i]] for i in subset) / Z
+                expected += math.prod(float(pi[y]) for y in ys) * step
+        assert torch.cosine_similarity(expected, g, dim=0) > 1 - 1e-9
+        torch.testing.assert_close(expected, scale * g, rtol=1e-10, atol=1e-14)
+
+
+def why_nsr_step(p: torch.Tensor, y: int, lr: float) -> torch.Tensor:
+    """The probabilities after one SGD step on the logits of -w log pi(y), w = -1 (NSR on a wrong y)."""
+    z = p.log().clone().requires_grad_(True)
+    logp = torch.log_softmax(z, dim=-1)[y].reshape(1, 1)
+    loss, _ = nsr.policy_loss(logp, torch.tensor([-1.0]), torch.ones(1, 1, dtype=torch.float64), 1.0, None, 0, 0)
+    loss.backward()
+    with torch.no_grad():
+        return torch.softmax(z - lr * z.grad, dim=-1)
+
+
+def why_first_order(p: torch.Tensor, y: int, lr: float) -> torch.Tensor:
+    """dp_v = lr p_v (p_v + p_y (1 - p_y) - sum_{u != y} p_u^2) for v != y; dp_y = -lr p_y ((1 - p_y)^2 + that sum)."""
+    S = float((p ** 2).sum() - p[y] ** 2)
+    dp = lr * p * (p + p[y] * (1 - p[y]) - S)
+    dp[y] = -lr * p[y] * ((1 - p[y]) ** 2 + S)
+    return dp
+
+
+def test_one_nsr_step_moves_each_probability_by_the_first_order_formula_to_within_lr_squared():
+    p, y = torch.softmax(WHY_LOGITS, dim=-1), 3                           # y = 3: a wrong answer, p_y = 0.25
+    errors = {}
+    for lr in (1e-2, 1e-3, 1e-4):
+        dp = why_nsr_step(p, y, lr) - p
+        first = why_first_order(p, y, lr)
+        assert abs(float(first.sum())) < 1e-15                           # the formula moves mass, creates none
+        assert torch.equal(torch.sign(dp), torch.sign(first))
+        errors[lr] = float((dp - first).abs().max())
+        assert errors[lr] < 2 * lr ** 2                                  # O(lr^2)
+    assert 50 < errors[1e-3] / errors[1e-4] < 200                        # and not smaller: it IS second order
+
+
+def test_an_nsr_step_on_a_rare_wrong_token_takes_probability_from_the_rare_tokens_and_gives_it_to_the_favourite():
+    # 5 answers: a the favourite (0.70), y = b a rare wrong answer (0.10) that NSR pushes down, c a rare
+    # correct answer (0.10), d and e (0.05). Threshold: v loses iff p_v < sum_{u != y} p_u^2 - p_y (1 - p_y) = 0.415.
+    p = torch.tensor([0.70, 0.10, 0.10, 0.05, 0.05], dtype=torch.float64)
+    first = why_first_order(p, 1, 0.1)
+    torch.testing.assert_close(first, torch.tensor([0.01995, -0.01315, -0.00315, -0.001825, -0.001825],
+                                                   dtype=torch.float64), rtol=0, atol=1e-12)
+    after = why_nsr_step(p, 1, 0.1)                                      # the exact step, lr = 0.1
+    torch.testing.assert_close(after, torch.tensor([0.71935, 0.08757, 0.09678, 0.04815, 0.04815],
+                                                   dtype=torch.float64), rtol=0, atol=5e-6)
+    assert after[0] > p[0] and all(after[v] < p[v] for v in (1, 2, 3, 4))   # only the favourite gains
+    assert int(torch.argmin(after - p)) == 1                             # the wrong answer lost the most
+    assert why_nsr_step(p, 0, 0.1)[2] > p[2]                             # NSR on the favourite: c gains
+
+
+# =================================================================================================
 # THE THREE KINDS OF TEST (STYLE.md habit 8), selectable:
 #     python -m pytest -q test_nsr.py -m math      exact math: a formula, a table or a rule, exactly
 #     python -m pytest -q test_nsr.py -m parity    our code against transformers' or an independent reference
