@@ -35,19 +35,16 @@ READ IN THIS ORDER: OBJECTIVES, ONE RL STEP (rl_step), THE LOOP (train), CONFIG,
   settings.py (flags), presets.py (24 GB presets), toy.py (the toy world). Departures: docs/training.md.
 
 COMMANDS
-  python nsr.py                          # main job: toy world, NSR, Pass@k table of base vs trained
+  python nsr.py                          # main job: toy world, PSR and NSR side by side vs the base
   python nsr.py --objective psr          # or nsr, w-reinforce, reinforce, grpo, ppo
   python nsr.py --demo-gradient          # one PSR / NSR / W-REINFORCE step on 5 tokens, as numbers
   python nsr.py --preset qwen2.5-0.5b-instruct --train math_train.jsonl --eval math_test.jsonl  # 24 GB GPU
   python nsr.py ... --resume             # continue a stopped run exactly (same flags)
-  python nsr.py --help                   # every Config field, with its comment
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
-import pathlib
 import sys
 import time
 from dataclasses import dataclass, field
@@ -123,10 +120,10 @@ def policy_loss(logp: torch.Tensor, weights: torch.Tensor, mask: torch.Tensor, n
 
         per token  -min(rho * w, clip(rho, 1 - clip_low, 1 + clip_high) * w),   rho = pi_theta / pi_old
 
-    In the first mini-batch of a step pi_theta = pi_old (log pi_old by the same training forward, before the
-    update: runs.training_logprobs): rho = 1 exactly, the gradient is that of -w log pi (tested in bf16). Later mini-batches are off-policy; the clip zeroes the gradient where
-    rho > 1 + clip_high under w > 0 (raised enough: PSR's samples) and rho < 1 - clip_low under w < 0
-    (lowered enough: NSR's). A side set to 0 does not clip (both 0: -rho w). old_logp None: -w log pi itself.
+    In a step's first mini-batch pi_theta = pi_old (log pi_old by the same training forward before the update,
+    runs.training_logprobs): rho = 1 exactly, the gradient is -w log pi's (tested in bf16). Later mini-batches
+    are off-policy; the clip zeroes the gradient where rho > 1 + clip_high under w > 0 (raised enough: PSR's)
+    and rho < 1 - clip_low under w < 0 (lowered enough: NSR's). A side at 0 does not clip; old_logp None: -w log pi.
 
     logp (N, T) log pi_theta (carries the gradient); weights (N,) w_i, or (N, T) A_i,t (ppo); mask (N, T) 1.0
     on real response tokens; old_logp (N, T) log pi_old. Returns (loss = sum of per-token terms x mask / Z,
@@ -205,9 +202,8 @@ class MiniBatch:
 
 
 def minibatch_plan(subset: list[int], weights, cfg: Config) -> list[tuple[list[int], list[int]]]:
-    """The update's optimizer steps as (mini, rows): the subset cut into mini-batches of M responses (0 = all
-    in one), and the rows each one's loss reads: those with w != 0, or every row when an entropy or KL term,
-    ppo or the micro normaliser reads them all (a row with w = 0 carries no policy gradient)."""
+    """The update's optimizer steps as (mini, rows): the subset cut into mini-batches of M responses, and the
+    rows each loss reads: w != 0, or all when an entropy / KL term, ppo or --normalizer micro reads them."""
     every_row = cfg.entropy_coef > 0 or cfg.kl_coef > 0 or cfg.objective == "ppo" or cfg.normalizer == "micro"
     M = cfg.mini_batch_size or max(len(subset), 1)                  # None: the whole subset in one step
     minis = [subset[start:start + M] for start in range(0, len(subset), M)]
@@ -233,8 +229,7 @@ def rl_step(run: runs.Run, cfg: Config, step: int) -> dict:
     weights = None if cfg.objective == "ppo" else sample_weights(rewards, cfg.objective, cfg.lam, cfg.group_size)
     # ---- subset: PSR the correct samples, NSR the wrong ones, the others all; then mini-batches of M ----
     plan = minibatch_plan(training_subset(rewards, cfg.objective), weights, cfg)   # [(mini, rows it trains)]
-    # ---- old log-probs: log pi_old of the ratio, by the TRAINING forward before any update (verl's
-    # compute_log_prob), micro-batched as the update will be: the first mini-batch's ratio is exactly 1 ----
+    # ---- old log-probs: by the TRAINING forward, batched as the update (verl's compute_log_prob): rho = 1 ----
     if cfg.old_logprobs == "training":
         rollouts.logprobs = runs.training_logprobs(run, cfg, prompts, rollouts, [rows for _, rows in plan])
     targets = None
@@ -343,8 +338,7 @@ def train(cfg: Config) -> dict:
 
 @dataclass
 class Config:
-    """23 fields a student changes first; the system fields follow their banner, grouped by what they serve.
-    None = "the official recipe's value for this run", resolved in ONE place (runs.resolve) into config.json."""
+    """23 fields a student changes first, then the system fields. None = the official recipe's value (runs.resolve)."""
     # ---- the objective and the update ----
     objective: str = "nsr"        # psr, nsr, w-reinforce, reinforce, grpo or ppo (the OBJECTIVES table)
     lam: float = 0.1              # lambda of w-reinforce: weight of correct samples (the paper: 0.1)
@@ -357,8 +351,7 @@ class Config:
     clip_high: float | None = None  # the ratio's upper bound 1 + clip_high (acts on w > 0); None = clip_eps; 0 = none
     mini_batch_size: int | None = 64  # M: responses per optimizer step, after the subset; none = the subset in one
     entropy_coef: float = 0.001   # entropy bonus: loss -= entropy_coef * mean token entropy (official yaml 1e-3)
-    kl_coef: float | None = None  # KL to the initial model; None = the official recipe's: 0.001 for grpo (a k3 KL
-                                  # loss) and ppo (in its reward), 0 for psr, nsr, w-reinforce, reinforce
+    kl_coef: float | None = None  # KL to the initial model; None: 0.001 for grpo (k3 loss) and ppo (reward), else 0
     max_new_tokens: int = 1024    # response length limit while training (longer = truncated)
     temperature: float = 1.0      # sampling temperature of training rollouts (the paper: 1.0)
     top_p: float = 1.0            # nucleus top-p of training rollouts (the paper: 1.0)
@@ -373,10 +366,8 @@ class Config:
     resume: bool = False          # continue from out_dir's latest checkpoint (same flags, exactly the same run)
     # ==== SYSTEM FIELDS: they can be skipped on a first read ====
     # ---- research instruments (docs/experiments.md) ----
-    normalizer: str = "tokens"    # Z of the loss: tokens (every response token of the mini-batch, the official token
-                                  # mean), micro (verl's per-micro-batch form), weighted (w != 0 only) or constant
-    old_logprobs: str = "training"  # log pi_old of the ratio: training (the training forward before the update, as
-                                  # verl) or sampler (the sampler's own: one forward less, off-policy in bf16)
+    normalizer: str = "tokens"    # Z: tokens (the mini-batch's, verl's mean), micro (verl's form), weighted, constant
+    old_logprobs: str = "training"  # log pi_old: training (a forward before the update, verl's) or sampler (bf16: off)
     reward: str = "verifier"      # verifier, or random: the control r_i ~ Bernoulli(random_reward_p), answer unseen
     random_reward_p: float = 0.5  # P(r_i = 1) under --reward random
     optimizer: str = "adamw"      # adamw (the paper's), or sgd: plain SGD at --lr (an ablation: no per-weight scaling)
@@ -419,28 +410,17 @@ class Config:
     demo_gradient: bool = False   # print the one-step PSR / NSR / W-REINFORCE example on 5 tokens and exit
 
 
-# The main job (`python nsr.py`, no --model) on 2 CPU cores: PSR and NSR from the same base (a comma list of
-# objectives: one run each, side by side), one thread (a second only adds synchronisation on a tiny model),
-# mini_batch_size = 1/4 of the batch as the paper's; critic_lr 1e-3 (the paper's is 10 x lr; it stayed at
-# 1e-3 when the toy's lr went from 1e-4 to 5e-5 with toy-v8). eval_n = 256 = 4 x the table's largest k (64):
-# with n = k the estimate of Pass@k is "any of n right", 0 or 1 per problem (issue 30, docs/passk.md).
+# The main job (`python nsr.py`, no --model), 2 CPU cores: PSR and NSR side by side from one base, one thread,
+# M = 1/4 of the batch (the paper's), critic_lr 1e-3; eval_n = 256 = 4 x the table's largest k (docs/passk.md).
 TOY_DEFAULTS = dict(objective="psr,nsr", out_dir="runs/nsr-toy", steps=100, batch_prompts=16, group_size=8,
                     max_new_tokens=64, lr=5e-5, critic_lr=1e-3, mini_batch_size=32, micro_batch_size=64, eval_n=256,
                     eval_temperature=1.0, eval_top_p=1.0, threads=1)
 
 
 def train_side_by_side(cfg: Config, objectives: list[str]) -> dict:
-    """The main job: one run per objective from the same base with the same seed and settings, each in its
-    own run directory <out_dir>/<objective> (each resumable on its own) -> {objective: train()'s result}.
-    Every run's config is checked before the first one starts. --resume continues the runs that have a
-    checkpoint and starts the others (a run stopped before its first checkpoint starts again)."""
-    cfgs = {}
-    for objective in objectives:
-        out_dir = str(pathlib.Path(cfg.out_dir) / objective)
-        resume = cfg.resume and runs.latest_checkpoint(pathlib.Path(out_dir)) is not None
-        cfgs[objective] = dataclasses.replace(cfg, objective=objective, out_dir=out_dir, resume=resume)
-        settings.check_config(cfgs[objective], OBJECTIVES)
-    return {objective: train(c) for objective, c in cfgs.items()}
+    """The main job: one run per objective from the same base, seed and settings, in <out_dir>/<objective>,
+    every config checked before the first run starts (runs.side_configs) -> {objective: train()'s result}."""
+    return {objective: train(c) for objective, c in runs.side_configs(cfg, objectives, OBJECTIVES).items()}
 
 
 def main(argv=None) -> None:
@@ -452,7 +432,6 @@ def main(argv=None) -> None:
         elif cfg.dry_run:
             print(presets.format_memory_plan(presets.memory_plan(runs.resolve_for_plan(cfg, OBJECTIVES))))
         elif len(objectives) > 1 or (not cfg.model and cfg.out_dir == TOY_DEFAULTS["out_dir"]):
-            # the main job (and any comma list): runs/nsr-toy/<objective>, one table of the base and each
             results = train_side_by_side(cfg, objectives)
             print("\n" + runs.side_by_side_table(results, cfg.eval_n))
             print("run directories: " + ", ".join(r["run_dir"] for r in results.values())

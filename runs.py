@@ -100,6 +100,19 @@ def start(cfg, objectives) -> tuple[object, Run]:
     return cfg, setup(cfg, run_dir, inputs)
 
 
+def side_configs(cfg, objectives: list[str], known) -> dict:
+    """The configs of nsr.train_side_by_side: one per objective, out_dir <out_dir>/<objective> (each run
+    resumable on its own: --resume continues the runs that have a checkpoint and starts the others), each
+    checked (settings.check_config) before any run starts -> {objective: cfg}."""
+    cfgs = {}
+    for objective in objectives:
+        out_dir = pathlib.Path(cfg.out_dir) / objective
+        cfgs[objective] = dataclasses.replace(cfg, objective=objective, out_dir=str(out_dir),
+                                              resume=cfg.resume and latest_checkpoint(out_dir) is not None)
+        settings.check_config(cfgs[objective], known)
+    return cfgs
+
+
 def resolve(cfg):
     """The derived values, in one place: the toy world's model and data when --model / --train / --eval are
     not given, and every field left None (the official recipe's value): the KL coefficient (0.001 for grpo,
