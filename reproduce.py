@@ -43,6 +43,14 @@ inconclusive. "X above Y" needs the whole interval above 0; "below", the whole i
 With several recipe seeds, each is also judged alone (`verdicts_by_recipe_seed`): a finding robust over
 bases holds overall and fails on none of them.
 
+THE DECISIVE DESIGN (the defaults; issue 30, chosen on design seeds: docs/toy-regime-log.md): PSR, NSR and
+W-REINFORCE (what the four findings need; (c) then compares W-REINFORCE with the best of these three),
+4 training seeds per base, n = 1,024. `python reproduce.py --recipe-seeds S1 S2 S3 --out DIR` on three
+unseen bases: 3 builds + 39 jobs, about 30 minutes on a quiet 2-core machine (it prints its estimate).
+summary.json "variance" says how much of each method - base interval comes from the estimator, the
+training seeds, the problem sample and the bases (variance_components); `--project SUMMARY` projects
+the half-width and time of other designs from a summary without running anything.
+
 Jobs run in --jobs processes (one torch thread each: the toy model is too small for two); each writes
 its result to <out>/<run>/result.json, and a job whose result is already there is not run again, so an
 interrupted reproduction continues where it stopped (an interrupted training job resumes from its last
@@ -263,8 +271,8 @@ def expected_seconds(jobs: list[dict], processes: int, cost=job_seconds) -> floa
 
 def format_expected(jobs: list[dict], processes: int) -> str:
     seconds = expected_seconds(jobs, processes)
-    return (f"expected: about {seconds / 60:.0f} min on {processes} free cores (per-job costs measured on one "
-            f"thread: reproduce.SECONDS; results and bases already on disk cost nothing)")
+    return (f"expected: about {seconds / 60:.0f} min on {processes} free cores ({len(jobs)} jobs at the per-job costs "
+            f"of reproduce.SECONDS, one thread each; results and bases already on disk cost nothing)")
 
 
 # =================================================================================================
