@@ -17,6 +17,8 @@ bench.py -- speed benchmarks for nsr, one function per benchmark, one subcommand
   python bench.py train     see the TRAIN banner below
   python bench.py offload   see the OFFLOAD banner below
   python bench.py gpu       see the GPU banner below (needs CUDA; says so and exits 0 without it)
+  python bench.py verifier  the verifier's slowest call on each adversarial input, in ms (test_nsr.py counts
+                            the verifier's work in Python lines instead of timing it)
 
 The last line of output is one JSON object with the measured numbers (ratios = ours / transformers).
 
@@ -46,12 +48,14 @@ import types
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
+import loading
 import nsr
 import passk
 import precision
 import runs
 import sample
 import toy
+import verifier
 
 HERE = pathlib.Path(__file__).resolve().parent
 
@@ -87,15 +91,15 @@ def toy_model_and_prompts(n_prompts: int, repeats: int):
     runs/toy-base-s0 when it has been built (python toy.py), else the same architecture freshly initialised."""
     base = HERE / toy.base_dir(0)
     if (base / "config.json").is_file():
-        model, tokenizer = sample.load_model(str(base), dtype="float32", device="cpu")
-        problems = sample.load_problems(base / "test_easy.jsonl")
+        model, tokenizer = loading.load_model(str(base), dtype="float32", device="cpu")
+        problems = loading.load_problems(base / "test_easy.jsonl")
         label = "a: toy model (trained, runs/toy-base-s0)"
     else:
         recipe, tokenizer = toy.ToyRecipe(), toy.build_tokenizer()
         model = toy.build_model(recipe, tokenizer)
         problems = toy.make_splits(recipe)["test_easy"]
         label = "a: toy model (untrained: runs/toy-base-s0 not built)"
-    prompt_ids, _, _ = sample.encode_prompts(tokenizer, problems[:n_prompts])
+    prompt_ids, _, _ = loading.encode_prompts(tokenizer, problems[:n_prompts])
     return label, model.eval(), [p for p in prompt_ids for _ in range(repeats)]
 
 
@@ -237,8 +241,7 @@ def train_child(args) -> dict:
         # the plain -w log pi loss of one on-policy step (no ratio, no entropy or KL term)
         cfg = nsr.Config(micro_batch_size=args.micro_batch, clip_eps=0.0, clip_low=0.0, clip_high=0.0,
                          mini_batch_size=None, entropy_coef=0.0, kl_coef=0.0)
-        run = types.SimpleNamespace(policy=policy, ref_model=None, pad_id=0,
-                                    head_chunk=cfg.head_chunk if args.child == "on" else 0)
+        run = runs.bare_run(policy, head_chunk=cfg.head_chunk if args.child == "on" else 0)
         nsr.minibatch_backward(run, nsr.MiniBatch(prompts, responses, [], weights, Z), cfg, runs.StepStats())
         precision.optimizer_step(policy, grad_clip=1.0)
         if device.type == "cuda":
@@ -414,7 +417,7 @@ def gpu_check(device: str, arch: dict, batch_prompts: int, group_size: int, max_
         if mode == "training":
             plan = presets.memory_plan(runs.resolve(cfg), arch)
             out["plan_peak_gib"] = round(plan["peak"] / 2**30, 2)
-    model = sample.load_model(str(world), "bfloat16", torch.device(device))[0]
+    model = loading.load_model(str(world), "bfloat16", torch.device(device))[0]
     prompts = [list(range(10, 10 + 8 + i)) for i in range(batch_prompts) for _ in range(group_size)]
     args = types.SimpleNamespace(temperature=1.0, top_p=1.0, chunk_size=batch_prompts * group_size, repeats=1,
                                  threads=torch.get_num_threads())
@@ -467,8 +470,8 @@ def bench_eval(args) -> dict:
     if not (model_dir / "config.json").is_file():
         raise SystemExit(f"bench.py eval: --model {model_dir} has no config.json (build it: python toy.py)")
     data = pathlib.Path(args.data or model_dir / "test_hard.jsonl")
-    problems = sample.load_problems(data)[:args.problems]
-    model, tokenizer = sample.load_model(str(model_dir), dtype="float32", device="cpu")
+    problems = loading.load_problems(data)[:args.problems]
+    model, tokenizer = loading.load_model(str(model_dir), dtype="float32", device="cpu")
     old_sample = module_at(args.baseline, "sample")
     old_passk = module_at(args.baseline, "passk", sample=old_sample)
     runs_ = {"old": lambda **kw: old_passk.evaluate(**kw),
@@ -496,6 +499,19 @@ def bench_eval(args) -> dict:
             "problems": len(problems), "baseline": args.baseline,
             "tok_s": {k: round(v) for k, v in medians.items()}, "ratio": round(ratio, 3), "target": 2.0,
             "all": {k: [round(x) for x in v] for k, v in rates.items()}}
+
+
+# =================================================================================================
+# VERIFIER: worst-case milliseconds on adversarial inputs (the timing the tests leave out)
+# =================================================================================================
+
+def bench_verifier(args) -> dict:
+    """verifier.worst_case_ms, median of args.repeats runs per input."""
+    runs_ms = [verifier.worst_case_ms() for _ in range(args.repeats)]
+    result = {name: round(statistics.median(r[name] for r in runs_ms), 1) for name in runs_ms[0]}
+    for name, ms in result.items():
+        print(f"{name:<34} worst call {ms:6.1f} ms")
+    return {"worst_call_ms": result, "max_ms": max(result.values())}
 
 
 # =================================================================================================
@@ -558,6 +574,10 @@ def main(argv=None):
     sp.add_argument("--group-size", type=int, default=8, help="rollouts per prompt")
     sp.add_argument("--max-new-tokens", type=int, default=256, help="response budget (a random model never stops)")
     sp.set_defaults(fn=bench_gpu)
+
+    sp = sub.add_parser("verifier", help="the verifier's slowest call on adversarial inputs, ms")
+    sp.add_argument("--repeats", type=int, default=3, help="runs per input (median reported)")
+    sp.set_defaults(fn=bench_verifier)
 
     args = parser.parse_args(argv)
     if getattr(args, "repeats", 1) < 1:

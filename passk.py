@@ -42,7 +42,6 @@ import hashlib
 import json
 import math
 import operator
-import os
 import pathlib
 import sys
 import time
@@ -50,6 +49,7 @@ import time
 import torch
 from tqdm import tqdm
 
+import loading
 import sample
 import verifier
 
@@ -159,22 +159,22 @@ def _check_evaluate_input(problems, n, ks, chunk_size):
     return problems, n, ks
 
 
-def count_correct(tokenizer, responses: list[list[int]], answer: str) -> int:
-    """How many of one problem's responses (token ids) are correct: decode + verifier.is_correct.
+def verify(tokenizer, responses: list[list[int]], answers: list[str]) -> list[bool]:
+    """Is each response (token ids) correct for its gold answer? decode + verifier.is_correct, in order.
 
-    NOTE: each DISTINCT response is decoded and verified once (a dict): a trained model repeats a few
-    answers hundreds of times out of n, and the verifier's canonicalisation was ~20% of evaluate()'s time
-    when it ran per sample. The same booleans, so the same counts.
+    NOTE: each DISTINCT (response, answer) pair is decoded and verified once (a dict): a trained model
+    repeats a few answers hundreds of times out of n, and the verifier's canonicalisation was ~20% of
+    evaluate()'s time when it ran per sample. The same booleans as one call per response.
     """
     verdicts: dict[tuple, bool] = {}
-    correct = 0
-    for tokens in responses:
-        key = tuple(tokens)
+    out = []
+    for tokens, answer in zip(responses, answers, strict=True):
+        key = (tuple(tokens), answer)
         if key not in verdicts:
             response = tokenizer.decode(tokens, skip_special_tokens=True)
             verdicts[key] = bool(verifier.is_correct(response, answer))
-        correct += verdicts[key]
-    return correct
+        out.append(verdicts[key])
+    return out
 
 
 def evaluate(model, tokenizer, problems, n: int, *, temperature: float = 1.0, top_p: float = 1.0,
@@ -183,7 +183,7 @@ def evaluate(model, tokenizer, problems, n: int, *, temperature: float = 1.0, to
              data_name: str | None = None, common_random_numbers: bool = True) -> dict:
     """Sample n answers per problem, verify each, and return the JSON-serialisable result.
 
-    problems: [{"problem": str, "answer": str}, ...] (sample.load_problems). ks: curve points (default powers
+    problems: [{"problem": str, "answer": str}, ...] (loading.load_problems). ks: curve points (default powers
     of 2 <= n). out: a path to save the result as JSON. model_name / data_name are stored as given.
     common_random_numbers: True (default) = sample j of problem p draws its tokens with problem_uniforms(
     seed, p, ...)[j]; False = one torch.Generator seeded with `seed` drives every draw in batch order (the
@@ -203,7 +203,7 @@ def evaluate(model, tokenizer, problems, n: int, *, temperature: float = 1.0, to
       settings         n, temperature, top_p, max_new_tokens, seed, template, chunk_size, common_random_numbers
     """
     problems, n, ks = _check_evaluate_input(problems, n, ks, chunk_size)   # bad input fails before sampling
-    prompt_ids, kept, n_skipped = sample.encode_prompts(tokenizer, problems, template=template)
+    prompt_ids, kept, n_skipped = loading.encode_prompts(tokenizer, problems, template=template)
     if not kept:
         raise ValueError(f"all {len(problems)} problems were skipped while encoding prompts")
     settings = {"n": n, "temperature": temperature, "top_p": top_p, "max_new_tokens": max_new_tokens,
@@ -258,7 +258,7 @@ def _sample_and_count(model, tokenizer, prompt_ids, problems, settings: dict, de
                                    uniforms=uniforms)
         for j, problem in enumerate(group):
             samples = slice(j * n, (j + 1) * n)    # rows of problem j, in input order
-            counts.append(count_correct(tokenizer, rollouts.tokens[samples], problem["answer"]))
+            counts.append(sum(verify(tokenizer, rollouts.tokens[samples], [problem["answer"]] * n)))
             n_tokens += sum(map(len, rollouts.tokens[samples]))
             n_truncated += sum(rollouts.truncated[samples])
             for row in rollouts.entropies[samples]:
@@ -284,10 +284,7 @@ def save_result(result: dict, path) -> pathlib.Path:
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fields = [f"  {json.dumps(str(key))}: {json.dumps(value)}" for key, value in result.items()]
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("{\n" + ",\n".join(fields) + "\n}\n", encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    return loading.write_atomic(path, "{\n" + ",\n".join(fields) + "\n}\n")
 
 
 def load_result(path) -> dict:
@@ -385,15 +382,15 @@ def main(argv=None) -> int:
                "  python passk.py --model runs/toy-base-s0 --data runs/toy-base-s0/test_easy.jsonl --n 256 "
                "--out runs/base.json\n"
                "  python passk.py --compare runs/base.json runs/nsr.json --plot runs/curves.png")
-    parser.add_argument("--model", help="hub name or local directory (sample.load_model)")
-    parser.add_argument("--data", help="JSONL file with problem/answer fields (sample.load_problems)")
+    parser.add_argument("--model", help="hub name or local directory (loading.load_model)")
+    parser.add_argument("--data", help="JSONL file with problem/answer fields (loading.load_problems)")
     parser.add_argument("--n", type=int, default=256, help="samples per problem (default 256)")
     parser.add_argument("--out", help="where to save the result JSON")
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--max-new-tokens", type=int, default=512)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--template", default="auto", help="prompt template (sample.render_prompt)")
+    parser.add_argument("--template", default="auto", help="prompt template (loading.render_prompt)")
     parser.add_argument("--limit", type=int, help="evaluate only the first LIMIT problems")
     parser.add_argument("--chunk-size", type=int, default=256, help="rows per sampling batch")
     parser.add_argument("--no-crn", action="store_true",
@@ -456,11 +453,11 @@ def _evaluate_main(parser, args, ks) -> int:
         parser.error(f"--data {args.data}: no such file")
 
     try:
-        problems = sample.load_problems(args.data)
+        problems = loading.load_problems(args.data)
     except ValueError as e:
         parser.error(str(e))
     problems = problems[:args.limit] if args.limit else problems
-    model, tokenizer = sample.load_model(args.model, dtype=args.dtype, device=args.device)
+    model, tokenizer = loading.load_model(args.model, dtype=args.dtype, device=args.device)
     result = evaluate(model, tokenizer, problems, args.n, temperature=args.temperature, top_p=args.top_p,
                       max_new_tokens=args.max_new_tokens, seed=args.seed, template=args.template,
                       chunk_size=args.chunk_size, desc=pathlib.Path(args.data).stem, out=args.out, ks=ks,

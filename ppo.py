@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 from transformers import AutoConfig, AutoModelForTokenClassification
 
+import loading
 import precision
 import sample
 
@@ -99,12 +100,12 @@ def load_critic(name_or_dir, cfg, device):
     as transformers' token-classification model, as verl does (the head starts random: its first values
     are noise, which is why a healthy run's explained variance starts near 0). classifier_dropout = 0:
     verl switches the head's dropout off too (values must not be random in train mode)."""
-    local = sample.is_local(name_or_dir)
+    local = loading.is_local(name_or_dir)
     config = AutoConfig.from_pretrained(str(name_or_dir), num_labels=1, local_files_only=local)
     config.classifier_dropout = 0.0
     torch.manual_seed(cfg.seed)                      # the head's random init: the same seed, the same critic
     critic = AutoModelForTokenClassification.from_pretrained(
-        str(name_or_dir), config=config, dtype=sample.torch_dtype(cfg.dtype, device), local_files_only=local)
+        str(name_or_dir), config=config, dtype=loading.torch_dtype(cfg.dtype, device), local_files_only=local)
     return critic.to(device)
 
 

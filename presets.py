@@ -59,7 +59,7 @@ PRESETS = {
                        grad_checkpointing="on", chunk_size=32, lr=1e-6, temperature=1.0),
     # Beyond Qwen. fp32 weights are their own master (16 instead of 20 bytes/param): the only way
     # 1.24e9 params fit on 24 GiB without offload; fp32 compute is slower. "llama3" renders Llama 3's
-    # header format without the date lines of the 3.1+ templates (see sample.py's templates).
+    # header format without the date lines of the 3.1+ templates (see loading.py's templates).
     "llama-3.2-1b-instruct": dict(model="meta-llama/Llama-3.2-1B-Instruct", template="llama3",
                                   dtype="float32", batch_prompts=32, group_size=8, max_prompt_len=512,
                                   max_new_tokens=1024, micro_batch_size=1, grad_checkpointing="on",
@@ -113,14 +113,23 @@ def memory_plan(cfg, arch: dict | None = None, gpu_gib: float = 24.0) -> dict:
     Returns the components, "peak", "fits" (peak <= gpu_gib), "cpu_ram" (offloaded state) and
     "ppo_peak" / "ppo_fits" / "ppo_cpu_ram": the same run with ppo's critic added.
     """
-    if arch is None:
-        if cfg.model in ARCHITECTURES:
-            arch = ARCHITECTURES[cfg.model]
-        elif pathlib.Path(str(cfg.model)).is_dir():
-            arch = arch_from_config(cfg.model)
-        else:
-            raise ValueError(f"no architecture numbers for {cfg.model!r}: add it to ARCHITECTURES, "
-                             f"or pass a local model directory")
+    plan = _components(cfg, arch if arch is not None else _architecture(cfg.model))
+    return _peaks(plan, gpu_gib)
+
+
+def _architecture(model: str) -> dict:
+    """The architecture numbers of a model: ARCHITECTURES[model], or the model dir's local config.json."""
+    if model in ARCHITECTURES:
+        return ARCHITECTURES[model]
+    if pathlib.Path(str(model)).is_dir():
+        return arch_from_config(model)
+    raise ValueError(f"no architecture numbers for {model!r}: add it to ARCHITECTURES, "
+                     f"or pass a local model directory")
+
+
+def _components(cfg, arch: dict) -> dict:
+    """memory_plan's bytes of each thing a run holds: weights, gradients, fp32 state, activations, logits,
+    the KV cache, the prefill transient and the overhead (and the sizes they were computed from)."""
     n = param_count(arch)
     act = 4 if cfg.dtype == "float32" else 2          # bytes per weight/activation ("auto" = bf16 on a GPU)
     h, L, V, I = arch["hidden"], arch["layers"], arch["vocab"], arch["intermediate"]
@@ -152,6 +161,13 @@ def memory_plan(cfg, arch: dict | None = None, gpu_gib: float = 24.0) -> dict:
     plan["kv_cache"] = L * 2 * kv_dim * T * rows * act
     plan["prefill"] = rows * prompt_len * 3 * I * act
     plan["overhead"] = GIB                                # CUDA context + allocator fragmentation: a guess
+    return plan
+
+
+def _peaks(plan: dict, gpu_gib: float) -> dict:
+    """memory_plan's sums: what is on the GPU at once while sampling and while training, with ppo's
+    critic, in CPU RAM, and whether each fits gpu_gib."""
+    n, act, offload = plan["params"], 4 if plan["dtype"] == "float32" else 2, plan["optimizer_offload"]
     on_gpu = 0 if offload else plan["fp32_state"]
     # while sampling every gradient is freed (zero_grads); while training, everything at the end of a
     # micro-batch's backward. ppo adds a critic of the same size, trained one model at a time.

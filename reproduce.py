@@ -75,10 +75,10 @@ import time
 import numpy as np
 import torch
 
+import loading
 import nsr
 import passk
 import runs
-import sample
 import settings
 import toy
 
@@ -118,10 +118,10 @@ def eval_settings(n: int = N) -> dict:
 
 def evaluate(model_dir: pathlib.Path, base: pathlib.Path, n: int = N) -> dict:
     """Both test splits with THE evaluation settings -> {split: {"counts", "mean_entropy"}}."""
-    model, tokenizer = sample.load_model(model_dir, dtype="float32", device="cpu")
+    model, tokenizer = loading.load_model(model_dir, dtype="float32", device="cpu")
     out = {}
     for split in SPLITS:
-        problems = sample.load_problems(base / f"{split}.jsonl")
+        problems = loading.load_problems(base / f"{split}.jsonl")
         result = passk.evaluate(model, tokenizer, problems, desc=f"eval {split}", **eval_settings(n))
         out[split] = {"counts": result["counts"], "mean_entropy": result["mean_entropy"]}
     return out
@@ -155,7 +155,7 @@ def run_job(job: dict) -> dict:
                 model_dir = runs.latest_checkpoint(run_dir)
                 record["curves"] = read_curves(run_dir / "metrics.jsonl")
             if model_dir is None:                                # diverged before its first checkpoint
-                record["splits"] = {s: {"counts": [0] * len(sample.load_problems(base / f"{s}.jsonl")),
+                record["splits"] = {s: {"counts": [0] * len(loading.load_problems(base / f"{s}.jsonl")),
                                         "mean_entropy": float("nan")} for s in SPLITS}
             else:
                 record["splits"] = evaluate(model_dir, base, job["n"])
@@ -167,9 +167,7 @@ def run_job(job: dict) -> dict:
             os.close(stdout)
             os.close(stderr)
     record["seconds"] = round(time.time() - start, 1)
-    tmp = done.with_suffix(".tmp")
-    tmp.write_text(json.dumps(record))
-    os.replace(tmp, done)                                        # atomic: a result is whole or absent
+    loading.write_atomic(done, json.dumps(record))               # atomic: a result is whole or absent
     print(f"  done: {job['name']} ({record['seconds']:.0f} s)" + (" DIVERGED" if record["diverged"] else ""),
           flush=True)
     return record
@@ -190,7 +188,7 @@ def claim_job_dir(run_dir: pathlib.Path, key: str) -> bool:
     if ours and runs.latest_checkpoint(run_dir) is not None:
         return True
     if run_dir.exists() and (runs.holds_run(run_dir) or (not ours and any(run_dir.iterdir()))):
-        print(f"  {run_dir} held earlier output: moved it to {sample.move_aside(run_dir)}", flush=True)
+        print(f"  {run_dir} held earlier output: moved it to {loading.move_aside(run_dir)}", flush=True)
     run_dir.mkdir(parents=True, exist_ok=True)
     marker.write_text(json.dumps({"key": key}) + "\n")
     return False
@@ -607,9 +605,11 @@ def projection(summary: dict, R: int = 3, seeds=(2, 3, 4, 6, 8), ns=(256, 512, 1
         u = row["per_unit"]
         measured = [] if u["base"] is None else [u["base"]]
         head = "".join(f"{'base ' + format(b, '.1f'):>12}" for b in [*bases, *measured])
-        lines += ["", f"{display(method)} (measured on {row['R']} base(s), {row['T']} training seeds, n = {row['n']}; "
-                      f"per unit: seed {u['seed']:.2f}, seed x problem {u['interaction']:.1f}, problem "
-                      f"{u['problem']:.1f}, estimator {u['v_method']:.1f} / base {u['v_base']:.1f})",
+        show = {key: "n/a" if u[key] is None else f"{u[key]:.1f}" for key in ("seed", "interaction", "problem")}
+        lines += ["", f"{display(method)} (measured on {row['R']} base(s), {row['T']} training seed(s), n = {row['n']}; "
+                      f"per unit: seed {show['seed']}, seed x problem {show['interaction']}, problem "
+                      f"{show['problem']}{' (with seed x problem)' if row['T'] == 1 else ''}, estimator "
+                      f"{u['v_method']:.1f} / base {u['v_base']:.1f})",
                   f"{'T':>3}{'n':>6}{'minutes':>9}" + head]
         for T in seeds:
             for m in ns:
@@ -799,10 +799,12 @@ def parse_args(argv=None):
         if len(set(getattr(args, name))) != len(getattr(args, name)):
             parser.error(f"--{name.replace('_', '-')} must be distinct, got {getattr(args, name)}")
     for change in [{}] + [{field: value} for field, values in sweeps for _, value in values]:
-        problems = {problem for method in args.methods for problem in settings.config_problems(
-            nsr.Config(**{**nsr.TOY_DEFAULTS, **overrides, **change, "objective": method}), nsr.OBJECTIVES)}
-        if problems:
-            parser.error("invalid training settings:\n  " + "\n  ".join(sorted(problems)))
+        for method in args.methods:       # each with its own objective (the main job's default is a list)
+            try:
+                settings.check_config(nsr.Config(**{**nsr.TOY_DEFAULTS, **overrides, **change, "objective": method}),
+                                      nsr.OBJECTIVES)
+            except settings.UserError as e:
+                parser.error(f"training settings: {e}")
     return args, overrides, sweeps
 
 
@@ -847,7 +849,7 @@ def main(argv=None) -> int:
     out = pathlib.Path(args.out)
     earlier = out / "summary.json"           # another reproduction's summary (other jobs) is moved aside
     if earlier.is_file() and json.loads(earlier.read_text()).get("job_keys") != summary["job_keys"]:
-        print(f"{earlier} summarised other jobs: moved it to {sample.move_aside(earlier)}")
+        print(f"{earlier} summarised other jobs: moved it to {loading.move_aside(earlier)}")
     earlier.write_text(json.dumps(summary, indent=1))
     plot = plot_dynamics(summary["dynamics"], out / "dynamics.png") if summary["dynamics"] else None
     print("\n" + tables(summary) + "\n\n" + format_coverage(summary["coverage"], summary["n"]) + "\n\n"

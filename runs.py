@@ -32,10 +32,10 @@ from safetensors import safe_open
 from tqdm import tqdm
 from transformers import AutoConfig, AutoTokenizer
 
+import loading
 import passk
 import ppo
 import precision
-import presets
 import sample
 import settings
 import toy
@@ -58,6 +58,14 @@ class Run:
     head_chunk: int               # sample.response_logprobs' head_chunk (0 without gradient checkpointing)
     pad_id: int
     nonfinite_streak: int = 0     # consecutive skipped steps (saved in checkpoints: a resume keeps counting)
+
+
+def bare_run(policy: precision.Trainable, ref_model=None, head_chunk: int = 0, pad_id: int = 0) -> Run:
+    """A Run holding only what one backward pass reads (nsr.minibatch_backward: the policy, the reference
+    model, head_chunk, pad_id); no directory, data or sampler. The one stand-in Run of the tests and bench.py."""
+    return Run(dir=None, policy=policy, tokenizer=None, critic=None, ref_model=ref_model, generator=None,
+               prompt_ids=[], problems=[], eval_sets={}, evals={}, start_step=0, head_chunk=head_chunk,
+               pad_id=pad_id)
 
 
 # ---- start: check every input, resolve, prepare the directory, load ------------------------------
@@ -110,12 +118,7 @@ def resolve(cfg):
 
 def resolve_for_plan(cfg, objectives):
     """--dry-run: the checked, resolved config of a real model (nothing is built or loaded)."""
-    settings.check_config(cfg, objectives)
-    if not cfg.model:
-        raise settings.UserError("--dry-run prints the memory plan of a real model: give --model or --preset")
-    if cfg.model not in presets.ARCHITECTURES and not (pathlib.Path(cfg.model) / "config.json").is_file():
-        raise settings.UserError(f"--dry-run: no architecture numbers for {cfg.model!r}: give a local model directory, "
-                                 f"or one of {', '.join(presets.ARCHITECTURES)}")
+    settings.check_config(cfg, objectives)                     # with --dry-run's own: a model to plan
     return resolve(cfg)
 
 
@@ -156,9 +159,9 @@ def resume_checkpoint(cfg) -> pathlib.Path | None:
 
 
 def read_problems(path, cfg) -> list[dict]:
-    """sample.load_problems, its errors (FILE:LINE, the missing field) as a UserError."""
+    """loading.load_problems, its errors (FILE:LINE, the missing field) as a UserError."""
     try:
-        return sample.load_problems(path, cfg.problem_field, cfg.answer_field)
+        return loading.load_problems(path, cfg.problem_field, cfg.answer_field)
     except (OSError, ValueError) as e:
         raise settings.UserError(str(e)) from None
 
@@ -215,10 +218,11 @@ def check_inputs(cfg, ckpt, data: dict) -> Inputs:
     for path in [cfg.train, *cfg.eval]:
         if path not in data:
             data[path] = read_problems(path, cfg)
-    tokenizer = AutoTokenizer.from_pretrained(str(ckpt or cfg.model), local_files_only=sample.is_local(ckpt or cfg.model))
+    tokenizer = AutoTokenizer.from_pretrained(str(ckpt or cfg.model),
+                                              local_files_only=loading.is_local(ckpt or cfg.model))
     check_template(tokenizer, cfg, cfg.model)
-    prompt_ids, kept, skipped = sample.encode_prompts(tokenizer, data[cfg.train], cfg.template,
-                                                      cfg.max_prompt_len)
+    prompt_ids, kept, skipped = loading.encode_prompts(tokenizer, data[cfg.train], cfg.template,
+                                                       cfg.max_prompt_len)
     if not kept:
         raise settings.UserError(f"{cfg.train}: every prompt is longer than --max-prompt-len {cfg.max_prompt_len}")
     eval_sets = {pathlib.Path(path).stem: data[path][:cfg.eval_limit]
@@ -228,7 +232,7 @@ def check_inputs(cfg, ckpt, data: dict) -> Inputs:
 
 def check_template(tokenizer, cfg, whose: str) -> None:
     """The written-out templates need their special tokens as single tokens of the vocabulary."""
-    missing = [t for t in sample.TEMPLATE_TOKENS.get(cfg.template, ()) if t not in tokenizer.get_vocab()]
+    missing = [t for t in loading.TEMPLATE_TOKENS.get(cfg.template, ()) if t not in tokenizer.get_vocab()]
     if missing:
         raise settings.UserError(f"--template {cfg.template} needs the tokens {', '.join(missing)}, which the "
                                  f"tokenizer of {whose} does not have; use --template auto or plain")
@@ -254,7 +258,7 @@ def prepare_run_dir(cfg, ckpt) -> pathlib.Path:
                   f"(the result will not equal an uninterrupted run)")
     elif ckpt is None and holds_run(run_dir):
         last = latest_checkpoint(run_dir)
-        aside = sample.move_aside(run_dir)
+        aside = loading.move_aside(run_dir)
         print(f"{run_dir} held an earlier run ({'its last checkpoint: ' + last.name if last else 'no checkpoint'}): "
               f"moved it to {aside}; nothing is deleted (--resume continues a run instead)")
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -269,7 +273,7 @@ def setup(cfg, run_dir: pathlib.Path, inputs: Inputs) -> Run:
         torch.set_num_threads(cfg.threads)
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto"
                           else cfg.device)
-    model, tokenizer = sample.load_model(ckpt or cfg.model, dtype=cfg.dtype, device=device)
+    model, tokenizer = loading.load_model(ckpt or cfg.model, dtype=cfg.dtype, device=device)
     size = sum(p.numel() for p in model.parameters())
     checkpointing = precision.checkpointing_on(cfg, size)
     critic_model = ppo.load_critic(ckpt / "critic" if ckpt else cfg.model, cfg, device) if cfg.objective == "ppo" else None
@@ -280,7 +284,7 @@ def setup(cfg, run_dir: pathlib.Path, inputs: Inputs) -> Run:
             m.train()    # NOTE: Qwen/Llama have no dropout by default; train() only switches checkpointing on
     ref_model = None
     if cfg.kl_coef > 0:  # the frozen initial policy (always the original --model, also when resuming)
-        ref_model, _ = sample.load_model(cfg.model, dtype=cfg.dtype, device=device)
+        ref_model, _ = loading.load_model(cfg.model, dtype=cfg.dtype, device=device)
         ref_model.requires_grad_(False)
     policy = precision.make_trainable(model, cfg, cfg.lr)
     critic = precision.make_trainable(critic_model, cfg, cfg.critic_lr) if critic_model is not None else None
@@ -565,8 +569,7 @@ def save_checkpoint(run: Run, step: int) -> pathlib.Path:
                tmp / "trainer_state.pt")
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
-    (run.dir / "latest.tmp").write_text(final.name + "\n")
-    os.replace(run.dir / "latest.tmp", run.dir / "latest")
+    loading.write_atomic(run.dir / "latest", final.name + "\n")
     for old in run.dir.glob("checkpoint-*"):
         if old != final:
             shutil.rmtree(old, ignore_errors=True)

@@ -20,8 +20,8 @@ import re
 
 import torch
 
+import loading
 import presets
-import sample
 
 
 # A Config field's type annotation -> how a command-line value of it is read (--set / --sweep use it too)
@@ -84,7 +84,8 @@ def parse_config(config_cls, argv=None, toy_defaults: dict | None = None):
 
 
 def config_problems(cfg, objectives) -> list[str]:
-    """Everything wrong with a config, as messages (empty = valid). Checked before any work starts."""
+    """Everything wrong with a config, as messages (empty = valid). Checked before any work starts.
+    The one place a Config's values are checked: nsr.py, runs.py and reproduce.py all come here."""
     bad = []
     if cfg.objective not in objectives:
         bad.append(f"--objective {cfg.objective!r} is unknown; choose one of {', '.join(objectives)}")
@@ -92,6 +93,12 @@ def config_problems(cfg, objectives) -> list[str]:
         bad.append(f"--lam must be >= 0 (weight of correct samples in w-reinforce), got {cfg.lam}")
     if cfg.objective == "grpo" and cfg.group_size < 2:
         bad.append(f"--group-size must be >= 2 for grpo (a group std needs two samples), got {cfg.group_size}")
+    return bad + _range_problems(cfg) + _clip_problems(cfg) + _choice_problems(cfg) + _input_problems(cfg)
+
+
+def _range_problems(cfg) -> list[str]:
+    """Numbers outside their range: counts >= 1, sizes >= 0, rates > 0, probabilities in [0, 1]."""
+    bad = []
     for name in ("steps", "batch_prompts", "group_size", "max_new_tokens", "chunk_size", "micro_batch_size",
                  "max_nonfinite"):
         if getattr(cfg, name) < 1:
@@ -109,18 +116,6 @@ def config_problems(cfg, objectives) -> list[str]:
     for name in ("gae_gamma", "gae_lam"):
         if not 0 <= getattr(cfg, name) <= 1:
             bad.append(f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(cfg, name)}")
-    low, high = clip_sides(cfg)
-    if cfg.objective == "ppo" and low == high == 0:
-        bad.append("--objective ppo needs clipping: --clip-eps > 0 (the paper: 0.2), or --clip-low / --clip-high")
-    if not 0 <= low <= 1:
-        bad.append(f"the ratio's lower side (--clip-low, or --clip-eps) must be in [0, 1] (its bound is 1 - clip_low), "
-                   f"got {low}")
-    if not high >= 0:
-        bad.append(f"the ratio's upper side (--clip-high, or --clip-eps) must be >= 0, got {high}")
-    if cfg.optimizer not in ("adamw", "sgd"):
-        bad.append(f"--optimizer must be adamw or sgd, got {cfg.optimizer!r}")
-    if cfg.reward not in ("verifier", "random"):
-        bad.append(f"--reward must be verifier or random, got {cfg.reward!r}")
     if not 0 <= cfg.random_reward_p <= 1:
         bad.append(f"--random-reward-p must be in [0, 1], got {cfg.random_reward_p}")
     if not 0 < cfg.temperature:
@@ -134,6 +129,33 @@ def config_problems(cfg, objectives) -> list[str]:
     for name in ("adam_beta1", "adam_beta2"):
         if not 0 <= getattr(cfg, name) < 1:
             bad.append(f"--{name.replace('_', '-')} must be in [0, 1), got {getattr(cfg, name)}")
+    return bad
+
+
+def _clip_problems(cfg) -> list[str]:
+    """The clip sides in force (clip_sides): ppo needs one, each in range; the sampler's ratio needs --top-p 1."""
+    bad = []
+    low, high = clip_sides(cfg)
+    if cfg.objective == "ppo" and low == high == 0:
+        bad.append("--objective ppo needs clipping: --clip-eps > 0 (the paper: 0.2), or --clip-low / --clip-high")
+    if not 0 <= low <= 1:
+        bad.append(f"the ratio's lower side (--clip-low, or --clip-eps) must be in [0, 1] (its bound is 1 - clip_low), "
+                   f"got {low}")
+    if not high >= 0:
+        bad.append(f"the ratio's upper side (--clip-high, or --clip-eps) must be >= 0, got {high}")
+    if (low > 0 or high > 0 or cfg.mini_batch_size is not None) and cfg.top_p < 1 and cfg.old_logprobs == "sampler":
+        bad.append("--old-logprobs sampler with clipping or mini-batches needs --top-p 1: the sampler's log-probs "
+                   "are of the top-p truncated distribution (--old-logprobs training recomputes them)")
+    return bad
+
+
+def _choice_problems(cfg) -> list[str]:
+    """Text fields outside their list of choices."""
+    bad = []
+    if cfg.optimizer not in ("adamw", "sgd"):
+        bad.append(f"--optimizer must be adamw or sgd, got {cfg.optimizer!r}")
+    if cfg.reward not in ("verifier", "random"):
+        bad.append(f"--reward must be verifier or random, got {cfg.reward!r}")
     if cfg.normalizer not in NORMALIZERS:
         bad.append(f"--normalizer must be one of {', '.join(NORMALIZERS)}, got {cfg.normalizer!r}")
     if cfg.old_logprobs not in ("training", "sampler"):
@@ -142,11 +164,14 @@ def config_problems(cfg, objectives) -> list[str]:
         bad.append(f"--dtype must be auto, float32 or bfloat16, got {cfg.dtype!r}")
     if cfg.grad_checkpointing not in ("auto", "on", "off"):
         bad.append(f"--grad-checkpointing must be auto, on or off, got {cfg.grad_checkpointing!r}")
-    if cfg.template not in sample.TEMPLATES:
-        bad.append(f"--template {cfg.template!r} is unknown; choose one of {', '.join(sample.TEMPLATES)}")
-    if (low > 0 or high > 0 or cfg.mini_batch_size is not None) and cfg.top_p < 1 and cfg.old_logprobs == "sampler":
-        bad.append("--old-logprobs sampler with clipping or mini-batches needs --top-p 1: the sampler's log-probs "
-                   "are of the top-p truncated distribution (--old-logprobs training recomputes them)")
+    if cfg.template not in loading.TEMPLATES:
+        bad.append(f"--template {cfg.template!r} is unknown; choose one of {', '.join(loading.TEMPLATES)}")
+    return bad
+
+
+def _input_problems(cfg) -> list[str]:
+    """Files, the model, the device and --dry-run: what the machine must hold for the config to run."""
+    bad = []
     if cfg.train and not pathlib.Path(cfg.train).is_file():
         bad.append(f"--train {cfg.train}: no such file")
     for path in cfg.eval:
@@ -156,6 +181,12 @@ def config_problems(cfg, objectives) -> list[str]:
         bad.append("--model is given but --train is not: a real model needs --train FILE.jsonl")
     if cfg.device != "auto" and cfg.device.startswith("cuda") and not torch.cuda.is_available():
         bad.append(f"--device {cfg.device}: CUDA is not available on this machine")
+    if cfg.dry_run and not cfg.model:
+        bad.append("--dry-run prints the memory plan of a real model: give --model or --preset")
+    elif cfg.dry_run and cfg.model not in presets.ARCHITECTURES and \
+            not (pathlib.Path(cfg.model) / "config.json").is_file():
+        bad.append(f"--dry-run: no architecture numbers for {cfg.model!r}: give a local model directory, "
+                   f"or one of {', '.join(presets.ARCHITECTURES)}")
     return bad
 
 

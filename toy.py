@@ -85,9 +85,9 @@ from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_toke
 from tqdm import tqdm
 from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
+import loading
 import passk
 import sample
-import verifier
 
 # Bump when the task format or the build procedure changes in a way the recipe fields do not show:
 # it is part of the recipe hash, so every cached base model is rebuilt.
@@ -152,8 +152,6 @@ class ToyRecipe:
     """... of which this many (uniform) are rare (uniform over the rare tier), the rest common or medium"""
     num_train: int = 360
     """problems in train.jsonl (the RL training set)"""
-    train_hard_share: float = 0.0
-    """share of train problems drawn like test_hard problems (rare symbols; distinct problem texts)"""
     num_test: int = 128
     """problems in each of test_easy.jsonl and test_hard.jsonl"""
     layers: int = 3
@@ -161,12 +159,10 @@ class ToyRecipe:
     heads: int = 4
     kv_heads: int = 2
     lr: float = 2e-3
-    """AdamW peak learning rate of pre-training (linear warm-up over 50 steps, then lr_schedule)"""
-    lr_schedule: str = "cosine"
-    """after the warm-up: "constant", or "cosine" (decay to 0 at the last step). With a constant rate
-    the belief about a rarely seen symbol tracks its last few corpus examples (measured on toy-v7:
-    recall 0.58 believed at 0.19, 0.004 at 0.09); the decay averages them, so the base believes what
-    its corpus states"""
+    """AdamW peak learning rate of pre-training: a linear warm-up over 50 steps, then a cosine decay to 0
+    at the last step. With a constant rate the belief about a rarely seen symbol tracks its last few
+    corpus examples (measured on toy-v7: recall 0.58 believed at 0.19, 0.004 at 0.09); the decay averages
+    them, so the base believes what its corpus states"""
     batch_size: int = 32
     """sequences per pre-training step"""
     pretrain_steps: int = 2000
@@ -314,7 +310,11 @@ def make_splits(recipe: ToyRecipe) -> dict[str, list[dict]]:
 
     test_easy = draw(recipe.num_test, easy)
     test_hard = draw(recipe.num_test, hard)
-    train = draw(recipe.num_train, lambda: hard() if rng.random() < recipe.train_hard_share else easy())
+    def train_problem():
+        rng.random()     # NOTE: a draw that once chose easy or hard, kept so each seed's splits stay the same
+        return easy()
+
+    train = draw(recipe.num_train, train_problem)
     return {"train": train, "test_easy": test_easy, "test_hard": test_hard}
 
 
@@ -339,7 +339,7 @@ def corpus_problem(rng: random.Random, facts: dict, recipe: ToyRecipe, exclude: 
 
 PAD, EOS = "<|pad|>", "<|endoftext|>"
 
-# The chat template renders ONLY the problem line of the user message and a newline. sample.render_prompt
+# The chat template renders ONLY the problem line of the user message and a newline. loading.render_prompt
 # sends [system SYSTEM, user problem + INSTRUCTION]; a char-level model would spend ~100 tokens per
 # prompt on those fixed words, so the template drops them (everything from "\nPlease reason" on).
 CHAT_TEMPLATE = (
@@ -415,7 +415,7 @@ def sft_batch(problems: list[dict], prompt_cache: dict, tokenizer):
     rows, label_rows = [], []
     for p in problems:
         if p["problem"] not in prompt_cache:
-            prompt_cache[p["problem"]] = sample.encode_prompts(tokenizer, [p])[0][0]
+            prompt_cache[p["problem"]] = loading.encode_prompts(tokenizer, [p])[0][0]
         prompt = prompt_cache[p["problem"]]
         response_ids = tokenizer(p["solution"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
         rows.append(prompt + response_ids)
@@ -433,15 +433,11 @@ def sft_batch(problems: list[dict], prompt_cache: dict, tokenizer):
 
 def sampled_accuracy(model, tokenizer, problems, n: int, max_new_tokens: int, seed: int) -> float:
     """Mean correctness of n samples per problem (= an estimate of Pass@1): the cheap check."""
-    prompt_ids, kept, _ = sample.encode_prompts(tokenizer, problems)
+    prompt_ids, kept, _ = loading.encode_prompts(tokenizer, problems)
     rows = [ids for ids in prompt_ids for _ in range(n)]
     generator = torch.Generator().manual_seed(seed)
     rollouts = sample.generate(model, rows, max_new_tokens, generator=generator)
-    correct = 0
-    for i, tokens in enumerate(rollouts.tokens):
-        correct += verifier.is_correct(tokenizer.decode(tokens, skip_special_tokens=True),
-                                       kept[i // n]["answer"])
-    return correct / len(rows)
+    return sum(passk.verify(tokenizer, rollouts.tokens, [p["answer"] for p in kept for _ in range(n)])) / len(rows)
 
 
 
@@ -459,7 +455,7 @@ def recall_report(model, tokenizer, problems: list[dict], facts: dict, formats: 
     "format_entropy" (the mean entropy of that choice among the formats, nats) and "solve" (per problem
     sum_f p(f) x product_f: the chance to solve it over the format choice).
     """
-    prompt_ids, kept, _ = sample.encode_prompts(tokenizer, problems)
+    prompt_ids, kept, _ = loading.encode_prompts(tokenizer, problems)
     device = next(model.parameters()).device
     sep_ids = [tokenizer(sep, add_special_tokens=False)["input_ids"][0] for sep in formats]
     by_format, choice = {}, []
@@ -539,11 +535,10 @@ def pretrain(model, tokenizer, splits: dict, recipe: ToyRecipe, log=print) -> di
     optimizer = torch.optim.AdamW(model.parameters(), lr=recipe.lr, betas=(0.9, 0.98), weight_decay=0.0)
 
     def decay(step: int) -> float:
-        if recipe.lr_schedule == "constant" or step <= 50:
+        """the cosine decay after the warm-up: 1 at step 50, 0 at the last step"""
+        if step <= 50:
             return 1.0
-        if recipe.lr_schedule == "cosine":
-            return 0.5 * (1 + math.cos(math.pi * (step - 50) / max(recipe.pretrain_steps - 50, 1)))
-        raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {recipe.lr_schedule!r}")
+        return 0.5 * (1 + math.cos(math.pi * (step - 50) / max(recipe.pretrain_steps - 50, 1)))
 
     start, history = time.time(), []
     bar = tqdm(range(1, recipe.pretrain_steps + 1), desc="toy pre-training", unit="step", dynamic_ncols=True)
@@ -683,7 +678,7 @@ def _build(out_dir: pathlib.Path, recipe: ToyRecipe, start: float, log) -> pathl
     (tmp / "recipe.json").write_text(json.dumps({"hash": recipe_hash(recipe), "version": RECIPE_VERSION,
                                                  "recipe": dataclasses.asdict(recipe)}, indent=2))
     if out_dir.exists():            # an earlier build (another recipe, or --force): moved aside, not deleted
-        log(f"toy: moved the earlier build in {out_dir} to {sample.move_aside(out_dir)}")
+        log(f"toy: moved the earlier build in {out_dir} to {loading.move_aside(out_dir)}")
     tmp.rename(out_dir)
     log(f"toy: built in {build_seconds:.0f} s -> {out_dir}")
     return out_dir
@@ -707,7 +702,7 @@ def recall_command(model_dir: str, base: str | None) -> int:
     facts = json.loads((base_path / "facts.json").read_text())
     formats = tuple(json.loads((base_path / "recipe.json").read_text())["recipe"].get("formats", ("=",)))
     torch.set_num_threads(1)
-    model, tokenizer = sample.load_model(model_dir, dtype="float32", device="cpu")
+    model, tokenizer = loading.load_model(model_dir, dtype="float32", device="cpu")
     for split in ("test_easy", "test_hard"):
         problems = [json.loads(line) for line in (base_path / f"{split}.jsonl").read_text().splitlines()]
         print(f"{split:9s} " + fmt_recall(recall_report(model, tokenizer, problems, facts, formats)))

@@ -137,28 +137,37 @@ def extract_answer(text) -> str | None:
     if not isinstance(text, str) or not text:
         return None
     boxes = list(_BOX_RE.finditer(text))
-    if boxes:
-        last = _box_at(text, boxes[-1].start(), boxes[-1].end())
-        if last is None:
-            return None
-        parts = [last[0]]
-        # a run of boxes separated only by commas/"and"/math delimiters is one list answer
-        next_start = boxes[-1].start()
-        for b in reversed(boxes[-MAX_ITEMS:-1]):
-            prev = _box_at(text, b.start(), b.end())
-            if prev is None or prev[1] > next_start:
-                break
-            between = text[prev[1]:next_start]
-            if len(between) > 80 or _BOX_SEP_RE.fullmatch(between) is None:
-                if len(between) <= 80 and _BOX_HEDGE_RE.search(between) and \
-                        _BOX_SEP_RE.fullmatch(_BOX_HEDGE_RE.sub("", between)):
-                    return None          # "\boxed{3} or \boxed{4}": a hedge is no answer
-                break
-            parts.append(prev[0])
-            next_start = b.start()
-        if len(set(parts)) == 1:         # the same box repeated is one answer
-            return parts[0].strip()
-        return ", ".join(reversed(parts)).strip()
+    return _box_run_answer(text, boxes) if boxes else _phrase_answer(text)
+
+
+def _box_run_answer(text: str, boxes: list) -> str | None:
+    """The answer in the last box, joined with the boxes just before it when they form one list
+    ("\\boxed{2}, \\boxed{3}" -> "2, 3"); None for an unclosed last box or a hedge."""
+    last = _box_at(text, boxes[-1].start(), boxes[-1].end())
+    if last is None:
+        return None
+    parts = [last[0]]
+    # a run of boxes separated only by commas/"and"/math delimiters is one list answer
+    next_start = boxes[-1].start()
+    for b in reversed(boxes[-MAX_ITEMS:-1]):
+        prev = _box_at(text, b.start(), b.end())
+        if prev is None or prev[1] > next_start:
+            break
+        between = text[prev[1]:next_start]
+        if len(between) > 80 or _BOX_SEP_RE.fullmatch(between) is None:
+            if len(between) <= 80 and _BOX_HEDGE_RE.search(between) and \
+                    _BOX_SEP_RE.fullmatch(_BOX_HEDGE_RE.sub("", between)):
+                return None          # "\boxed{3} or \boxed{4}": a hedge is no answer
+            break
+        parts.append(prev[0])
+        next_start = b.start()
+    if len(set(parts)) == 1:         # the same box repeated is one answer
+        return parts[0].strip()
+    return ", ".join(reversed(parts)).strip()
+
+
+def _phrase_answer(text: str) -> str | None:
+    """The answer after the last final-answer phrase of a response without a box, or None."""
     # No box: the last final-answer phrase anywhere in the response (the length cap is on the answer,
     # not on the response), followed by the value on the same line or, after a heading such as
     # "**Final Answer**", on the next non-empty line:
@@ -367,7 +376,11 @@ def _canonical(s) -> str:
     s = s.strip()
     if len(s) > MAX_ANSWER_CHARS:             # not an answer (is_correct rejects it): returned as is
         return s
+    return _canonical_structure(_canonical_separators(_canonical_symbols(s)))
 
+
+def _canonical_symbols(s: str) -> str:
+    """Steps 1-8 of _canonical: characters, wrappers and symbols, each to one spelling."""
     # 1. Unicode: symbols to LaTeX, then NFKC.  "−½ × π" -> "-1/2 \times \pi";  "x²" -> "x^2";
     #    "90°" -> "90^\circ". A character that is not text (a control character, a lone surrogate from
     #    bad UTF-8) becomes U+FFFD and is KEPT: dropping it would make "7\ud800" equal "7".
@@ -403,8 +416,11 @@ def _canonical(s) -> str:
 
     # 8. Degrees and percent: "90^{\circ}" / "90^\circ" / "90°" -> "90";  "28\%" / "28%" -> "28"
     s = _DEGREE_RE.sub("", s)
-    s = _PERCENT_RE.sub("", s)
+    return _PERCENT_RE.sub("", s)
 
+
+def _canonical_separators(s: str) -> str:
+    """Steps 9-12 of _canonical: spacing, separators, "and" lists, trailing units, thousands commas."""
     # 9. Spacing commands and the {,} / ,\! thousands separators: "1\,000" -> "1 000";
     #    "14{,}916" / "14 {, }916" -> "14916";  "1,\!000" -> "1,000"
     s = _BRACE_COMMA_RE.sub(lambda m: "" if m.group(1) else ",", s).replace("\\!", "")
@@ -424,7 +440,7 @@ def _canonical(s) -> str:
     s = s.strip().rstrip(".,;: ").lstrip(",;: ")           # never "!" (5! is 120) nor "?" ("7?" is a doubt)
     if _THOUSANDS_RE.fullmatch(s):
         s = s.replace(",", _AMBIGUOUS_COMMA)
-    return _canonical_structure(s)
+    return s
 
 
 def _canonical_structure(s: str) -> str:
@@ -784,7 +800,11 @@ def _same(gold: str, pred: str, depth: int = 0) -> bool:
     if gval is not None:
         pval = _to_fraction(pred)
         return pval is not None and pval == gval
+    return _same_structure(gold, pred, depth)
 
+
+def _same_structure(gold: str, pred: str, depth: int) -> bool:
+    """_same for answers with parts (matrices, unions, tuples, intervals, lists), compared part by part."""
     # matrices, in order
     gmat = _matrix_cells(gold) if gold.startswith(_MATRIX_STARTS) else None
     if gmat is not None:
@@ -814,29 +834,34 @@ def _same(gold: str, pred: str, depth: int = 0) -> bool:
     if "\\pm" in gold or "\\pm" in pred:
         gitems, pitems = _expand_pm(gitems), _expand_pm(pitems)
     if len(gitems) > 1 or len(pitems) > 1:
-        if len(gitems) != len(pitems) or len(gitems) > MAX_ITEMS:
-            return False
-        # exact string pairs first (linear, collections-free counting), then the few leftovers
-        # pairwise with the full comparison (quadratic, so at most 50 of them)
-        counts: dict[str, int] = {}
-        for p in pitems:
-            counts[p] = counts.get(p, 0) + 1
-        leftover = []
-        for g in gitems:
-            if counts.get(g, 0) > 0:
-                counts[g] -= 1
-            else:
-                leftover.append(g)
-        unused = [p for p, c in counts.items() for _ in range(c)]
-        if len(leftover) > 50:
-            return False
-        for g in leftover:
-            hit = next((i for i, p in enumerate(unused) if _same(g, p, depth + 1)), None)
-            if hit is None:
-                return False
-            unused.pop(hit)
-        return True
+        return _same_unordered(gitems, pitems, depth)
     return False
+
+
+def _same_unordered(gitems: list[str], pitems: list[str], depth: int) -> bool:
+    """Two lists as multisets: the same length, each gold item matched by its own pred item."""
+    if len(gitems) != len(pitems) or len(gitems) > MAX_ITEMS:
+        return False
+    # exact string pairs first (linear, collections-free counting), then the few leftovers
+    # pairwise with the full comparison (quadratic, so at most 50 of them)
+    counts: dict[str, int] = {}
+    for p in pitems:
+        counts[p] = counts.get(p, 0) + 1
+    leftover = []
+    for g in gitems:
+        if counts.get(g, 0) > 0:
+            counts[g] -= 1
+        else:
+            leftover.append(g)
+    unused = [p for p, c in counts.items() for _ in range(c)]
+    if len(leftover) > 50:
+        return False
+    for g in leftover:
+        hit = next((i for i, p in enumerate(unused) if _same(g, p, depth + 1)), None)
+        if hit is None:
+            return False
+        unused.pop(hit)
+    return True
 
 
 def _readings(s: str) -> list[str]:
@@ -873,6 +898,35 @@ def reward(response, gold) -> float:
 # SELF-CHECK: `python verifier.py` prints the MATH self-consistency rate and the worst-case timings
 # =================================================================================================
 
+def worst_case_ms() -> dict[str, float]:
+    """{adversarial input: its slowest call in milliseconds} over is_correct both ways and normalize_answer.
+    Timings live here and in `python bench.py verifier`, never in a test (a busy machine is slow)."""
+    import time
+    digits = "9" * 5000
+    cases = {
+        "300,000 x 'a'": "a" * 300_000,
+        "300,000 chars inside one box": "\\boxed{" + "x" * 300_000 + "}",
+        "unclosed box + 300,000 '{'": "\\boxed{" + "{" * 300_000,
+        "40,000 boxes": "\\boxed{" * 40_000,
+        "40,000 boxes, the last complete": "\\boxed{" * 39_999 + "\\boxed{1}",
+        "'Answer:' after 300,000 chars": "a" * 300_000 + " Answer: 1",
+        "20,000 nested braces": "\\boxed{" + "{" * 20_000 + "1" + "}" * 20_000 + "}",
+        "20,000 nested \\frac": "\\boxed{" + "\\frac{" * 20_000 + "1" + "}" * 20_000 + "}",
+        "5,000-digit integer": "\\boxed{" + digits + "}",
+        "5,000-digit fraction": "\\boxed{\\frac{" + digits + "}{" + digits + "7}}",
+        "'the answer is' + 100,000 items": "The answer is " + "1, " * 100_000,
+    }
+    worst = {}
+    for name, text in cases.items():
+        worst[name] = 0.0
+        for call in (lambda: is_correct(text, "1"), lambda: is_correct(text, text), lambda: normalize_answer(text),
+                     lambda: is_correct("\\boxed{1}", text)):
+            start = time.perf_counter()
+            call()
+            worst[name] = max(worst[name], (time.perf_counter() - start) * 1e3)
+    return worst
+
+
 def _self_check() -> None:
     import json
     import pathlib
@@ -888,28 +942,8 @@ def _self_check() -> None:
               f"{hits / len(records):.4%}  ({seconds / len(records) * 1e6:.0f} us per record)")
     else:
         print(f"self-consistency: skipped, {data_dir} not found")
-    digits = "9" * 5000
-    cases = {
-        "300,000 x 'a'": "a" * 300_000,
-        "300,000 chars inside one box": "\\boxed{" + "x" * 300_000 + "}",
-        "unclosed box + 300,000 '{'": "\\boxed{" + "{" * 300_000,
-        "40,000 boxes": "\\boxed{" * 40_000,
-        "40,000 boxes, the last complete": "\\boxed{" * 39_999 + "\\boxed{1}",
-        "'Answer:' after 300,000 chars": "a" * 300_000 + " Answer: 1",
-        "20,000 nested braces": "\\boxed{" + "{" * 20_000 + "1" + "}" * 20_000 + "}",
-        "20,000 nested \\frac": "\\boxed{" + "\\frac{" * 20_000 + "1" + "}" * 20_000 + "}",
-        "5,000-digit integer": "\\boxed{" + digits + "}",
-        "5,000-digit fraction": "\\boxed{\\frac{" + digits + "}{" + digits + "7}}",
-        "'the answer is' + 100,000 items": "The answer is " + "1, " * 100_000,
-    }
-    for name, text in cases.items():
-        worst = 0.0
-        for call in (lambda: is_correct(text, "1"), lambda: is_correct(text, text), lambda: normalize_answer(text),
-                     lambda: is_correct("\\boxed{1}", text)):
-            start = time.perf_counter()
-            call()
-            worst = max(worst, time.perf_counter() - start)
-        print(f"{name:<34} worst call {worst * 1e3:6.1f} ms")
+    for name, ms in worst_case_ms().items():
+        print(f"{name:<34} worst call {ms:6.1f} ms")
 
 
 if __name__ == "__main__":
