@@ -340,7 +340,7 @@ def train(cfg: Config) -> dict:
 class Config:
     """23 fields a student changes first, then the system fields. None = the official recipe's value (runs.resolve)."""
     # ---- the objective and the update ----
-    objective: str = "nsr"        # psr, nsr, w-reinforce, reinforce, grpo or ppo (the OBJECTIVES table)
+    objective: str = "nsr"        # psr, nsr, w-reinforce, reinforce, grpo, ppo; a comma list: each, side by side
     lam: float = 0.1              # lambda of w-reinforce: weight of correct samples (the paper: 0.1)
     steps: int = 100              # training steps (one rollout batch each)
     batch_prompts: int = 32       # B: prompts per step

@@ -43,6 +43,14 @@ inconclusive. "X above Y" needs the whole interval above 0; "below", the whole i
 With several recipe seeds, each is also judged alone (`verdicts_by_recipe_seed`): a finding robust over
 bases holds overall and fails on none of them.
 
+THE DECISIVE DESIGN (the defaults; issue 30, chosen on design seeds: docs/toy-regime-log.md): PSR, NSR and
+W-REINFORCE (what the four findings need; (c) then compares W-REINFORCE with the best of these three),
+4 training seeds per base, n = 1,024. `python reproduce.py --recipe-seeds S1 S2 S3 --out DIR` on three
+unseen bases: 3 builds + 39 jobs, about 30 minutes on a quiet 2-core machine (it prints its estimate).
+summary.json "variance" says how much of each method - base interval comes from the estimator, the
+training seeds, the problem sample and the bases (variance_components); `--project SUMMARY` projects
+the half-width and time of other designs from a summary without running anything.
+
 Jobs run in --jobs processes (one torch thread each: the toy model is too small for two); each writes
 its result to <out>/<run>/result.json, and a job whose result is already there is not run again, so an
 interrupted reproduction continues where it stopped (an interrupted training job resumes from its last
@@ -261,8 +269,8 @@ def expected_seconds(jobs: list[dict], processes: int, cost=job_seconds) -> floa
 
 def format_expected(jobs: list[dict], processes: int) -> str:
     seconds = expected_seconds(jobs, processes)
-    return (f"expected: about {seconds / 60:.0f} min on {processes} free cores (per-job costs measured on one "
-            f"thread: reproduce.SECONDS; results and bases already on disk cost nothing)")
+    return (f"expected: about {seconds / 60:.0f} min on {processes} free cores ({len(jobs)} jobs at the per-job costs "
+            f"of reproduce.SECONDS, one thread each; results and bases already on disk cost nothing)")
 
 
 # =================================================================================================
@@ -597,9 +605,11 @@ def projection(summary: dict, R: int = 3, seeds=(2, 3, 4, 6, 8), ns=(256, 512, 1
         u = row["per_unit"]
         measured = [] if u["base"] is None else [u["base"]]
         head = "".join(f"{'base ' + format(b, '.1f'):>12}" for b in [*bases, *measured])
-        lines += ["", f"{display(method)} (measured on {row['R']} base(s), {row['T']} training seeds, n = {row['n']}; "
-                      f"per unit: seed {u['seed']:.2f}, seed x problem {u['interaction']:.1f}, problem "
-                      f"{u['problem']:.1f}, estimator {u['v_method']:.1f} / base {u['v_base']:.1f})",
+        show = {key: "n/a" if u[key] is None else f"{u[key]:.1f}" for key in ("seed", "interaction", "problem")}
+        lines += ["", f"{display(method)} (measured on {row['R']} base(s), {row['T']} training seed(s), n = {row['n']}; "
+                      f"per unit: seed {show['seed']}, seed x problem {show['interaction']}, problem "
+                      f"{show['problem']}{' (with seed x problem)' if row['T'] == 1 else ''}, estimator "
+                      f"{u['v_method']:.1f} / base {u['v_base']:.1f})",
                   f"{'T':>3}{'n':>6}{'minutes':>9}" + head]
         for T in seeds:
             for m in ns:
@@ -789,10 +799,12 @@ def parse_args(argv=None):
         if len(set(getattr(args, name))) != len(getattr(args, name)):
             parser.error(f"--{name.replace('_', '-')} must be distinct, got {getattr(args, name)}")
     for change in [{}] + [{field: value} for field, values in sweeps for _, value in values]:
-        problems = {problem for method in args.methods for problem in settings.config_problems(
-            nsr.Config(**{**nsr.TOY_DEFAULTS, **overrides, **change, "objective": method}), nsr.OBJECTIVES)}
-        if problems:
-            parser.error("invalid training settings:\n  " + "\n  ".join(sorted(problems)))
+        for method in args.methods:       # each with its own objective (the main job's default is a list)
+            try:
+                settings.check_config(nsr.Config(**{**nsr.TOY_DEFAULTS, **overrides, **change, "objective": method}),
+                                      nsr.OBJECTIVES)
+            except settings.UserError as e:
+                parser.error(f"training settings: {e}")
     return args, overrides, sweeps
 
 

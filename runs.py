@@ -103,10 +103,17 @@ def start(cfg, objectives) -> tuple[object, Run]:
 def side_configs(cfg, objectives: list[str], known) -> dict:
     """The configs of nsr.train_side_by_side: one per objective, out_dir <out_dir>/<objective> (each run
     resumable on its own: --resume continues the runs that have a checkpoint and starts the others), each
-    checked (settings.check_config) before any run starts -> {objective: cfg}."""
+    checked (settings.check_config) before any run starts, and --out-dir holding nothing but those run
+    directories (and their moved-aside <objective>.N) -> {objective: cfg}."""
+    parent = pathlib.Path(cfg.out_dir)      # holds the objectives' run directories and nothing else
+    others = sorted(p.name for p in parent.iterdir() if p.name.split(".")[0] not in objectives) if parent.is_dir() else []
+    if parent.exists() and (not parent.is_dir() or others):
+        raise settings.UserError(f"--out-dir {parent} holds files that are not a run's ({', '.join(others[:4]) or 'a file'}"
+                                 f"{', ...' if len(others) > 4 else ''}): the runs side by side need a new directory, "
+                                 f"or one holding only {', '.join(objectives)}/")
     cfgs = {}
     for objective in objectives:
-        out_dir = pathlib.Path(cfg.out_dir) / objective
+        out_dir = parent / objective
         cfgs[objective] = dataclasses.replace(cfg, objective=objective, out_dir=str(out_dir),
                                               resume=cfg.resume and latest_checkpoint(out_dir) is not None)
         settings.check_config(cfgs[objective], known)
