@@ -1521,37 +1521,48 @@ Q1. The token-level gradient (the paper's gradient analysis). For L = -w log sof
     against the last row of `python nsr.py --demo-gradient` ({t_demo}).
 
 Q2. PSR, NSR and W-REINFORCE on the toy (findings a, b, d).
-    `python reproduce.py --methods psr nsr w-reinforce --seeds 0 --out runs/q2` ({t_q2}).
+    `python reproduce.py --methods psr nsr w-reinforce --seeds 0 --n 256 --out runs/q2` ({t_q2}).
     Report Pass@1, Pass@16 and Pass@256 on both splits, the coverage table (kept / lost / gained) and the
     test entropies. Which of the paper's findings (a), (b), (d) does this run support, and how strongly
     (its verdicts and their intervals)? Which problems did PSR lose at k = 256 that the base solves?
 
-Q3. lambda. `python reproduce.py --methods w-reinforce --seeds 0 --sweep lam=0,0.5,1 --out runs/q3`
+Q3. lambda. `python reproduce.py --methods w-reinforce --seeds 0 --n 256 --sweep lam=0,0.5,1 --out runs/q3`
     ({t_q3}). How do Pass@1 and Pass@256 move with lambda (0.1 is the unswept row)? The paper's authors
     chose 0.1 "empirically"; what does your sweep suggest for this toy, and why might a weak base need a
     larger lambda?
 
 Q4. Clipping and mini-batches (the official repository's issue #6: NSR's gains "only appear when
     batch_size > ppo_mini_batch_size and PPO's ratio clipping is enabled").
-    `python reproduce.py --methods psr nsr --seeds 0 --sweep clip_eps=0 --sweep clip_low=0
+    `python reproduce.py --methods psr nsr --seeds 0 --n 256 --sweep clip_eps=0 --sweep clip_low=0
     --sweep clip_high=0 --sweep mini_batch_size=none --out runs/q4` ({t_q4}).
     Some rows are identical to the digit: which, and why (which side of the clip does each objective
     ever meet)? What do clipping and the number of optimizer steps per batch change for PSR and for NSR?
 
-Q5. The normaliser. `python reproduce.py --methods psr nsr --seeds 0 --sweep normalizer=constant
-    --out runs/q5` ({t_q5}). What does a token mean over the weighted samples do that a constant does
-    not (think of PSR when few samples are right)?
+Q5. The normaliser. `python reproduce.py --methods psr nsr --seeds 0 --n 256 --sweep normalizer=constant
+    --out runs/q5` ({t_q5}). What does a token mean over the mini-batch's response tokens do that a
+    constant does not (think of PSR when few samples are right)?
 
 Q6. Uncertainty (no run). From runs/q2/summary.json: what does an "inconclusive" verdict mean, and what
     would make it conclusive? Why does reproduce.py resample recipe seeds, problems and training seeds
     separately, and why are the two test splits of one run never two independent units?
 
-All six together: {t_total} on 2 CPU cores (measured; the toy bases are built once and cached)."""
+Q7. Same expected gradient, different updates (docs/why.md). For one prompt, show in one line that
+    E[r grad log pi] = E[(r - 1) grad log pi]. Then run `python reproduce.py --methods psr nsr --seeds 0
+    --n 256 --sweep mini_batch_size=none --out runs/q7` ({t_q7}) and read each run's metrics.jsonl. How
+    many optimizer steps per batch ('updates') did PSR and NSR make at the start and at the end of
+    training, and why do they move apart? With one update per batch each, what happens to PSR's lead in
+    easy Pass@1, to the entropy gap, and to PSR's hard Pass@256 against the base? What does this say
+    about where the difference between PSR and NSR comes from?
+
+Q1-Q6 together: {t_total} on 2 CPU cores (measured; the toy bases are built once and cached)."""
 
 # Each question's wall time, measured on 2 CPU cores (2026-12-05, toy-v8) with the toy base of recipe seed 0
 # already built (docs/assignment.md has the commands).
+# Those runs evaluated with n = 256, as the questions' `--n 256` keeps them (reproduce.py's default is now the
+# decisive 1,024). Q7's time is an estimate (4 runs at the ablation's ~40 s each plus the base's evaluation),
+# not yet measured on recipe seed 0.
 WRITEUP_TIMES = {"t_demo": "5 s", "t_q2": "115 s", "t_q3": "120 s", "t_q4": "220 s", "t_q5": "105 s",
-                 "t_total": "about 9.5 minutes (565 s)"}
+                 "t_q7": "about 3 minutes (estimated, not yet measured)", "t_total": "about 9.5 minutes (565 s)"}
 
 WRITEUP = """# Write-up
 
