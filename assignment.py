@@ -1611,7 +1611,8 @@ def feedback(r: dict, limit: int = FEEDBACK_CHARS) -> str:
     return "\n".join(out + ([f"(and {left} more failing check(s), not shown)"] if left else []))
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line: one subcommand per job of the kit."""
     parser = argparse.ArgumentParser(description="The course assignment kit: handout, grade, submit.")
     sub = parser.add_subparsers(dest="command", required=True)
     sp = sub.add_parser("handout", help="write a student copy to DIR (which must not exist or be empty)")
@@ -1636,40 +1637,49 @@ def main(argv=None) -> int:
     sp.add_argument("--tests", action="store_true")
     sp.add_argument("--guard", action="store_true")
     sp.add_argument("--out", type=pathlib.Path, required=True)
-    args = parser.parse_args(argv)
+    return parser
 
+
+def grade_command(args, parser) -> None:
+    """`grade DIR`: the table, and with --results / --gradescope / --json what they add."""
+    args.dir = find_submission(args.dir)
+    if not any((args.dir / name).is_file() for name in SOURCES):
+        parser.error(f"{args.dir}: none of {', '.join(SOURCES)} there; give the directory of a student copy")
+    if args.only and set(args.only) - set(CHECKS):
+        parser.error(f"--only: unknown problem(s) {', '.join(sorted(set(args.only) - set(CHECKS)))}")
+    start = time.time()
+    try:
+        result = grade(args.dir, only=args.only, jobs=max(1, args.jobs))
+    except Exception as e:               # Gradescope shows the student this, not a missing-results error
+        if args.gradescope:
+            args.gradescope.write_text(json.dumps({"score": 0.0, "tests": [], "output": (
+                f"The autograder failed ({type(e).__name__}: {e}); tell your instructor.")}) + "\n")
+        raise
+    if args.results:
+        result["problems"]["results"] = grade_results(args.dir) | {"bonus": False, "seed": RESULT_SEED}
+        result["total"] += result["problems"]["results"]["points"]
+        result["max"] += result["problems"]["results"]["max"]
+    print(format_grade(result))
+    print(f"graded in {time.time() - start:.0f} s")
+    if args.gradescope:
+        args.gradescope.write_text(json.dumps(gradescope_results(result, time.time() - start), indent=1) + "\n")
+        print(f"wrote {args.gradescope} (Gradescope's results.json)")
+    if args.json:
+        print(json.dumps({"total": result["total"], "max": result["max"],
+                          "problems": {k: {"points": v["points"], "max": v["max"]}
+                                       for k, v in result["problems"].items()}}))
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
     if args.command == "handout":
         problems = handout(args.dir)
         print(f"handout written to {args.dir}: {len(problems)} problems "
               f"({sum(p.points for p in problems if not p.bonus):g} points + "
               f"{sum(p.points for p in problems if p.bonus):g} bonus); HANDOUT.md says what to do")
     elif args.command == "grade":
-        args.dir = find_submission(args.dir)
-        if not any((args.dir / name).is_file() for name in SOURCES):
-            parser.error(f"{args.dir}: none of {', '.join(SOURCES)} there; give the directory of a student copy")
-        if args.only and set(args.only) - set(CHECKS):
-            parser.error(f"--only: unknown problem(s) {', '.join(sorted(set(args.only) - set(CHECKS)))}")
-        start = time.time()
-        try:
-            result = grade(args.dir, only=args.only, jobs=max(1, args.jobs))
-        except Exception as e:               # Gradescope shows the student this, not a missing-results error
-            if args.gradescope:
-                args.gradescope.write_text(json.dumps({"score": 0.0, "tests": [], "output": (
-                    f"The autograder failed ({type(e).__name__}: {e}); tell your instructor.")}) + "\n")
-            raise
-        if args.results:
-            result["problems"]["results"] = grade_results(args.dir) | {"bonus": False, "seed": RESULT_SEED}
-            result["total"] += result["problems"]["results"]["points"]
-            result["max"] += result["problems"]["results"]["max"]
-        print(format_grade(result))
-        print(f"graded in {time.time() - start:.0f} s")
-        if args.gradescope:
-            args.gradescope.write_text(json.dumps(gradescope_results(result, time.time() - start), indent=1) + "\n")
-            print(f"wrote {args.gradescope} (Gradescope's results.json)")
-        if args.json:
-            print(json.dumps({"total": result["total"], "max": result["max"],
-                              "problems": {k: {"points": v["points"], "max": v["max"]}
-                                           for k, v in result["problems"].items()}}))
+        grade_command(args, parser)
     elif args.command == "submit":
         for warning in submit_warnings(args.dir):
             print(f"WARNING: {warning}")

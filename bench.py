@@ -520,10 +520,8 @@ def bench_verifier(args) -> dict:
 # MAIN
 # =================================================================================================
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="benchmark", required=True)
-
+def add_sampling_parsers(sub) -> None:
+    """The sampler's and the evaluation's benchmarks."""
     sp = sub.add_parser("sampler", help="sample.generate vs transformers' generate, tokens/s")
     sp.add_argument("--repeats", type=int, default=3, help="timed repeats per sampler (median is reported)")
     sp.add_argument("--new-tokens-a", type=int, default=64, help="max new tokens per rollout on model (a)")
@@ -554,6 +552,12 @@ def main(argv=None):
     sp.add_argument("--baseline", default=EVAL_BASELINE, help="git revision whose passk.py/sample.py are 'old'")
     sp.set_defaults(fn=bench_eval)
 
+
+def build_parser() -> argparse.ArgumentParser:
+    """One subcommand per benchmark, with its knobs."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="benchmark", required=True)
+    add_sampling_parsers(sub)
     sp = sub.add_parser("train", help="training tokens/s and peak memory, gradient checkpointing on vs off")
     sp.add_argument("--steps", type=int, default=2, help="timed steps per mode (after one warm-up step)")
     sp.add_argument("--sequences", type=int, default=8, help="sequences per step (the rollout batch)")
@@ -581,6 +585,11 @@ def main(argv=None):
     sp.add_argument("--repeats", type=int, default=3, help="runs per input (median reported)")
     sp.set_defaults(fn=bench_verifier)
 
+    return parser
+
+
+def main(argv=None):
+    parser = build_parser()
     args = parser.parse_args(argv)
     if getattr(args, "repeats", 1) < 1:
         parser.error(f"--repeats must be >= 1, got {args.repeats}")
