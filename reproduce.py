@@ -1,8 +1,8 @@
 """
 reproduce.py -- the paper's comparison on the toy world, with verdicts that carry their uncertainty.
 
-    python reproduce.py                                    # recipe seed 0: PSR, NSR, W-REINFORCE x 4 training seeds
-    python reproduce.py --recipe-seeds 50 51 52 --out runs/decisive   # THE decisive design: 3 unseen bases
+    python reproduce.py                                    # recipe seed 0: PSR, NSR, W-REINFORCE, training seed 0
+    python reproduce.py --recipe-seeds 60 61 62 63 64 65 66 67 68 --out runs/decisive   # THE decisive design: 9 unseen bases
     python reproduce.py --methods psr nsr w-reinforce reinforce grpo ppo --seeds 0 1   # all six methods
     python reproduce.py --methods psr nsr --set lr=1e-4    # any nsr.Config field: --set FIELD=VALUE
     python reproduce.py --methods w-reinforce --sweep lam=0.1,0.25,1   # one more run per value, labelled
@@ -43,10 +43,13 @@ inconclusive. "X above Y" needs the whole interval above 0; "below", the whole i
 With several recipe seeds, each is also judged alone (`verdicts_by_recipe_seed`): a finding robust over
 bases holds overall and fails on none of them.
 
-THE DECISIVE DESIGN (the defaults; issue 30, chosen on design seeds: docs/toy-regime-log.md): PSR, NSR and
+THE DECISIVE DESIGN (the defaults; issue 30, chosen by measurement: docs/toy-regime-log.md): PSR, NSR and
 W-REINFORCE (what the four findings need; (c) then compares W-REINFORCE with the best of these three),
-4 training seeds per base, n = 1,024. `python reproduce.py --recipe-seeds S1 S2 S3 --out DIR` on three
-unseen bases: 3 builds + 39 jobs, about 30 minutes on a quiet 2-core machine (it prints its estimate).
+ONE training seed per base, n = 1,024, and many bases: two thirds of the variance of method - base at hard
+k = 256 is between bases and under 4% between training seeds, so a second training seed buys less than a
+second base at the same cost. `python reproduce.py --recipe-seeds S1 ... S9 --out DIR` on nine unseen
+bases: 9 builds + 36 jobs, about 46 minutes on a quiet 2-core machine (it prints its estimate); three bases
+cannot reach a 95% half-width of 4 points at the measured between-base variance (`--project`).
 summary.json "variance" says how much of each method - base interval comes from the estimator, the
 training seeds, the problem sample and the bases (variance_components); `--project SUMMARY` projects
 the half-width and time of other designs from a summary without running anything.
@@ -90,9 +93,10 @@ N, EVAL_SEED, KS = 1024, 0, [2 ** j for j in range(9)]              # n = 4 x th
 KMAX = KS[-1]
 MARGIN = 1.0                              # non-inferiority margin, in points of Pass@k
 # THE DECISIVE DESIGN (the defaults; chosen by measurement on design seeds: docs/toy-regime-log.md, issue 30):
-# the three methods the four findings need ((c): W-REINFORCE against the best of those run), four training
-# seeds per base, n = 1,024. The other three methods: --methods psr nsr w-reinforce reinforce grpo ppo.
-DESIGN_METHODS, DESIGN_SEEDS = ("psr", "nsr", "w-reinforce"), [0, 1, 2, 3]
+# the three methods the four findings need ((c): W-REINFORCE against the best of those run), one training
+# seed per base (the bases, not the seeds, make the interval wide), n = 1,024; the bases are the recipe
+# seeds given. The other three methods: --methods psr nsr w-reinforce reinforce grpo ppo.
+DESIGN_METHODS, DESIGN_SEEDS = ("psr", "nsr", "w-reinforce"), [0]
 
 
 # =================================================================================================
@@ -226,13 +230,13 @@ def make_jobs(args, overrides: dict, sweeps: list | None = None) -> list[dict]:
     return jobs
 
 
-# What a reproduction costs on a quiet 2-core machine, one thread per job: a base build (97 s, README: the
-# main job on a fresh clone), a training run of 100 steps (~20 s: the default reproduction's 312 s on the
-# fresh clone, 13 evaluations at n = 256 taken out; PPO's critic adds about half), and one model's
-# evaluation on both test splits per 256 samples per problem: 256 problems x 256 x 21.7 tokens at ~95k
-# tokens/s (the issue's 47k tokens/s before the evaluation's speed-up, times its measured 2.02: bench.py eval).
-SECONDS = {"build": 97.0, "eval_per_256": 15.0,
-           "train": {"psr": 20.0, "nsr": 20.0, "w-reinforce": 20.0, "reinforce": 20.0, "grpo": 20.0, "ppo": 30.0}}
+# What a reproduction costs on a quiet 2-core machine, one thread per job, measured with
+# `python reproduce.py --recipe-seeds 20 --seeds 0 --methods nsr psr --jobs 2` (issue 30's calibration,
+# docs/toy-regime-log.md): a base build 141 s; its evaluation on both test splits at n = 1,024 73 s, i.e.
+# ~18 s per 256 samples per problem; a training job, two at once, 117-125 s with that evaluation, so ~48 s
+# for the 100 steps (PPO's critic adds about half).
+SECONDS = {"build": 141.0, "eval_per_256": 18.0,
+           "train": {"psr": 48.0, "nsr": 48.0, "w-reinforce": 48.0, "reinforce": 48.0, "grpo": 48.0, "ppo": 72.0}}
 
 
 def job_cost(method: str, n: int, built: bool) -> float:
@@ -594,12 +598,12 @@ def bootstrap_halfwidth(per_unit: dict, R: int, T: int, P: int, n: int | None = 
     return 1.96 * ((R - 1) / R ** 2 * (base + within) + within / R) ** 0.5
 
 
-def projection(summary: dict, R: int = 3, seeds=(2, 3, 4, 6, 8), ns=(256, 512, 1024), bases=(0, 5, 10, 20)) -> str:
+def projection(summary: dict, Rs=(3, 6, 9, 12), seeds=(1, 2, 4), ns=(1024,), bases=(0, 5, 10, 20)) -> str:
     """python reproduce.py --project SUMMARY: for PSR and NSR - base at hard k = 256, the bootstrap half-width
     of designs with R bases, T training seeds and n samples, for several between-base variances (the
     measured one when SUMMARY has several bases), and each design's expected time with DESIGN_METHODS."""
-    lines = [f"projected 95% half-width of (method - base) at test_hard k = {KMAX}, R = {R} bases, "
-             f"P = the summary's problems; columns: between-base variance per base (points^2)"]
+    lines = [f"projected 95% half-width of (method - base) at test_hard k = {KMAX}, P = the summary's problems; "
+             f"R bases, T training seeds, n samples; columns: between-base variance per base (points^2)"]
     for method in ("psr", "nsr"):
         row = variance_components(summary, method, "test_hard", ns=ns)
         u = row["per_unit"]
@@ -610,14 +614,15 @@ def projection(summary: dict, R: int = 3, seeds=(2, 3, 4, 6, 8), ns=(256, 512, 1
                       f"per unit: seed {show['seed']}, seed x problem {show['interaction']}, problem "
                       f"{show['problem']}{' (with seed x problem)' if row['T'] == 1 else ''}, estimator "
                       f"{u['v_method']:.1f} / base {u['v_base']:.1f})",
-                  f"{'T':>3}{'n':>6}{'minutes':>9}" + head]
-        for T in seeds:
-            for m in ns:
-                jobs = ([{"method": "base", "n": m}] * R
-                        + [{"method": x, "n": m} for x in DESIGN_METHODS for _ in range(T * R)])
-                minutes = expected_seconds(jobs, 2, cost=lambda j: job_cost(j["method"], j["n"], built=False)) / 60
-                lines.append(f"{T:>3}{m:>6}{minutes:>9.0f}" + "".join(
-                    f"{bootstrap_halfwidth(u, R, T, row['P'], m, b):>12.1f}" for b in [*bases, *measured]))
+                  f"{'R':>3}{'T':>3}{'n':>6}{'minutes':>9}" + head]
+        for R in Rs:
+            for T in seeds:
+                for m in ns:
+                    jobs = ([{"method": "base", "n": m}] * R
+                            + [{"method": x, "n": m} for x in DESIGN_METHODS for _ in range(T * R)])
+                    minutes = expected_seconds(jobs, 2, cost=lambda j: job_cost(j["method"], j["n"], built=False)) / 60
+                    lines.append(f"{R:>3}{T:>3}{m:>6}{minutes:>9.0f}" + "".join(
+                        f"{bootstrap_halfwidth(u, R, T, row['P'], m, b):>12.1f}" for b in [*bases, *measured]))
     return "\n".join(lines)
 
 
