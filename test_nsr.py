@@ -3289,6 +3289,27 @@ def test_reproduce_bootstrap_halfwidth_counts_each_base_s_own_noise_twice_as_the
     assert reproduce.bootstrap_halfwidth(unit, 3, 4, 16, base=0.0) == pytest.approx(1.96 * (5 / 9 * within) ** 0.5)
 
 
+def test_reproduce_project_prints_one_row_per_design_with_the_bootstrap_half_width_and_the_expected_minutes():
+    base = [1, 2, 3, 0, 5, 1, 0, 2] * 4
+    summary = _summary({"base": base, "psr": [3, 0, 1, 6, 0, 2, 4, 0] * 4, "nsr": [2, 1, 3, 1, 4, 0, 1, 2] * 4},
+                       {"base": 0.5, "psr": 0.4, "nsr": 0.45}, seeds=(0, 1))
+    summary["n"] = 1024
+    text = reproduce.projection(summary, Rs=(3, 9), seeds=(1, 2), ns=(1024,), bases=(0, 10))
+    for method in ("psr", "nsr"):
+        u = reproduce.variance_components(summary, method, "test_hard", ns=(1024,))["per_unit"]
+        block = text.split(reproduce.display(method) + " (")[1].split("\n\n")[0].splitlines()[2:]
+        assert len(block) == 4                                   # (R, T) = (3, 1), (3, 2), (9, 1), (9, 2)
+        for line, (R, T) in zip(block, [(3, 1), (3, 2), (9, 1), (9, 2)]):
+            cells = line.split()
+            jobs = [{"method": "base"}] * R + [{"method": "psr"}] * (3 * R * T)
+            minutes = reproduce.expected_seconds(jobs, 2, cost=lambda j: reproduce.job_cost(j["method"], 1024, False)) / 60
+            assert [int(cells[0]), int(cells[1]), int(cells[2]), int(cells[3])] == [R, T, 1024, round(minutes)]
+            assert [float(c) for c in cells[4:]] == [round(reproduce.bootstrap_halfwidth(u, R, T, 32, 1024, b), 1)
+                                                     for b in (0, 10)]
+        # more bases narrow the interval at any between-base variance
+        assert float(block[2].split()[-1]) < float(block[0].split()[-1])
+
+
 def test_reproduce_expected_time_runs_the_bases_then_the_training_jobs_on_the_first_free_process():
     assert reproduce.schedule_seconds([100, 100, 100], 2) == 200
     assert reproduce.schedule_seconds([30, 10, 10, 10], 2) == 30
