@@ -48,8 +48,8 @@ W-REINFORCE (what the four findings need; (c) then compares W-REINFORCE with the
 ONE training seed per base, n = 1,024, and many bases: two thirds of the variance of method - base at hard
 k = 256 is between bases and under 4% between training seeds, so a second training seed buys less than a
 second base at the same cost. `python reproduce.py --recipe-seeds S1 ... S9 --out DIR` on nine unseen
-bases: 9 builds + 36 jobs, about 46 minutes on a quiet 2-core machine (it prints its estimate); three bases
-cannot reach a 95% half-width of 4 points at the measured between-base variance (`--project`).
+bases: 9 builds + 36 jobs, 49 minutes on a quiet 2-core machine (measured; it prints its estimate, 46);
+three bases cannot reach a 95% half-width of 4 points at the measured between-base variance (`--project`).
 summary.json "variance" says how much of each method - base interval comes from the estimator, the
 training seeds, the problem sample and the bases (variance_components); `--project SUMMARY` projects
 the half-width and time of other designs from a summary without running anything.
