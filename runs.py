@@ -111,6 +111,7 @@ def side_configs(cfg, objectives: list[str], known) -> dict:
         raise settings.UserError(f"--out-dir {parent} holds files that are not a run's ({', '.join(others[:4]) or 'a file'}"
                                  f"{', ...' if len(others) > 4 else ''}): the runs side by side need a new directory, "
                                  f"or one holding only {', '.join(objectives)}/")
+    SIDE_BY_SIDE.update(parent=str(parent.resolve()), base_evals={})    # the base is evaluated once for all
     cfgs = {}
     for objective in objectives:
         out_dir = parent / objective
@@ -480,16 +481,40 @@ def eval_path(run_dir: pathlib.Path, step: int, name: str) -> pathlib.Path:
     return run_dir / "eval" / f"step{step:06d}_{name}.json"
 
 
+# The base's evaluation, shared by the objectives side by side (runs.side_configs starts it afresh): the main
+# job trains PSR, then NSR, from one base with one evaluation seed, so the second run's step-0 evaluation is
+# the same computation as the first's (same weights, settings and seed; with common random numbers the same
+# counts: tested) and is taken from here instead of computed again. Only within one process and one
+# --out-dir of runs side by side, keyed by every config field but those side_configs and resolve change.
+PER_OBJECTIVE = ("objective", "out_dir", "resume", "kl_coef")
+SIDE_BY_SIDE = {"parent": None, "base_evals": {}}
+
+
+def shared_base_eval_key(run: Run, cfg, name: str) -> str | None:
+    """The key of the base's evaluation of eval set `name` when `run` is one of the runs side by side."""
+    if str(run.dir.parent.resolve()) != SIDE_BY_SIDE["parent"]:
+        return None
+    return json.dumps([name, {k: v for k, v in dataclasses.asdict(cfg).items() if k not in PER_OBJECTIVE}],
+                      sort_keys=True, default=str)
+
+
 def evaluate(run: Run, cfg, step: int) -> None:
     """passk.evaluate on every eval set -> run.evals[name][step]; saves eval_path() and one eval.jsonl
     line per set. The same seed at every step: base and trained use the same random numbers."""
     for name, problems in run.eval_sets.items():
-        result = passk.evaluate(run.policy.model, run.tokenizer, problems, cfg.eval_n,
-                                temperature=cfg.eval_temperature, top_p=cfg.eval_top_p,
-                                max_new_tokens=cfg.eval_max_new_tokens,
-                                seed=cfg.seed, template=cfg.template, chunk_size=cfg.chunk_size,
-                                desc=f"eval {name} @ step {step}", out=eval_path(run.dir, step, name),
-                                model_name=cfg.model, data_name=name)
+        shared = shared_base_eval_key(run, cfg, name) if step == 0 else None
+        result = SIDE_BY_SIDE["base_evals"].get(shared)
+        if result is not None:                               # the base, evaluated by the run before this one
+            passk.save_result(result, eval_path(run.dir, step, name))
+        else:
+            result = passk.evaluate(run.policy.model, run.tokenizer, problems, cfg.eval_n,
+                                    temperature=cfg.eval_temperature, top_p=cfg.eval_top_p,
+                                    max_new_tokens=cfg.eval_max_new_tokens,
+                                    seed=cfg.seed, template=cfg.template, chunk_size=cfg.chunk_size,
+                                    desc=f"eval {name} @ step {step}", out=eval_path(run.dir, step, name),
+                                    model_name=cfg.model, data_name=name)
+            if shared is not None:
+                SIDE_BY_SIDE["base_evals"][shared] = result
         run.evals[name][step] = result
         ends = passk.passk_curve(result["counts"], cfg.eval_n, [1, cfg.eval_n])
         append_jsonl(run.dir / "eval.jsonl", {

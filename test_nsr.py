@@ -26,6 +26,7 @@ import time
 import warnings
 import zipfile
 from fractions import Fraction
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -2437,6 +2438,30 @@ def test_a_comma_list_of_objectives_trains_each_from_the_same_base_and_prints_th
         nsr.main(_argv(world, tmp_path / "never", "--objective", "psr,nope"))
     assert stop.value.code == 2 and "--objective 'nope' is unknown" in capsys.readouterr().err
     assert not (tmp_path / "never").exists()
+
+
+def test_the_runs_side_by_side_evaluate_the_base_once_and_a_recomputation_gives_the_same_counts(tmp_path, monkeypatch):
+    world = _tiny_world(tmp_path)
+    calls, real = [], passk.evaluate
+    monkeypatch.setattr(passk, "evaluate", lambda *a, **k: calls.append(k["desc"]) or real(*a, **k))
+    evals = ["--eval", str(world / "test.jsonl"), "--eval-n", "8"]
+    nsr.main(_argv(world, tmp_path / "main", "--objective", "psr,nsr", *evals))
+    assert calls == ["eval test @ step 0", "eval test @ step 2", "eval test @ step 2"]   # the base once
+    shared = passk.load_result(tmp_path / "main" / "nsr" / "eval" / "step000000_test.json")
+    assert json.loads((tmp_path / "main" / "nsr" / "eval.jsonl").read_text().splitlines()[0])["step"] == 0
+    # NSR alone (not side by side) evaluates its base itself, and gets exactly what it was given
+    nsr.main(_argv(world, tmp_path / "alone", "--objective", "nsr", *evals))
+    assert calls[3:] == ["eval test @ step 0", "eval test @ step 2"]
+    alone = passk.load_result(tmp_path / "alone" / "eval" / "step000000_test.json")
+    assert alone["counts"] == shared["counts"] and alone["mean_entropy"] == shared["mean_entropy"]
+    # shared only between runs side by side, and only when nothing but the objective's fields differs
+    cfg = runs.resolve(settings.parse_config(nsr.Config, _argv(world, tmp_path / "main" / "psr", *evals), {}))
+    key = lambda run_dir, **change: runs.shared_base_eval_key(SimpleNamespace(dir=run_dir),
+                                                              dataclasses.replace(cfg, **change), "test")
+    assert key(tmp_path / "main" / "psr") == key(tmp_path / "main" / "nsr", objective="nsr", kl_coef=0.001) is not None
+    assert key(tmp_path / "main" / "psr", seed=1) != key(tmp_path / "main" / "psr")
+    assert key(tmp_path / "main" / "psr", eval_temperature=0.7) != key(tmp_path / "main" / "psr")
+    assert key(tmp_path / "alone") is None
 
 
 def test_the_main_job_defaults_train_psr_and_nsr_with_n_at_least_4_times_the_largest_k():
