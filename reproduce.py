@@ -48,8 +48,9 @@ W-REINFORCE (what the four findings need; (c) then compares W-REINFORCE with the
 ONE training seed per base, n = 1,024, and many bases: two thirds of the variance of method - base at hard
 k = 256 is between bases and under 4% between training seeds, so a second training seed buys less than a
 second base at the same cost. `python reproduce.py --recipe-seeds S1 ... S9 --out DIR` on nine unseen
-bases: 9 builds + 36 jobs, 49 minutes on a quiet 2-core machine (measured; it prints its estimate, 46);
-three bases cannot reach a 95% half-width of 4 points at the measured between-base variance (`--project`).
+bases: 36 jobs (9 base builds, 27 training runs), 49 minutes on a quiet 2-core machine (measured; it
+prints its estimate, 46); three bases cannot reach a 95% half-width of 4 points at the measured
+between-base variance (`--project`).
 summary.json "variance" says how much of each method - base interval comes from the estimator, the
 training seeds, the problem sample and the bases (variance_components); `--project SUMMARY` projects
 the half-width and time of other designs from a summary without running anything.
@@ -92,7 +93,7 @@ SPLITS = ("test_easy", "test_hard")       # the roles of MATH and of AIME 2025
 N, EVAL_SEED, KS = 1024, 0, [2 ** j for j in range(9)]              # n = 4 x the largest k; k = 1, 2, ..., 256
 KMAX = KS[-1]
 MARGIN = 1.0                              # non-inferiority margin, in points of Pass@k
-# THE DECISIVE DESIGN (the defaults; chosen by measurement on design seeds: docs/toy-regime-log.md, issue 30):
+# THE DECISIVE DESIGN (the defaults; chosen by measurement: docs/toy-regime-log.md, issue 30):
 # the three methods the four findings need ((c): W-REINFORCE against the best of those run), one training
 # seed per base (the bases, not the seeds, make the interval wide), n = 1,024; the bases are the recipe
 # seeds given. The other three methods: --methods psr nsr w-reinforce reinforce grpo ppo.
